@@ -1,0 +1,203 @@
+"""
+Every attention mask of nanoBDD, and the block ids they are built from.
+
+A mask is a boolean tensor, True where a query may attend to a key (the convention of
+torch's scaled_dot_product_attention). Each mask is written once, as a *rule* on query and
+key indices; the same rule gives a dense tensor (for SDPA, tests and plots) or a FlexAttention
+BlockMask (on GPU, where skipping the masked tiles pays):
+
+- causal: key <= query. Decoder-only layers, the BDD encoder, encoder-decoder self-attention.
+- encoder (bidirectional) and cross: every real (non-padding) key of the source.
+- bdd decoder: one T x 2T mask over the concatenated keys [encoder | decoder]:
+    left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
+    right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
+  Every row allows its own diagonal, so no row is empty. See DESIGN.md section 2.
+
+render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
+"""
+
+import torch
+
+# -----------------------------------------------------------------------------
+# block ids
+
+
+def block_ids(T, boundaries):
+    """Block index of every position of a row of T tokens.
+
+    boundaries: the start positions of blocks 1, 2, ... (block 0 starts at 0), each in (0, T),
+    strictly increasing. A flat list gives ids of shape (T,); a list of lists (one per row, any
+    lengths) or a 2-D tensor gives (B, T). Position t gets the number of boundaries <= t.
+    """
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    if isinstance(boundaries, torch.Tensor):
+        if boundaries.is_floating_point() or boundaries.dtype == torch.bool:
+            raise ValueError(f"boundaries must be integers, got a {boundaries.dtype} tensor")
+        rows = boundaries.tolist() if boundaries.dim() == 2 else [boundaries.tolist()]
+        batched = boundaries.dim() == 2
+    else:
+        boundaries = list(boundaries)
+        batched = len(boundaries) > 0 and all(isinstance(r, (list, tuple)) for r in boundaries)
+        rows = [list(r) for r in boundaries] if batched else [boundaries]
+    positions = torch.arange(T)
+    ids = []
+    for r, row in enumerate(rows):
+        where = f" in row {r}" if batched else ""
+        for i, b in enumerate(row):
+            if not isinstance(b, int) or isinstance(b, bool):
+                raise ValueError(f"boundary {i}{where} is {b!r}: boundaries must be ints")
+            if not 0 < b < T:
+                raise ValueError(f"boundary {i}{where} is {b}: it must lie in (0, {T})")
+            if i > 0 and b <= row[i - 1]:
+                raise ValueError(f"boundary {i}{where} is {b}: it must be greater than the "
+                                 f"previous boundary {row[i - 1]} (strictly increasing)")
+        starts = torch.tensor(row, dtype=torch.long)
+        ids.append((positions[:, None] >= starts[None, :]).sum(1))
+    ids = torch.stack(ids)  # (B, T)
+    return ids if batched else ids[0]
+
+
+def check_block_ids(ids):
+    """Block ids must be integers and non-decreasing along the row."""
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"block ids must be integers, got {ids.dtype}")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"block ids must have shape (T,) or (B, T), got {tuple(ids.shape)}")
+    if ids.shape[-1] > 1 and bool((ids[..., 1:] < ids[..., :-1]).any()):
+        raise ValueError("block ids must be non-decreasing along each row")
+
+
+# -----------------------------------------------------------------------------
+# rules: (batch, query, key) index tensors -> allowed, broadcasting like ordinary tensor ops
+
+
+def causal_rule(b, q, k):
+    return k <= q
+
+
+def key_padding_rule(valid):
+    """Attend to every real key of the source: valid (B, Tk) bool."""
+    return lambda b, q, k: valid[b, k]
+
+
+def bdd_decoder_rule(ids):
+    """The doubly-causal block mask over [encoder | decoder] keys; ids (B, T)."""
+    T = ids.shape[-1]
+
+    def rule(b, q, k):
+        from_encoder = k < T
+        pos = torch.where(from_encoder, k, k - T)  # the key's position in the row
+        bq, bk = ids[b, q], ids[b, pos]
+        return torch.where(from_encoder, bk < bq, (bk == bq) & (pos <= q))
+    return rule
+
+
+def materialize(rule, B, Tq, Tk, device=None):
+    """Dense (B, Tq, Tk) boolean mask from a rule."""
+    b = torch.arange(B, device=device)[:, None, None]
+    q = torch.arange(Tq, device=device)[None, :, None]
+    k = torch.arange(Tk, device=device)[None, None, :]
+    return rule(b, q, k).expand(B, Tq, Tk)
+
+
+def flex_block_mask(rule, B, Tq, Tk, device):
+    """The same rule as a FlexAttention BlockMask (masked 128x128 tiles are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(lambda b, h, q, k: rule(b, q, k), B, None, Tq, Tk, device=device)
+
+
+def _build(rule, B, Tq, Tk, device, flex, squeeze):
+    if flex:  # a squeezed mask is one row's, shared by the batch (B=None broadcasts)
+        return flex_block_mask(rule, None if squeeze else B, Tq, Tk, device)
+    m = materialize(rule, B, Tq, Tk, device)
+    return m[0] if squeeze else m
+
+
+# -----------------------------------------------------------------------------
+# the masks the models use
+
+
+def causal_mask(T, device=None, flex=False):
+    """(T, T): each position sees itself and the past."""
+    return _build(causal_rule, 1, T, T, device, flex, squeeze=True)
+
+
+def encoder_masks(valid, Td, flex=False):
+    """Encoder-decoder masks for a right-padded source: valid (B, Te) bool, True = real token.
+
+    Returns (encoder self-attention (B, Te, Te): bidirectional over real tokens,
+             cross-attention (B, Td, Te): every real source token,
+             decoder self-attention (Td, Td): causal).
+    """
+    if valid.dtype != torch.bool or valid.dim() != 2:
+        raise ValueError(f"the source padding mask must be a (B, Te) bool tensor, got "
+                         f"{valid.dtype} {tuple(valid.shape)}")
+    if not bool(valid.any(1).all()):
+        raise ValueError("every row needs at least one real source token (enc_mask row is all False)")
+    B, Te = valid.shape
+    rule = key_padding_rule(valid)
+    return (_build(rule, B, Te, Te, valid.device, flex, squeeze=False),
+            _build(rule, B, Td, Te, valid.device, flex, squeeze=False),
+            causal_mask(Td, valid.device, flex))
+
+
+def bdd_masks(ids, flex=False):
+    """BDD masks from block ids (T,) or (B, T).
+
+    Returns (encoder mask (T, T) causal, decoder mask (T, 2T) or (B, T, 2T) doubly causal).
+    """
+    check_block_ids(ids)
+    batched = ids.dim() == 2
+    ids2 = ids if batched else ids[None]
+    B, T = ids2.shape
+    return (causal_mask(T, ids.device, flex),
+            _build(bdd_decoder_rule(ids2), B, T, 2 * T, ids.device, flex, squeeze=not batched))
+
+
+# -----------------------------------------------------------------------------
+# showing a mask
+
+
+def render(mask, split=None, on="#", off="."):
+    """A (Tq, Tk) mask as text, one line per query; `split` draws a '|' before that key column
+    (e.g. split=T for the BDD decoder's [encoder | decoder] halves)."""
+    if mask.dim() != 2:
+        raise ValueError(f"render takes one (Tq, Tk) mask, got shape {tuple(mask.shape)}")
+    lines = []
+    for row in mask.tolist():
+        cells = [on if a else off for a in row]
+        if split is not None:
+            cells.insert(split, "|")
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key position",
+         ylabel="query position"):
+    """Draw a (Tq, Tk) mask with matplotlib: allowed cells dark. `boundaries` (block starts) are
+    drawn as grid lines on both axes (and on both halves when `split` is given); `split` draws a
+    vertical line between the encoder and decoder key halves and labels them."""
+    import matplotlib.pyplot as plt
+    if mask.dim() != 2:
+        raise ValueError(f"plot takes one (Tq, Tk) mask, got shape {tuple(mask.shape)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6 if split is None else 10, 5))
+    Tq, Tk = mask.shape
+    ax.imshow(mask.cpu().float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+              extent=(-0.5, Tk - 0.5, Tq - 0.5, -0.5))
+    offsets = [0] if split is None else [0, split]
+    for b in boundaries:
+        ax.axhline(b - 0.5, color="tab:red", lw=0.8)
+        for off in offsets:
+            ax.axvline(off + b - 0.5, color="tab:red", lw=0.8)
+    if split is not None:
+        ax.axvline(split - 0.5, color="tab:blue", lw=2)
+        ax.text(split / 2, -1.5, "encoder keys: strictly earlier blocks", ha="center", va="bottom")
+        ax.text(split + (Tk - split) / 2, -1.5, "decoder keys: causal within the block",
+                ha="center", va="bottom")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, pad=18 if split is not None else 6)
+    return ax

@@ -1,0 +1,120 @@
+"""Masks equal their definitions in DESIGN.md, written here the slow way."""
+
+import random
+
+import pytest
+import torch
+
+from mask import bdd_masks, block_ids, causal_mask, encoder_masks, render
+
+
+def brute_block_ids(T, boundaries):
+    ids, b = [], 0
+    for t in range(T):
+        if b < len(boundaries) and t == boundaries[b]:
+            b += 1
+        ids.append(b)
+    return ids
+
+
+def brute_bdd_decoder(ids):
+    """DESIGN.md section 2: keys [encoder | decoder]; encoder key k allowed iff b(k) < b(q),
+    decoder key k allowed iff b(k) == b(q) and k <= q."""
+    T = len(ids)
+    return [[ids[k] < ids[q] for k in range(T)] + [ids[k] == ids[q] and k <= q for k in range(T)]
+            for q in range(T)]
+
+
+def random_layout(rng, T):
+    n = rng.randint(0, min(7, T - 1))
+    return sorted(rng.sample(range(1, T), n))
+
+
+def test_bdd_masks_match_brute_force_on_random_layouts():
+    rng = random.Random(0)
+    for _ in range(50):
+        T = rng.randint(1, 24)
+        bounds = random_layout(rng, T)
+        ids = block_ids(T, bounds)
+        assert ids.tolist() == brute_block_ids(T, bounds)
+        enc, dec = bdd_masks(ids)
+        assert enc.tolist() == [[k <= q for k in range(T)] for q in range(T)]
+        assert dec.shape == (T, 2 * T)
+        assert dec.tolist() == brute_bdd_decoder(ids.tolist())
+        assert bool(dec.any(1).all()), "a decoder row attends to nothing"
+        assert bool(dec[:, T:].diagonal().all()), "every position must see itself"
+
+
+def test_per_row_boundaries_give_per_row_masks():
+    rng = random.Random(1)
+    T = 16
+    layouts = [random_layout(rng, T) for _ in range(5)]
+    ids = block_ids(T, layouts)
+    assert ids.shape == (5, T)
+    _, dec = bdd_masks(ids)
+    assert dec.shape == (5, T, 2 * T)
+    for r, bounds in enumerate(layouts):
+        assert dec[r].tolist() == brute_bdd_decoder(brute_block_ids(T, bounds))
+    assert torch.equal(block_ids(T, torch.tensor([[3, 9], [4, 5]])), block_ids(T, [[3, 9], [4, 5]]))
+
+
+def test_first_block_sees_no_encoder_and_nothing_sees_the_future():
+    ids = block_ids(12, [4, 7])
+    _, dec = bdd_masks(ids)
+    assert not dec[:4, :12].any()  # block 0: no earlier block
+    q, k = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    assert not (dec[:, :12] & (k >= q)).any()  # encoder keys strictly in the past
+    assert not (dec[:, 12:] & (k > q)).any()  # decoder keys causal
+
+
+def test_encoder_decoder_masks_respect_padding():
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    enc, cross, dec = encoder_masks(valid, Td=4)
+    assert enc.shape == (2, 3, 3) and cross.shape == (2, 4, 3)
+    assert enc[0].all() and cross[0].all()
+    assert enc[1].tolist() == [[True, False, False]] * 3
+    assert torch.equal(dec, causal_mask(4))
+    with pytest.raises(ValueError, match="at least one real source token"):
+        encoder_masks(torch.tensor([[False, False]]), Td=2)
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ([0], "boundary 0 is 0: it must lie in \\(0, 8\\)"),
+    ([3, 8], "boundary 1 is 8: it must lie in \\(0, 8\\)"),
+    ([5, 2], "boundary 1 is 2: it must be greater than the previous boundary 5"),
+    ([4, 4], "boundary 1 is 4: it must be greater"),
+    ([2.5], "boundary 0 is 2.5: boundaries must be ints"),
+    ([[2], [6, 3]], "boundary 1 in row 1 is 3"),
+])
+def test_bad_boundaries_raise_naming_the_boundary(bounds, message):
+    with pytest.raises(ValueError, match=message):
+        block_ids(8, bounds)
+
+
+def test_bad_block_ids_raise():
+    with pytest.raises(ValueError, match="boundaries must be integers"):
+        block_ids(8, torch.tensor([2.0, 3.0]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        bdd_masks(torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match="must be integers"):
+        bdd_masks(torch.tensor([0.0, 1.0]))
+
+
+def test_render_draws_halves():
+    _, dec = bdd_masks(block_ids(4, [2]))
+    assert render(dec, split=4) == "\n".join([
+        "....|#...",
+        "....|##..",
+        "##..|..#.",
+        "##..|..##",
+    ])
+
+
+def test_plot_draws_a_labelled_figure():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from mask import plot
+    _, dec = bdd_masks(block_ids(8, [3, 5]))
+    ax = plot(dec, title="bdd decoder", boundaries=[3, 5], split=8)
+    assert ax.get_title() == "bdd decoder"
+    assert ax.get_xlabel() == "key position"

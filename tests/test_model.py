@@ -1,0 +1,205 @@
+"""The three architectures: nothing leaks from the future, BDD's one-call attention is the
+reference's two attentions, parameter counts and initial loss are what DESIGN.md says."""
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mask
+import model as M
+from mask import bdd_masks, block_ids
+from model import ARCHS, ModelConfig, build_model
+
+V = 37
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=V, block_size=32, n_layer=3, n_dec_layer=1, n_head=2, n_embd=16)
+    return ModelConfig(**{**cfg, **kw})
+
+
+def random_bounds(rng, T):
+    return sorted(rng.sample(range(1, T), rng.randint(0, min(6, T - 1))))
+
+
+def decoder_logits(arch, model, x, bounds, split):
+    """Logits of the stream whose positions must not see their future: the whole row for dec and
+    bdd, the decoder stream (source x[:split]) for encdec."""
+    if arch == "encdec":
+        return model({"enc_x": x[:, :split], "dec_x": x[:, split:]})[0]
+    return model({"x": x, "block_ids": block_ids(x.shape[1], bounds)})[0]
+
+
+def leaked_position(arch, model, rng, T=20, trials=12):
+    """First position i whose logits moved when tokens after i changed, or None."""
+    for _ in range(trials):
+        x = torch.randint(0, V, (2, T))
+        bounds, split = random_bounds(rng, T), rng.randint(1, T - 2)
+        base = decoder_logits(arch, model, x, bounds, split)
+        first = split if arch == "encdec" else 0
+        i = rng.randint(first, T - 2)
+        x2 = x.clone()
+        x2[:, i + 1:] = torch.randint(0, V, (2, T - i - 1))
+        moved = decoder_logits(arch, model, x2, bounds, split)
+        upto = i - first + 1  # stream positions <= i
+        if not torch.allclose(base[:, :upto], moved[:, :upto], atol=1e-5):
+            return i
+    return None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_leak_from_future_tokens(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, tiny()).eval()
+    assert leaked_position(arch, model, random.Random(0)) is None
+
+
+def test_leak_check_catches_a_wrong_mask(monkeypatch):
+    """The check above can fail: let the BDD decoder see its whole row and it reports a leak."""
+    def leaky_bdd_masks(ids, flex=False):
+        enc, dec = bdd_masks(ids, flex)
+        return enc, torch.ones_like(dec)
+    monkeypatch.setattr(M, "bdd_masks", leaky_bdd_masks)
+    torch.manual_seed(0)
+    model = build_model("bdd", tiny()).eval()
+    assert leaked_position("bdd", model, random.Random(0)) is not None
+
+
+def two_attention_reference(q, k_enc, v_enc, k_dec, v_dec, ids):
+    """The paper's reference form: cross-attention to earlier blocks' encoder states and causal
+    self-attention in the block, computed separately and merged by sigmoid(lse_self - lse_cross)."""
+    hs, T = q.shape[-1], q.shape[2]
+    pos = torch.arange(T)
+    cross_ok = ids[:, None] > ids[None, :]                                       # b(k) < b(q)
+    self_ok = (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])  # same block, k <= q
+
+    def part(k, v, ok):
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
+        s = s.masked_fill(~ok, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - lse).nan_to_num(0.0)  # rows with no allowed key contribute nothing
+        return p @ v, lse
+
+    o_cross, lse_cross = part(k_enc, v_enc, cross_ok)
+    o_self, lse_self = part(k_dec, v_dec, self_ok)
+    w_self = torch.sigmoid(lse_self - lse_cross)  # 1 where the cross part is empty
+    return w_self * o_self + (1 - w_self) * o_cross
+
+
+def test_one_call_attention_equals_two_merged_attentions():
+    rng = random.Random(0)
+    for _ in range(20):
+        T = rng.randint(2, 24)
+        ids = block_ids(T, random_bounds(rng, T))
+        q, ke, ve, kd, vd = (torch.randn(2, 3, T, 8) for _ in range(5))
+        _, dec_mask = bdd_masks(ids)
+        one_call = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
+        ref = two_attention_reference(q, ke, ve, kd, vd, ids)
+        assert (one_call - ref).abs().max() < 1e-5
+
+
+def test_bdd_forward_equals_reference_decoder_layers():
+    """The whole BDD model, recomputed with the two-attention reference in every decoder layer."""
+    torch.manual_seed(0)
+    model = build_model("bdd", tiny(n_layer=4, n_dec_layer=2)).eval()
+    T = 20
+    x = torch.randint(0, V, (1, T))
+    ids = block_ids(T, [5, 11, 12])
+    rope = model.rotary(0, T)
+    e = model.wte(x)
+    for blk in model.encoder:
+        e = blk(e, rope, mask.causal_mask(T))
+    memory = model.ln_enc(e)
+    h = model.wte(x)
+    for blk in model.decoder:
+        a = blk.attn
+        hn = blk.ln_1(h)
+        ke, ve = a.keys_values(memory, rope)
+        kd, vd = a.keys_values(hn, rope)
+        y = two_attention_reference(a.queries(hn, rope), ke, ve, kd, vd, ids)
+        h = h + a.c_proj(y.transpose(1, 2).reshape(1, T, -1))
+        h = h + blk.mlp(blk.ln_2(h))
+    ref_logits = model.lm_head(model.ln_f(h))
+    logits, _ = model({"x": x, "block_ids": ids})
+    assert (logits - ref_logits).abs().max() < 1e-5
+
+
+def test_bdd_and_dec_differ_only_by_the_encoder_norm():
+    for n_layer, n_dec in [(3, 1), (6, 2), (12, 4)]:
+        cfg = tiny(n_layer=n_layer, n_dec_layer=n_dec, n_embd=32)
+        dec, bdd = build_model("dec", cfg), build_model("bdd", cfg)
+        encdec = build_model("encdec", cfg)
+        assert bdd.num_params() - dec.num_params() == cfg.n_embd
+        assert bdd.num_params(non_embedding=False) - bdd.num_params() == V * cfg.n_embd
+        # encdec: + cross-attention (4 d^2) and its norm (d) per decoder layer, + encoder norm
+        d = cfg.n_embd
+        assert encdec.num_params() - dec.num_params() == n_dec * (4 * d * d + d) + d
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_initial_loss_is_close_to_uniform(arch):
+    torch.manual_seed(0)
+    cfg = tiny(vocab_size=300, n_embd=32)
+    model = build_model(arch, cfg)
+    w = torch.randint(0, 300, (8, 25))
+    x, y = w[:, :-1], w[:, 1:]
+    if arch == "encdec":
+        batch = {"enc_x": x[:, :12], "dec_x": x[:, 12:], "y": y[:, 12:]}
+    else:
+        batch = {"x": x, "y": y, "block_ids": block_ids(24, [6, 13])}
+    logits, loss = model(batch)
+    assert abs(loss.item() - math.log(300)) < 0.1
+    y_none = {k: v for k, v in batch.items() if k != "y"}
+    assert model(y_none)[1] is None
+
+
+def test_ignored_targets_carry_no_loss():
+    torch.manual_seed(0)
+    model = build_model("dec", tiny())
+    x = torch.randint(0, V, (2, 10))
+    y = torch.randint(0, V, (2, 10))
+    y_half = y.clone()
+    y_half[:, :5] = -1
+    logits, loss = model({"x": x, "y": y_half})
+    expect = F.cross_entropy(logits[:, 5:].reshape(-1, V), y[:, 5:].reshape(-1))
+    assert torch.allclose(loss, expect)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flex_block_masks_give_the_same_logits(arch):
+    """FlexAttention (for CUDA) runs eagerly on CPU without grad: same function as the dense masks."""
+    torch.manual_seed(0)
+    dense = build_model(arch, tiny()).eval()
+    flex = build_model(arch, tiny(flex=True)).eval()
+    flex.load_state_dict(dense.state_dict())
+    x = torch.randint(0, V, (2, 16))
+    batch = {"x": x, "block_ids": block_ids(16, [[4, 9], [2]]),
+             "enc_x": x[:, :6], "enc_mask": torch.tensor([[True] * 6, [True] * 3 + [False] * 3]),
+             "dec_x": x[:, 6:]}
+    with torch.no_grad():
+        assert (dense(batch)[0] - flex(batch)[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_dec_layer=3), "n_dec_layer must be in"),
+    (dict(n_embd=15), "must be divisible by n_head"),
+    (dict(n_embd=15, n_head=3), "even head size"),
+])
+def test_bad_config_raises(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kw)
+
+
+def test_unknown_arch_names_the_choices():
+    with pytest.raises(ValueError, match="dec, encdec, bdd"):
+        build_model("gpt", tiny())
+
+
+def test_too_long_row_is_refused():
+    model = build_model("dec", tiny(block_size=8))
+    with pytest.raises(ValueError, match="longer than block_size 8"):
+        model({"x": torch.zeros(1, 9, dtype=torch.long)})
