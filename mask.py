@@ -6,7 +6,8 @@ torch's scaled_dot_product_attention). Each mask is written once, as a *rule* on
 key indices; the same rule gives a dense tensor (for SDPA, tests and plots) or a FlexAttention
 BlockMask (on GPU, where skipping the masked tiles pays):
 
-- causal: key <= query. Decoder-only layers, the BDD encoder, encoder-decoder self-attention.
+- causal: key <= query. Decoder-only layers, the BDD encoder, encoder-decoder self-attention;
+  with `past` cached keys in front when a KV cache is extended by several tokens at once.
 - encoder (bidirectional) and cross: every real (non-padding) key of the source.
 - bdd decoder: one T x 2T mask over the concatenated keys [encoder | decoder]:
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
@@ -72,8 +73,9 @@ def check_block_ids(ids):
 # rules: (batch, query, key) index tensors -> allowed, broadcasting like ordinary tensor ops
 
 
-def causal_rule(b, q, k):
-    return k <= q
+def causal_rule(past=0):
+    """Query q (at row position past + q) sees keys 0..past + q: `past` cached keys come first."""
+    return lambda b, q, k: k <= q + past
 
 
 def key_padding_rule(valid):
@@ -118,9 +120,10 @@ def _build(rule, B, Tq, Tk, device, flex, squeeze):
 # the masks the models use
 
 
-def causal_mask(T, device=None, flex=False):
-    """(T, T): each position sees itself and the past."""
-    return _build(causal_rule, 1, T, T, device, flex, squeeze=True)
+def causal_mask(T, device=None, flex=False, past=0):
+    """(T, past + T): each of T new positions sees itself and everything before it, including
+    `past` positions already in a KV cache (past=0 is the plain (T, T) training mask)."""
+    return _build(causal_rule(past), 1, T, past + T, device, flex, squeeze=True)
 
 
 def encoder_masks(valid, Td, flex=False):
@@ -133,7 +136,7 @@ def encoder_masks(valid, Td, flex=False):
     if valid.dtype != torch.bool or valid.dim() != 2:
         raise ValueError(f"the source padding mask must be a (B, Te) bool tensor, got "
                          f"{valid.dtype} {tuple(valid.shape)}")
-    if not bool(valid.any(1).all()):
+    if valid.shape[1] and not bool(valid.any(1).all()):
         raise ValueError("every row needs at least one real source token (enc_mask row is all False)")
     B, Te = valid.shape
     rule = key_padding_rule(valid)

@@ -14,6 +14,10 @@ blocks with RMSNorm, a 4x GELU MLP. `n_layer` is the total depth; encdec and bdd
 n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers.
 
 Every attention of every layer goes through `attention()` below. The masks come from mask.py.
+
+Inference (DESIGN.md section 3) uses the same blocks with a KV cache: `model.prefill(idx)` starts a
+turn from prompt tokens, `model.decode(idx_next, cache)` feeds one token per row; both return the
+next-token logits (B, vocab) and the cache, whose `nbytes()` is counted from the live tensors.
 """
 
 import functools
@@ -104,6 +108,9 @@ class Rotary(nn.Module):
 
     def forward(self, start, length):
         """cos, sin for positions start..start+length-1, each (length, hs/2)."""
+        if start + length > len(self.cos):
+            raise ValueError(f"position {start + length - 1} is past the model's context "
+                             f"(block_size {len(self.cos)})")
         return self.cos[start:start + length], self.sin[start:start + length]
 
 
@@ -136,9 +143,11 @@ class Attention(nn.Module):
     def queries(self, h, rope):
         return rotate(self._heads(self.c_q(h)), rope)
 
-    def keys_values(self, h, rope):
+    def keys_values(self, h, rope, cache=None):
+        """k, v (B, nh, T, hs) of h; with a KV cache, h's are appended and all cached ones returned."""
         k, v = self.c_kv(h).chunk(2, dim=-1)
-        return rotate(self._heads(k), rope), self._heads(v)
+        k, v = rotate(self._heads(k), rope), self._heads(v)
+        return (k, v) if cache is None else cache.append(k, v)
 
     def forward(self, q, k, v, mask):
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, Tq, hs)
@@ -170,15 +179,21 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, mask, memory=None, memory_rope=None):
+    def forward(self, x, rope, mask, memory=None, memory_rope=None, cache=None):
         h = self.ln_1(x)
         q = self.attn.queries(h, rope)
-        k, v = self.attn.keys_values(h, rope)
-        if memory is not None:
+        if memory is not None:  # training: [encoder | decoder] keys side by side
             km, vm = self.attn.keys_values(memory, memory_rope)
+            k, v = self.attn.keys_values(h, rope)
             k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)  # (B, nh, Tm + T, hs)
+        else:  # with a cache, the memory's keys are already in it (remember() below)
+            k, v = self.attn.keys_values(h, rope, cache)
         x = x + self.attn(q, k, v, mask)
         return x + self.mlp(self.ln_2(x))
+
+    def remember(self, memory, memory_rope, cache):
+        """BDD inference: project encoder states to this layer's K/V once, into the cache."""
+        self.attn.keys_values(memory, memory_rope, cache)
 
 
 class CrossBlock(Block):
@@ -191,12 +206,87 @@ class CrossBlock(Block):
         self.ln_cross = nn.RMSNorm(config.n_embd)
         self.cross = Attention(config)
 
-    def forward(self, x, rope, mask, memory, cross_mask):
+    def forward(self, x, rope, mask, memory, cross_mask, cache=None, cross_cache=None):
+        """With caches, `memory` is given once (prefill) and its K/V kept in cross_cache;
+        memory=None reads them back. An empty source (no memory) adds nothing."""
         h = self.ln_1(x)
-        x = x + self.attn(self.attn.queries(h, rope), *self.attn.keys_values(h, rope), mask)
-        q = self.cross.queries(self.ln_cross(x), None)
-        x = x + self.cross(q, *self.cross.keys_values(memory, None), cross_mask)
+        x = x + self.attn(self.attn.queries(h, rope), *self.attn.keys_values(h, rope, cache), mask)
+        if memory is not None:
+            k, v = self.cross.keys_values(memory, None, cross_cache)
+        else:
+            k, v = cross_cache.view()
+        if k.shape[2]:
+            x = x + self.cross(self.cross.queries(self.ln_cross(x), None), k, v, cross_mask)
         return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# KV caches
+
+
+class KVCache:
+    """One attention layer's keys and values, preallocated for `capacity` positions at the first
+    append (then shape, dtype and device are known) and filled up to `length`."""
+
+    def __init__(self, capacity):
+        self.capacity, self.length = capacity, 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Add k, v (B, nh, n, hs); return every cached k, v (B, nh, length, hs)."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_zeros(B, nh, self.capacity, hs)
+            self.v = v.new_zeros(B, nh, self.capacity, hs)
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions asked, {self.capacity} allocated")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.view()
+
+    def view(self):
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def truncate(self, length):
+        self.length = min(self.length, length)
+
+    def filled_bytes(self):
+        return 0 if self.k is None else 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
+
+    def allocated_bytes(self):
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+class Cache:
+    """What a model keeps between prefill and decode calls.
+
+    layers: K/V of each layer that runs at decode time (dec: all n_layer; bdd: the n_dec decoder
+            layers, each holding [cross part | self part] in one buffer; encdec: decoder self K/V)
+    cross:  encdec only, each decoder layer's cross K/V of the source
+    prefix: bdd only, the encoder's per-layer K/V, kept for prefix reuse (the next turn), not
+            needed to decode this one
+    tokens: (B, L) every token fed so far; pos: position of the next token in its stream;
+    block_start: bdd, where the current decoder block starts (= length of the cross part);
+    encoded: tokens the last prefill ran through the encoder (dec: through all its layers).
+    """
+
+    def __init__(self, layers, cross=(), prefix=()):
+        self.layers, self.cross, self.prefix = list(layers), list(cross), list(prefix)
+        self.tokens = None
+        self.pos = self.block_start = self.encoded = 0
+
+    def feed(self, idx):
+        self.tokens = idx if self.tokens is None else torch.cat([self.tokens, idx], dim=1)
+
+    def nbytes(self):
+        """Bytes of K/V: `decode` needed to keep decoding, `prefix` kept only for prefix reuse,
+        `allocated` everything preallocated."""
+        decode = sum(c.filled_bytes() for c in self.layers + self.cross)
+        prefix = sum(c.filled_bytes() for c in self.prefix)
+        allocated = sum(c.allocated_bytes() for c in self.layers + self.cross + self.prefix)
+        return {"decode": decode, "prefix": prefix, "allocated": allocated}
 
 
 # -----------------------------------------------------------------------------
@@ -243,6 +333,20 @@ class LM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
 
+    def next_logits(self, h):
+        """Inference head: logits (B, vocab) of the last position of h (B, T, C)."""
+        return self.head(h[:, -1:], None)[0][:, -1]
+
+    def run_cached(self, blocks, caches, x, past):
+        """Run the stream x (B, n, C) at positions past..past+n-1 through blocks, each appending
+        to its KV cache: causal over the cache and the n new positions."""
+        n = x.shape[1]
+        rope = self.rotary(past, n)
+        mask = causal_mask(n, x.device, past=past) if n > 1 else None  # one token sees it all
+        for block, cache in zip(blocks, caches):
+            x = block(x, rope, mask, cache=cache)
+        return x
+
     def _check_length(self, *lengths):
         for T in lengths:
             if T > self.config.block_size:
@@ -267,6 +371,23 @@ class DecoderOnly(LM):
         for block in self.blocks:
             h = block(h, rope, mask)
         return self.head(h, batch.get("y"))
+
+    def new_cache(self):
+        return Cache(KVCache(self.config.block_size) for _ in self.blocks)
+
+    def prefill(self, idx, cache=None):
+        """Feed prompt tokens idx (B, n), appending to `cache` if given (a new chat turn)."""
+        cache = cache or self.new_cache()
+        cache.encoded = idx.shape[1]
+        return self.decode(idx, cache)
+
+    def decode(self, idx_next, cache):
+        """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n)."""
+        idx_next = idx_next.view(idx_next.shape[0], -1)
+        h = self.run_cached(self.blocks, cache.layers, self.embed(idx_next), cache.pos)
+        cache.feed(idx_next)
+        cache.pos += idx_next.shape[1]
+        return self.next_logits(h), cache
 
 
 class BlockDoubleDecoder(LM):
@@ -296,6 +417,41 @@ class BlockDoubleDecoder(LM):
             h = block(h, rope, dec_mask, memory=memory, memory_rope=rope)
         return self.head(h, batch.get("y"))
 
+    def new_cache(self):
+        bs = self.config.block_size
+        return Cache(layers=(KVCache(bs) for _ in self.decoder),
+                     prefix=(KVCache(bs) for _ in self.encoder))
+
+    def prefill(self, idx, cache=None):
+        """Start a new block at the last token of idx (B, n) (DESIGN.md section 3).
+
+        Every token fed before that one and not yet encoded (the previous block: last turn's
+        prompt token and reply) goes through the causal encoder, extending its cache; each decoder
+        layer appends their K/V to its cross part and drops its self part; then the decoder runs
+        the block's first token. The first prefill encodes idx[:, :-1]."""
+        cache = cache or self.new_cache()
+        start = cache.block_start
+        pending = idx if cache.tokens is None else torch.cat([cache.tokens[:, start:], idx], 1)
+        enc_in = pending[:, :-1]  # (B, n_enc_in) positions start..start+n_enc_in-1
+        memory = self.ln_enc(self.run_cached(self.encoder, cache.prefix, self.embed(enc_in), start))
+        memory_rope = self.rotary(start, enc_in.shape[1])
+        for block, layer_cache in zip(self.decoder, cache.layers):
+            layer_cache.truncate(start)  # keep the cross part, drop the last block's self part
+            block.remember(memory, memory_rope, layer_cache)
+        cache.block_start = cache.pos = start + enc_in.shape[1]
+        cache.encoded = enc_in.shape[1]
+        cache.tokens = None if cache.tokens is None else cache.tokens[:, :start]
+        cache.feed(enc_in)
+        return self.decode(pending[:, -1:], cache)
+
+    def decode(self, idx_next, cache):
+        """Feed one token per row into the current block: n_dec layers only."""
+        idx_next = idx_next.view(idx_next.shape[0], -1)
+        h = self.run_cached(self.decoder, cache.layers, self.embed(idx_next), cache.pos)
+        cache.feed(idx_next)
+        cache.pos += 1
+        return self.next_logits(h), cache
+
 
 class EncoderDecoder(LM):
     """batch: enc_x (B, Te), enc_mask (B, Te) bool (True = real token, optional),
@@ -316,14 +472,56 @@ class EncoderDecoder(LM):
         if valid is None:
             valid = torch.ones(B, Te, dtype=torch.bool, device=enc_x.device)
         enc_mask, cross_mask, dec_mask = encoder_masks(valid.to(enc_x.device), Td, self.config.flex)
-        e = self.embed(enc_x)  # (B, Te, C)
-        for block in self.encoder:
-            e = block(e, self.rotary(0, Te), enc_mask)
-        memory = self.ln_enc(e)
+        memory = self.encode(enc_x, enc_mask)
         h = self.embed(dec_x)  # (B, Td, C)
         for block in self.decoder:
             h = block(h, self.rotary(0, Td), dec_mask, memory, cross_mask)
         return self.head(h, batch.get("y"))
+
+    def encode(self, enc_x, enc_mask=None):
+        """Bidirectional encoder: final states (B, Te, C) after its final norm."""
+        e = self.embed(enc_x)
+        for block in self.encoder:
+            e = block(e, self.rotary(0, enc_x.shape[1]), enc_mask)
+        return self.ln_enc(e)
+
+    def new_cache(self):
+        bs = self.config.block_size
+        return Cache(layers=(KVCache(bs) for _ in self.decoder),
+                     cross=(KVCache(bs) for _ in self.decoder))
+
+    def prefill(self, idx, cache=None):
+        """The whole history up to the last token of idx (B, n) is the source; the decoder starts
+        from that last token, as in training (source x[:s], decoder from x[s]). A bidirectional
+        encoder's states change when its source grows, so each turn re-encodes everything."""
+        history = idx if cache is None else torch.cat([cache.tokens, idx], dim=1)
+        return self.start(history[:, :-1], history[:, -1:])
+
+    def start(self, source, dec_start):
+        """Encode source (B, Te) and run the decoder over dec_start (B, n): a fresh cache.
+        (Span-corruption models start from [prompt, sentinel] and [eot, sentinel]; see sample.py.)"""
+        cache = self.new_cache()
+        memory = self.encode(source)
+        n = dec_start.shape[1]
+        rope = self.rotary(0, n)
+        mask = causal_mask(n, dec_start.device) if n > 1 else None
+        h = self.embed(dec_start)
+        for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
+            h = block(h, rope, mask, memory, None, self_cache, cross_cache)
+        cache.feed(torch.cat([source, dec_start], dim=1))
+        cache.pos, cache.encoded = n, source.shape[1]
+        return self.next_logits(h), cache
+
+    def decode(self, idx_next, cache):
+        """Feed one token per row to the decoder; the source's cross K/V are read from the cache."""
+        idx_next = idx_next.view(idx_next.shape[0], -1)
+        h = self.embed(idx_next)
+        rope = self.rotary(cache.pos, 1)
+        for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
+            h = block(h, rope, None, None, None, self_cache, cross_cache)
+        cache.feed(idx_next)
+        cache.pos += 1
+        return self.next_logits(h), cache
 
 
 MODELS = {"dec": DecoderOnly, "encdec": EncoderDecoder, "bdd": BlockDoubleDecoder}
