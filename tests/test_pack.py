@@ -1,0 +1,388 @@
+"""pack.py: prepared data loses nothing, caches safely, and batches keep the batch contract."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pack
+
+# letters, digits, whitespace, punctuation and multi-byte UTF-8 (2, 3 and 4 bytes)
+ALPHABET = "abcdefghij klmnop QRS\n\t,.!?'0123 éüß—中文🙂"
+T = 64  # block size of the batch tests
+CONFIGS = [("dec", "prefix_lm"), ("bdd", "prefix_lm"), ("encdec", "prefix_lm"), ("encdec", "span")]
+
+
+def write_corpus(folder, n_docs=20, chars=2000, seed=0):
+    """n_docs random UTF-8 documents; returns {resolved path: text}."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = {}
+    for i in range(n_docs):
+        text = "".join(rng.choice(ALPHABET) for _ in range(chars))
+        if i == 3:
+            text += " a literal <|endoftext|> is plain text\r\n"
+        path = folder / f"doc{i:02d}.txt"
+        path.write_bytes(text.encode())
+        texts[str(path.resolve())] = text
+    return texts
+
+
+def stream(meta, split):
+    return np.fromfile(Path(meta["dir"]) / f"{split}.bin", dtype=meta["dtype"]).astype(np.int64)
+
+
+def decode_documents(meta, split):
+    """The split's stream cut at every eot and decoded; the stream must end with eot."""
+    enc = pack.get_tokenizer(meta["tokenizer"])
+    ids = stream(meta, split).tolist()
+    assert ids[-1] == meta["eot"]
+    docs, doc = [], []
+    for t in ids:
+        if t == meta["eot"]:
+            docs.append(enc.decode_bytes(doc).decode())
+            doc = []
+        else:
+            doc.append(t)
+    return docs
+
+
+def tokenizer_or_skip(name):
+    try:
+        return pack.get_tokenizer(name)
+    except pack.DownloadError as e:
+        pytest.skip(f"gpt2 tokenizer not available offline: {e}")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """meta of a 20-document random corpus with byte tokens (val: documents 9 and 19)."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    write_corpus(tmp / "docs")
+    return pack.prepare(tmp / "docs", root=tmp / "data")
+
+
+def joined(ids):
+    return "," + ",".join(map(str, ids)) + ","
+
+
+def in_stream(row, haystack):
+    """Whether the tokens of row occur contiguously in the stream (haystack = joined(stream))."""
+    return joined(row.tolist()) in haystack
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    enc = pack.get_tokenizer("byte")
+    assert (enc.n_vocab, enc.eot_token) == (257, 256)
+    rng = random.Random(0)
+    # random code points of every plane, surrogates excluded (they are not encodable)
+    chars = [chr(c) for c in range(1, 0x30000) if not 0xD800 <= c < 0xE000]
+    texts = ["", "Hello, wörld! 中文 🙂\n\r\n\t  x", "a <|endoftext|> b", "\0\x7f"]
+    texts += ["".join(rng.choice(chars) for _ in range(500)) for _ in range(5)]
+    for text in texts:
+        ids = enc.encode_ordinary(text)
+        assert ids == list(text.encode())  # one id per UTF-8 byte, nothing dropped
+        assert enc.decode_bytes(ids).decode() == text
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [256]
+
+
+def test_gpt2_tokenizer_matches_gpt2():
+    enc = tokenizer_or_skip("gpt2")
+    assert (enc.n_vocab, enc.eot_token) == (50257, 50256)
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode_ordinary(" the") == [262]
+    assert enc.encode_ordinary("\n") == [198]
+    assert enc.encode_ordinary("!") == [0]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    text = "Shall I compare thee to a summer's day? — ünïcödé 🙂 <|endoftext|>"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_vocab_size_adds_sentinels_for_span_only():
+    assert pack.vocab_size("byte") == pack.vocab_size("byte", "prefix_lm") == 257
+    assert pack.vocab_size("byte", "span") == 257 + pack.N_SENTINELS
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+@pytest.mark.parametrize("tokenizer", pack.TOKENIZERS)
+def test_prepare_loses_no_token(tmp_path, tokenizer):
+    tokenizer_or_skip(tokenizer)
+    texts = write_corpus(tmp_path / "docs", n_docs=12, chars=300)
+    meta = pack.prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data")
+    names = sorted(texts)
+    assert meta["names"] == {"train": names[:9] + names[10:], "val": [names[9]]}
+    assert meta["documents"] == {"train": 11, "val": 1}
+    for split in ("train", "val"):
+        assert decode_documents(meta, split) == [texts[n] for n in meta["names"][split]]
+        assert len(stream(meta, split)) == meta["tokens"][split]
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == tokenizer
+    assert Path(meta["dir"]).name == f"{pack.dataset_name(tmp_path / 'docs')}_{tokenizer}"
+
+
+def test_single_file_is_cut_at_a_line_break(tmp_path):
+    text = "".join(f"line {i}: ünïcödé\n" for i in range(100))
+    (tmp_path / "input.txt").write_bytes(text.encode())
+    meta = pack.prepare(tmp_path / "input.txt", root=tmp_path / "data")
+    [train], [val] = decode_documents(meta, "train"), decode_documents(meta, "val")
+    assert train + val == text and train.endswith("\n")
+    assert 0.85 < len(train) / len(text) <= 0.9
+
+
+def test_glob_source_and_dataset_names(tmp_path):
+    texts = write_corpus(tmp_path / "docs", n_docs=12, chars=50)
+    meta = pack.prepare(str(tmp_path / "docs" / "doc0*.txt"), root=tmp_path / "data")
+    assert meta["names"]["train"] + meta["names"]["val"] == sorted(texts)[:10]
+    a, b = tmp_path / "a" / "text.txt", tmp_path / "b" / "text.txt"
+    assert pack.dataset_name(a) == pack.dataset_name(a)  # stable
+    assert pack.dataset_name(a) != pack.dataset_name(b)  # distinct
+    assert pack.dataset_name(a).startswith("text-")
+    assert pack.dataset_name(tmp_path / "docs" / "*.txt").startswith("docs-")
+    assert pack.dataset_name(None) == "shakespeare"
+
+
+def test_prepare_reuses_cache_and_sees_changes(tmp_path, capsys):
+    write_corpus(tmp_path / "docs", n_docs=3, chars=100)
+    root = tmp_path / "data"
+    first = pack.prepare(tmp_path / "docs", root=root)
+    assert "tokenizing 3 documents" in capsys.readouterr().out
+    assert pack.prepare(tmp_path / "docs", root=root) == first
+    assert "tokenizing" not in capsys.readouterr().out
+    (tmp_path / "docs" / "doc01.txt").write_text("changed")
+    changed = pack.prepare(tmp_path / "docs", root=root)
+    assert "tokenizing" in capsys.readouterr().out
+    assert changed["dir"] == first["dir"] and changed["source_hash"] != first["source_hash"]
+    assert changed["tokens"] != first["tokens"]
+    (tmp_path / "docs" / "new.txt").write_text("a new document")
+    assert pack.prepare(tmp_path / "docs", root=root)["documents"] == {"train": 3, "val": 1}
+
+
+def test_interrupted_prepare_is_not_trusted(tmp_path, capsys):
+    write_corpus(tmp_path / "docs", n_docs=3, chars=100)
+    good = pack.prepare(tmp_path / "docs", root=tmp_path / "data")
+    out = Path(good["dir"])
+    scratch = out.with_name(out.name + ".tmp")
+
+    def damage_and_reprepare(damage):
+        capsys.readouterr()
+        damage()
+        assert pack.prepare(tmp_path / "docs", root=tmp_path / "data") == good
+        assert "tokenizing" in capsys.readouterr().out
+        assert not scratch.exists()
+
+    # killed before the rename: only a (complete-looking) scratch folder is left
+    damage_and_reprepare(lambda: out.rename(scratch))
+    # a dataset folder without meta.json
+    damage_and_reprepare(lambda: (out / "meta.json").unlink())
+    # a truncated stream
+    damage_and_reprepare(lambda: (out / "train.bin").write_bytes(b"\0\0"))
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path, corpus):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1" / "caf.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "no_txt").mkdir()
+    cases = [
+        (lambda: pack.prepare(tmp_path / "missing.txt", root=tmp_path), "no such file"),
+        (lambda: pack.prepare(tmp_path / "no_txt", root=tmp_path), "no .txt files"),
+        (lambda: pack.prepare(tmp_path / "empty.txt", root=tmp_path), "empty"),
+        (lambda: pack.prepare(tmp_path / "latin1", root=tmp_path), r"caf\.txt is not UTF-8"),
+        (lambda: pack.get_tokenizer("bpe"), "unknown tokenizer"),
+        (lambda: pack.Batches(corpus, "dec", corpus["tokens"]["val"], 4), "the val split"),
+        (lambda: pack.Batches(corpus, "encdec", T, 4, objective="mlm"), "unknown objective"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_cli_exits_2_on_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["pack.py", "--data", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as e:
+        pack.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --data") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+
+
+def test_dec_batch(corpus):
+    haystack = joined(stream(corpus, "train").tolist())
+    batch = pack.Batches(corpus, "dec", T, 16).get_batch("train")
+    assert set(batch) == {"x", "y"}
+    assert all(v.shape == (16, T) and v.dtype == torch.long for v in batch.values())
+    assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
+    for x, y in zip(batch["x"], batch["y"]):
+        assert in_stream(torch.cat([x, y[-1:]]), haystack)
+
+
+def test_bdd_block_ids(corpus):
+    batch = pack.Batches(corpus, "bdd", T, 256, max_blocks=8).get_batch("train")
+    assert set(batch) == {"x", "y", "block_ids"}
+    ids = batch["block_ids"]
+    assert ids.shape == (256, T) and ids.dtype == torch.long
+    assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
+    assert (ids[:, 0] == 0).all()
+    steps = ids.diff(dim=1)
+    assert ((steps == 0) | (steps == 1)).all()  # distinct boundaries, so ids rise by one at each
+    counts = steps.sum(dim=1)  # boundaries per row: positions 1..T-1 where a block starts
+    assert sorted(set(counts.tolist())) == list(range(1, 8))
+
+
+def test_prefix_lm_batch(corpus):
+    haystack = joined(stream(corpus, "train").tolist())
+    batch = pack.Batches(corpus, "encdec", T, 64, objective="prefix_lm").get_batch("train")
+    assert set(batch) == {"enc_x", "enc_mask", "dec_x", "y"}
+    assert batch["enc_mask"].dtype == torch.bool
+    assert all(batch[k].dtype == torch.long for k in ("enc_x", "dec_x", "y"))
+    Te, Td = batch["enc_x"].shape[1], batch["dec_x"].shape[1]
+    n_enc, n_dec = batch["enc_mask"].sum(dim=1), (batch["y"] != -1).sum(dim=1)
+    assert (n_enc + n_dec == T).all() and n_enc.min() >= 1 and n_dec.min() >= 1
+    assert Te == n_enc.max() and Td == n_dec.max()
+    rows = zip(batch["enc_x"], batch["enc_mask"], batch["dec_x"], batch["y"], n_enc, n_dec)
+    for enc_x, mask, dec_x, y, e, d in rows:
+        assert torch.equal(mask, torch.arange(Te) < e)  # right-padded encoder
+        assert (y[d:] == -1).all() and (dec_x[d:] == corpus["eot"]).all()  # right-padded decoder
+        assert torch.equal(dec_x[1:d], y[:d - 1])  # decoder input = targets shifted by one
+        assert in_stream(torch.cat([enc_x[:e], dec_x[:d], y[d - 1:d]]), haystack)
+
+
+def test_span_batch_reconstructs_rows(corpus):
+    haystack = joined(stream(corpus, "train").tolist())
+    n_vocab, eot = corpus["n_vocab"], corpus["eot"]
+    batch = pack.Batches(corpus, "encdec", T, 64, objective="span").get_batch("train")
+    n_noise, n_spans = pack.span_counts(T)
+    assert (n_noise, n_spans) == (10, 3)
+    sentinels = list(range(n_vocab, n_vocab + n_spans))
+    for enc_x, mask, dec_x, y in zip(batch["enc_x"], batch["enc_mask"], batch["dec_x"], batch["y"]):
+        enc, targets = enc_x[mask], y[y != -1]
+        assert [t for t in enc.tolist() if t >= n_vocab] == sentinels
+        assert [t for t in targets.tolist() if t >= n_vocab] == sentinels
+        assert max(enc.max(), targets.max()) < pack.vocab_size("byte", "span")
+        assert len(targets) == n_noise + n_spans + 1 and targets[-1] == eot
+        assert dec_x[0] == eot and torch.equal(dec_x[1:len(targets)], targets[:-1])
+        row = pack.reconstruct_span(enc, y, n_vocab)
+        assert len(row) == T and in_stream(row, haystack)
+
+
+def test_span_count_is_capped_by_sentinels():
+    assert pack.span_counts(4096) == (614, pack.N_SENTINELS)
+
+
+@pytest.mark.parametrize("arch,objective,supervised,padding", [
+    ("dec", "prefix_lm", 1.0, (0.0, 0.0)),
+    ("bdd", "prefix_lm", 1.0, (0.0, 0.0)),
+    ("encdec", "prefix_lm", 0.5, (0.3, 0.55)),
+    ("encdec", "span", 0.15, (0.0, 0.0)),  # T5's counts are equal for every row: no padding
+])
+def test_supervision_stats(corpus, arch, objective, supervised, padding):
+    # 256 rows: the prefix-LM mean of (T - p) / T has a standard error of about 0.018
+    batches = pack.Batches(corpus, arch, 128, 256, objective=objective)
+    stats = batches.supervision_stats(batches.get_batch("train"))
+    assert stats["supervised"] == pytest.approx(supervised, abs=0.06)
+    assert padding[0] <= stats["padding"] <= padding[1]
+
+
+def test_continuation_batches_score_the_same_targets(corpus):
+    w = pack.Batches(corpus, "dec", T, 8).eval_windows("val", 8)  # (8, T+1)
+    for s in (T // 2, 10):
+        batches = {arch: pack.continuation_batch(arch, w, s=s) for arch in pack.ARCHS}
+        for arch, batch in batches.items():
+            y = batch["y"]
+            targets = [row[row != -1].tolist() for row in y]
+            assert targets == w[:, s + 1:].tolist(), arch
+        assert torch.equal(batches["dec"]["x"], w[:, :T])
+        assert torch.equal(batches["bdd"]["block_ids"][0], (torch.arange(T) >= s).long())
+        encdec = batches["encdec"]
+        assert torch.equal(encdec["enc_x"], w[:, :s]) and encdec["enc_mask"].all()
+        assert torch.equal(encdec["dec_x"], w[:, s:T])
+    assert torch.equal(pack.continuation_batch("dec", w)["y"][:, T // 2 - 1:T // 2 + 1],
+                       torch.stack([torch.full((8,), -1), w[:, T // 2 + 1]], dim=1))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch,objective", CONFIGS)
+def test_batches_are_seeded(corpus, arch, objective):
+    a, b, other = (pack.Batches(corpus, arch, T, 8, objective=objective, seed=seed)
+                   for seed in (0, 0, 1))
+    first_a = a.get_batch("train")
+    evals = a.eval_batches("val", 20)  # evaluation must not disturb the training stream
+    assert same(first_a, b.get_batch("train")) and same(a.get_batch("train"), b.get_batch("train"))
+    assert not same(first_a, other.get_batch("train"))
+    assert [len(e["y"]) for e in evals] == [8, 8, 4]
+    for again in (a.eval_batches("val", 20), other.eval_batches("val", 20)):
+        assert all(same(e, f) for e, f in zip(evals, again))
+
+
+def test_eval_windows_are_evenly_spaced_and_shared(corpus):
+    val = stream(corpus, "val")
+    w = pack.Batches(corpus, "bdd", T, 8, seed=5).eval_windows("val", 5)
+    assert torch.equal(w, pack.Batches(corpus, "encdec", T, 3).eval_windows("val", 5))
+    assert torch.equal(w[0], torch.from_numpy(val[:T + 1]))
+    assert torch.equal(w[-1], torch.from_numpy(val[-T - 1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the real default corpus
+
+
+def test_default_corpus(shakespeare):
+    assert shakespeare["name"] == "shakespeare" and shakespeare["tokenizer"] == "byte"
+    assert shakespeare["documents"] == {"train": 38, "val": 4}
+    assert shakespeare["tokens"] == {"train": 4599992, "val": 457248}
+    names = shakespeare["names"]["train"] + shakespeare["names"]["val"]
+    assert all(n.endswith("_gut.txt") for n in names) and "hamlet_gut.txt" in names
+    train = stream(shakespeare, "train")
+    assert (train == shakespeare["eot"]).sum() == 38
+    assert bytes(train[:25].astype(np.uint8)) == b"ALL'S WELL THAT ENDS WELL"
+    batches = pack.Batches(shakespeare, "bdd", 256, 4)
+    assert batches.get_batch("train")["block_ids"].shape == (4, 256)
+
+
+def test_default_corpus_gpt2(shakespeare):
+    tokenizer_or_skip("gpt2")
+    meta = pack.prepare(tokenizer="gpt2")
+    assert meta["documents"] == shakespeare["documents"]
+    assert meta["tokens"] == {"train": 1426876, "val": 139125}
+    val = stream(meta, "val")
+    assert (val == 50256).sum() == 4 and val.max() == 50256
+
+
+def test_failed_or_wrong_download_is_a_clear_error(tmp_path, monkeypatch):
+    """pip is faked: one run fails like an offline pip, one saves a file with the wrong hash."""
+    monkeypatch.setattr(pack, "DOWNLOADS", tmp_path)
+    spec = ("thing==1.0", "thing-1.0.tar.gz", "0" * 64)
+
+    def offline_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
+
+    def wrong_pip(cmd, **kwargs):
+        (Path(cmd[cmd.index("-d") + 1]) / "thing-1.0.tar.gz").write_bytes(b"not it")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", offline_pip)
+    with pytest.raises(pack.DownloadError, match="could not download thing==1.0 .*No matching"):
+        pack.fetch(spec)
+    monkeypatch.setattr(subprocess, "run", wrong_pip)
+    with pytest.raises(pack.DataError, match="pinned sha256") as e:
+        pack.fetch(spec)
+    assert not isinstance(e.value, pack.DownloadError)  # a wrong file must fail, not skip
+    assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind

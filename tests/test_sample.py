@@ -1,0 +1,257 @@
+"""KV-cached inference: cached logits equal the training forward's, multi-turn sessions equal one
+forward over the whole conversation, cache bytes follow DESIGN.md section 3, the CLI is safe."""
+
+import io
+import os
+import random
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from mask import block_ids
+from model import ARCHS, ModelConfig, build_model
+from sample import Session, generate, main, measure_decode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 41
+
+
+def tiny(rng=None, **kw):
+    rng = rng or random.Random(0)
+    n_layer = rng.choice([2, 3, 4, 6])
+    cfg = dict(vocab_size=V, block_size=40, n_layer=n_layer,
+               n_dec_layer=rng.randint(1, n_layer - 1), n_head=rng.choice([1, 2, 4]), n_embd=16)
+    return ModelConfig(**{**cfg, **kw})
+
+
+def forward_logits(arch, model, full, turn_starts):
+    """Training-forward logits (B, n, V) predicting full[:, 1:] ... at the positions a session
+    decodes, for a conversation whose turns' last prompt tokens sit at `turn_starts`, plus the
+    first position each covers. dec: the causal row; bdd: block boundaries at the turn starts;
+    encdec: per turn, the source is everything before the turn start."""
+    T = full.shape[1]
+    if arch == "dec":
+        return model({"x": full})[0]
+    if arch == "bdd":
+        return model({"x": full, "block_ids": block_ids(T, [s for s in turn_starts if s > 0])})[0]
+    ends = turn_starts[1:] + [T]
+    parts = [model({"enc_x": full[:, :s], "dec_x": full[:, s:e]})[0]
+             for s, e in zip(turn_starts, ends)]
+    return torch.cat([torch.zeros(full.shape[0], turn_starts[0], V), *parts], dim=1)
+
+
+def run_session(model, full, turns):
+    """Teacher-forced session over `full` (B, T): turns = [(prompt_len, decoded_len), ...]. Returns
+    logits (B, T, V) at every position the session predicted from (zeros elsewhere) and turn starts."""
+    B, T = full.shape
+    out = torch.zeros(B, T, V)
+    cache, pos, starts = None, 0, []
+    pending = None
+    for n_prompt, n_decode in turns:
+        idx = full[:, pos:pos + n_prompt]
+        fresh = idx if pending is None else torch.cat([pending, idx], 1)
+        logits, cache = model.prefill(fresh, cache)
+        pos += n_prompt
+        starts.append(pos - 1)
+        out[:, pos - 1] = logits
+        for _ in range(n_decode):
+            logits, cache = model.decode(full[:, pos], cache)
+            out[:, pos] = logits
+            pos += 1
+        pending = full[:, pos:pos + 1]
+        pos += 1  # the reply's last token is fed with the next turn's prompt
+    return out, starts, cache
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_logits_equal_uncached(arch):
+    rng = random.Random(hash(arch) % 1000)
+    torch.manual_seed(0)
+    for _ in range(6):
+        model = build_model(arch, tiny(rng)).eval()
+        P, G = rng.choice([1, 2, rng.randint(3, 20)]), rng.randint(1, 8)
+        full = torch.randint(0, V, (2, P + G))
+        with torch.no_grad():
+            cached, starts, _ = run_session(model, full, [(P, G - 1)])
+            ref = forward_logits(arch, model, full, starts)
+        span = slice(P - 1, P + G - 1)
+        assert (cached[:, span] - ref[:, span]).abs().max() < 1e-5, (P, G)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_three_turn_session_equals_one_forward(arch):
+    """bdd: one forward with block boundaries at the turn starts; the encoder cache is reused and
+    only the new tokens are encoded each turn."""
+    torch.manual_seed(1)
+    model = build_model(arch, tiny(random.Random(3), n_layer=3, n_dec_layer=1)).eval()
+    turns = [(5, 3), (4, 2), (6, 4)]
+    T = sum(p + d + 1 for p, d in turns) - 1
+    full = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        cached, starts, cache = run_session(model, full, turns)
+        ref = forward_logits(arch, model, full, starts)
+    assert starts == [4, 12, 21]
+    fed = [i for s, (p, d) in zip(starts, turns) for i in range(s, s + d + 1)]
+    assert (cached[:, fed] - ref[:, fed]).abs().max() < 1e-5
+    # what the last prefill had to encode: bdd the tokens since the previous block start
+    # (3 decoded + 1 pending + 5 of the new prompt), encdec the whole history, dec the new tokens
+    assert cache.encoded == {"bdd": 21 - 12, "encdec": 21, "dec": 7}[arch]
+
+
+def kv_positions(arch, cfg, P, G):
+    """DESIGN.md section 3: positions x layers held to keep decoding after prefill(P) and G
+    decode steps. The bdd decoder's self part holds the block's first token x[P-1] and the G
+    decoded tokens, its cross part the P-1 encoder states; encdec is laid out the same way."""
+    if arch == "dec":
+        return cfg.n_layer * (P + G)
+    return cfg.n_dec_layer * ((P - 1) + (1 + G))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_bytes_follow_the_formula(arch):
+    rng = random.Random(7)
+    for _ in range(4):
+        cfg = tiny(rng)
+        model = build_model(arch, cfg).eval()
+        B, P, G = 3, rng.randint(1, 20), rng.randint(0, 10)
+        with torch.no_grad():
+            full = torch.randint(0, V, (B, P + G))
+            _, _, cache = run_session(model, full, [(P, G)])
+        per_position = 2 * B * cfg.n_embd * 4  # K and V, float32
+        nbytes = cache.nbytes()
+        assert nbytes["decode"] == kv_positions(arch, cfg, P, G) * per_position
+        prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
+        assert nbytes["prefix"] == prefix * per_position
+        assert nbytes["allocated"] >= nbytes["decode"] + nbytes["prefix"]
+
+
+def test_bdd_over_dec_kv_ratio_is_n_dec_over_n_layer():
+    cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=6, n_dec_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    dec, bdd = build_model("dec", cfg).eval(), build_model("bdd", cfg).eval()
+    a, b = measure_decode(dec, 40, n_tokens=8), measure_decode(bdd, 40, n_tokens=8)
+    assert b["kv_bytes"] * 3 == a["kv_bytes"]
+    assert b["prefix_bytes"] == 4 * (40 - 8 - 1) * 2 * 16 * 4
+    # one more decoded token: bdd runs 2 of the 6 layers, at most a third of dec's layer FLOPs
+    assert b["flops"]["layers"] <= a["flops"]["layers"] / 3
+    assert b["flops"]["head"] == a["flops"]["head"] == 2 * 16 * V
+
+
+def test_decode_flops_count_attention():
+    cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_dec_layer=1, n_head=2, n_embd=16)
+    model = build_model("dec", cfg).eval()
+    short = measure_decode(model, 10, n_tokens=2)["flops"]["layers"]
+    long = measure_decode(model, 50, n_tokens=2)["flops"]["layers"]
+    # attention reads 40 more positions in each of 2 layers: q.k and p.v, 2 FLOPs per multiply-add
+    assert long - short == 2 * 40 * 2 * (2 * 16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, tiny()).eval()
+    idx = torch.randint(0, V, (2, 5))
+    g1 = generate(model, idx, 12, temperature=0).tokens
+    assert torch.equal(g1, generate(model, idx, 12, temperature=0).tokens)
+    s = [generate(model, idx, 12, temperature=1.0, top_k=10,
+                  generator=torch.Generator().manual_seed(5)).tokens for _ in range(2)]
+    assert torch.equal(s[0], s[1])
+    # greedy generation is the argmax of the training forward over what it wrote
+    full = torch.cat([idx, g1], 1)[:, :-1]
+    with torch.no_grad():
+        ref = forward_logits(arch, model, full, [4])
+    assert torch.equal(ref[:, 4:].argmax(-1), g1)
+
+
+def test_session_refuses_to_overrun_the_context():
+    model = build_model("bdd", tiny(block_size=12)).eval()
+    session = Session(model)
+    session.turn(torch.zeros(1, 6, dtype=torch.long), 4, temperature=0)
+    with pytest.raises(ValueError, match="context full"):
+        session.turn(torch.zeros(1, 2, dtype=torch.long), 4, temperature=0)
+
+
+# -----------------------------------------------------------------------------
+# command line, on a checkpoint written here in train.py's format
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    cfg = ModelConfig(vocab_size=257, block_size=64, n_layer=3, n_dec_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = build_model("bdd", cfg)
+    torch.save({"model": model.state_dict(), "arch": "bdd", "model_config": asdict(cfg),
+                "tokenizer": "byte", "objective": "prefix_lm", "iter_num": 0}, d / "ckpt.pt")
+    return d
+
+
+def run_cli(*args, stdin=None):
+    """The script in its own process, as a user runs it."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, args)],
+                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def run_main(capsys, monkeypatch, *args, stdin=""):
+    """sample.main in this process (fast): returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_prints_text_and_stats(ckpt_dir):
+    r = run_cli("--out_dir", ckpt_dir, "--prompt", "ROMEO:", "--max_new_tokens", 20, "--stats")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ROMEO:")
+    assert "prompt 6 tokens, encoded 5, generated 20" in r.stdout
+    assert "KV cache: decode" in r.stdout and "FLOPs per decoded token" in r.stdout
+
+
+def test_cli_chat_reads_piped_turns(ckpt_dir, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--chat", "--stats",
+                              "--max_new_tokens", 5, stdin="hello\nthere\nagain\n")
+    assert code == 0, err
+    assert err.count("[turn ") == 3
+    # turn 2 encodes the previous turn's block (first token + 4 fed reply tokens), the pending
+    # reply token and "there" but its last token: 5 + 1 + 5
+    assert "[turn 2] prompt 6 tokens, encoded 11" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out_dir", "nowhere"], "no checkpoint at nowhere"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "x" * 80], "only 45 fit"),
+    (["--max_new_tokens", 100], "runs past the model's context"),
+    (["--temperature", -1], "--temperature must be >= 0"),
+    (["--top_k", 0], "--top_k must be at least 1"),
+    (["--prompt", "FILE:/no/such/file"], "cannot read the prompt file"),
+    (["--device", "bogus"], "is not usable here"),
+])
+def test_cli_bad_input_exits_2_with_one_line(ckpt_dir, capsys, monkeypatch, args, message):
+    if "--out_dir" not in args:
+        args = ["--out_dir", ckpt_dir, "--max_new_tokens", 20, *args]
+    code, out, err = run_main(capsys, monkeypatch, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_cli_truncate_keeps_the_end_of_a_long_prompt(ckpt_dir, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--prompt",
+                              "x" * 80 + "END", "--max_new_tokens", 20, "--truncate", "--stats")
+    assert code == 0, err
+    assert "prompt 45 tokens" in out
+
+
+def test_cli_corrupt_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
+    assert code == 2 and "not a readable nanoBDD checkpoint" in err
