@@ -1,0 +1,274 @@
+"""
+The headline experiment: train dec, encdec and bdd side by side, then measure their inference.
+
+    python compare.py                       # --preset cpu without a GPU: about 12 minutes on 2 cores
+    python compare.py --skip_train          # inference only, freshly initialised models (fast)
+    python compare.py --preset cpu --max_iters 300 --archs dec,bdd   # any train.py flag overrides
+
+Every arch gets the same width, heads, depth, data, tokens, optimiser and seed, trained by
+train.py's train() (no copied loop); decoding is sample.py's KV-cached generation (no copied
+generation). Written to --out_dir (default out/compare):
+- compare.png: continuation loss against training tokens (DESIGN.md section 4), decode-time KV
+  bytes against context length, and per-token decode cost (FLOPs counted, ms measured);
+- results.json: the numbers behind it;
+and a table with the ratios bdd/dec and encdec/dec is printed at the end.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import train
+from model import ARCHS, build_model
+from sample import load_checkpoint, measure_decode
+
+# Presets are ordinary train.py flags; any flag given on the command line wins.
+PRESETS = {
+    # DESIGN.md section 6's run: byte tokens, 4+2 layers, 600 steps of 16 x 256 tokens each.
+    "cpu": dict(device="cpu", tokenizer="byte", n_layer=6, n_dec_layer=2, n_head=4, n_embd=128,
+                block_size=256, dropout=0.0, batch_size=16, gradient_accumulation_steps=1,
+                max_iters=600, learning_rate=1e-3, min_lr=1e-4, warmup_iters=50,
+                eval_interval=50, eval_iters=4, log_interval=50, dtype="float32",
+                compile=False, flex=False),
+    # GPT-2-small width, 8+4 layers, gpt2 tokens; 600 steps of 32k tokens each, for one GPU.
+    "gpu": dict(device="cuda", tokenizer="gpt2", n_layer=12, n_dec_layer=4, n_head=12,
+                n_embd=768, block_size=1024, dropout=0.1, batch_size=16,
+                gradient_accumulation_steps=2, max_iters=600, learning_rate=6e-4, min_lr=6e-5,
+                warmup_iters=60, beta2=0.95, eval_interval=50, eval_iters=8, log_interval=25,
+                dtype="bfloat16", compile=True, flex=True),
+}
+
+
+def decode_tokens(block_size):
+    """Decode steps timed per measurement: 32, fewer for tiny contexts."""
+    return max(1, min(32, block_size // 4))
+
+
+def context_lengths(block_size, n=6):
+    """Context lengths (positions held) to measure, from short to block_size - 1."""
+    lo = decode_tokens(block_size) + 1
+    return sorted({round(lo + (block_size - 1 - lo) * i / (n - 1)) for i in range(n)})
+
+
+def measure_inference(models, block_size, repeats):
+    """KV bytes at several context lengths, FLOPs of one decode step and ms per decoded token at
+    half the context, batch 1. Timing rounds alternate between the archs so that the machine's
+    noise falls on all of them alike; the median round counts."""
+    out = {arch: {"kv_bytes": [], "prefix_cache_bytes": []} for arch in models}
+    for n in context_lengths(block_size):
+        for arch, model in models.items():
+            m = measure_decode(model, n, n_tokens=decode_tokens(block_size))
+            out[arch]["kv_bytes"].append({"context_len": n, "bytes": m["kv_bytes"]})
+            out[arch]["prefix_cache_bytes"].append({"context_len": n, "bytes": m["prefix_bytes"]})
+    half = block_size // 2
+    times = {arch: [] for arch in models}
+    for _ in range(repeats):
+        for arch, model in models.items():
+            m = measure_decode(model, half, n_tokens=decode_tokens(block_size))
+            times[arch].append(m["ms_per_token"])
+            out[arch]["decode_flops_per_token"] = m["flops"]
+    for arch in models:
+        out[arch]["decode_ms_per_token"] = statistics.median(times[arch])
+        out[arch]["decode_context_len"] = half
+    return out
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    archs = results["archs"]
+    colors = {"dec": "tab:blue", "encdec": "tab:green", "bdd": "tab:red"}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
+    for arch, r in archs.items():
+        if r["curve"]:
+            tokens = [p["tokens"] / 1e6 for p in r["curve"]]
+            ax1.plot(tokens, [p["val_loss"] for p in r["curve"]], color=colors[arch], lw=2.2,
+                     label=f"{arch}: continuation (val)")
+            ax1.plot(tokens, [p["train_loss"] for p in r["curve"]], color=colors[arch], lw=0.8,
+                     alpha=0.7, ls="--", label=f"{arch}: own objective (train)")
+    ax1.set_xlabel("training tokens (millions)")
+    ax1.set_ylabel(f"loss (nats per {results['config']['tokenizer']} token)")
+    ax1.set_title("Continuation loss, same held-out targets")
+    if any(r["curve"] for r in archs.values()):
+        ax1.legend(fontsize=8)
+    else:
+        ax1.text(0.5, 0.5, "not trained (--skip_train)", ha="center", transform=ax1.transAxes)
+
+    styles = {"dec": "o-", "encdec": "s--", "bdd": "o-"}  # encdec and bdd coincide at 2:1
+    for arch, r in archs.items():
+        ax2.plot([p["context_len"] for p in r["kv_bytes"]],
+                 [p["bytes"] / 1e6 for p in r["kv_bytes"]], styles[arch], color=colors[arch],
+                 label=arch, ms=7 if arch == "encdec" else 5)
+    if "dec" in archs:
+        cfg = results["config"]
+        ratio = cfg["n_dec_layer"] / cfg["n_layer"]
+        dec = archs["dec"]["kv_bytes"]
+        ax2.plot([p["context_len"] for p in dec], [p["bytes"] / 1e6 * ratio for p in dec], "k:",
+                 label=f"dec x n_dec/n_layer = {ratio:.2f}")
+    ax2.set_xlabel("context length (positions held)")
+    ax2.set_ylabel("decode-time KV cache (MB, batch 1)")
+    ax2.set_title("KV cache measured from live tensors")
+    ax2.legend(fontsize=8)
+
+    names = list(archs)
+    x = range(len(names))
+    layers = [archs[a]["decode_flops_per_token"]["layers"] / 1e6 for a in names]
+    head = [archs[a]["decode_flops_per_token"]["head"] / 1e6 for a in names]
+    ms = [archs[a]["decode_ms_per_token"] for a in names]
+    ax3.bar([i - 0.2 for i in x], layers, 0.4, color=[colors[a] for a in names], label="layers")
+    ax3.bar([i - 0.2 for i in x], head, 0.4, bottom=layers, color="lightgrey", label="LM head")
+    ax3.set_ylabel("MFLOPs per decoded token (counted)")
+    ax3b = ax3.twinx()
+    ax3b.bar([i + 0.2 for i in x], ms, 0.4, color=[colors[a] for a in names], alpha=0.45,
+             hatch="//", label="ms (measured)")
+    ax3b.set_ylabel("ms per decoded token (measured, batch 1)")
+    ax3.set_xticks(list(x), [f"{a}\nFLOPs | ms" for a in names])
+    half = archs[names[0]]["decode_context_len"]
+    ax3.set_title(f"Decode cost per token at context {half}")
+    ax3.set_ylim(0, 1.3 * max(l + h for l, h in zip(layers, head)))
+    ax3b.set_ylim(0, 1.3 * max(ms))
+    ax3.legend(loc="upper left", fontsize=8)
+    ax3b.legend(loc="upper right", fontsize=8)
+    fig.suptitle(f"nanoBDD: dec vs encdec vs bdd ({results['device']}, "
+                 f"{results['config']['n_layer']} layers, n_embd {results['config']['n_embd']})")
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table(results):
+    """The figures side by side, with ratios to dec."""
+    archs = results["archs"]
+    longest = archs[next(iter(archs))]["kv_bytes"][-1]["context_len"]
+    rows = [  # name, value, format, whether a ratio to dec means something
+        ("non-embedding params", lambda r: r["non_embedding_params"], "{:,}", True),
+        ("train tokens", lambda r: r["train_tokens"], "{:,}", True),
+        ("supervised fraction", lambda r: r["supervised_fraction"], "{:.3f}", True),
+        ("padding fraction", lambda r: r["padding_fraction"], "{:.3f}", False),
+        ("train tokens/s", lambda r: r["train_tokens_per_sec"], "{:,.0f}", True),
+        ("val (continuation) loss", lambda r: r["val_loss"], "{:.4f}", True),
+        (f"KV bytes at context {longest}", lambda r: r["kv_bytes"][-1]["bytes"], "{:,}", True),
+        ("prefix cache bytes there", lambda r: r["prefix_cache_bytes"][-1]["bytes"], "{:,}",
+         False),
+        ("layer FLOPs per token", lambda r: r["decode_flops_per_token"]["layers"], "{:,}", True),
+        ("head FLOPs per token", lambda r: r["decode_flops_per_token"]["head"], "{:,}", True),
+        ("decode ms per token", lambda r: r["decode_ms_per_token"], "{:.3f}", True),
+    ]
+    ratios = [f"{a}/dec" for a in ("bdd", "encdec") if a in archs and "dec" in archs]
+    head = ["metric", *archs, *ratios]
+    lines = [head]
+    for name, get, fmt, comparable in rows:
+        vals = {a: get(r) for a, r in archs.items()}
+        cells = [name] + ["-" if v is None else fmt.format(v) for v in vals.values()]
+        for ratio in ratios:
+            a = ratio.split("/")[0]
+            ok = comparable and vals[a] is not None and vals["dec"]
+            cells.append(f"{vals[a] / vals['dec']:.3f}" if ok else "-")
+        lines.append(cells)
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train dec, encdec and bdd side by side and measure "
+                                "their inference. Any train.py flag overrides the preset.",
+                                allow_abbrev=False)  # --arch must not pass for --archs
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of "
+                   f"{','.join(ARCHS)}")
+    p.add_argument("--skip_train", action="store_true", help="measure inference only, on "
+                   "freshly initialised models")
+    p.add_argument("--out_dir", default=os.path.join("out", "compare"))
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms")
+    args, rest = p.parse_known_args(argv)
+    flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
+
+    def fail(message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown or not archs:
+        fail(f"--archs {args.archs!r}: choose from {', '.join(ARCHS)}, comma-separated")
+    for clash in ("arch", "out_dir", "init_from"):
+        if clash in flags:
+            fail(f"--{clash} is set by compare.py per arch; use --archs and --out_dir instead")
+    if args.repeats < 1:
+        fail("--repeats must be at least 1")
+    configs = {}
+    for arch in archs:
+        values = {**PRESETS[args.preset], **flags, "arch": arch,
+                  "out_dir": os.path.join(args.out_dir, arch)}
+        configs[arch] = train.make_config(**values)
+        try:
+            train.check_config(configs[arch])
+        except train.ConfigError as e:
+            fail(str(e))
+    first = configs[archs[0]]
+    os.makedirs(args.out_dir, exist_ok=True)
+    t_start = time.time()
+
+    histories, models = {}, {}
+    for i, arch in enumerate(archs):
+        config = configs[arch]
+        if args.skip_train:
+            torch.manual_seed(config.seed)
+            models[arch] = build_model(arch, train.model_config(config)).to(config.device).eval()
+            continue
+        print(f"== training {arch} ({i + 1}/{len(archs)}) ==", flush=True)
+        try:
+            histories[arch] = train.train(config, log=lambda s, a=arch: print(f"[{a}] {s}",
+                                                                                 flush=True))
+        except (train.ConfigError, ValueError) as e:
+            fail(str(e))
+        except train.LossNotFinite as e:
+            print(f"error: {arch}: {e}", file=sys.stderr)
+            sys.exit(1)
+        models[arch] = load_checkpoint(config.out_dir, config.device)[0]
+
+    print("== measuring inference (KV cache, FLOPs, decode speed) ==", flush=True)
+    inference = measure_inference(models, first.block_size, args.repeats)
+
+    results = {"config": {k: v for k, v in vars(first).items() if k not in ("arch", "out_dir")},
+               "preset": args.preset, "device": first.device, "torch": torch.__version__,
+               "skip_train": args.skip_train, "archs": {}}
+    for arch in archs:
+        h = histories.get(arch, {})
+        curve = [{"tokens": p["tokens"], "train_loss": p["train_loss"],
+                  "val_loss": p["cont_loss"], "own_val_loss": p["val_loss"]}
+                 for p in h.get("curve", [])]
+        results["archs"][arch] = {
+            "non_embedding_params": models[arch].num_params(non_embedding=True),
+            "train_tokens": h.get("train_tokens"),
+            "supervised_fraction": h.get("supervised_fraction"),
+            "padding_fraction": h.get("padding_fraction"),
+            "train_tokens_per_sec": h.get("train_tokens_per_sec"),
+            "curve": curve, "val_loss": h.get("val_loss"), **inference[arch]}
+    results["wall_time"] = time.time() - t_start
+    write_json(results, os.path.join(args.out_dir, "results.json"))
+    plot(results, os.path.join(args.out_dir, "compare.png"))
+    print(table(results))
+    print(f"wrote {args.out_dir}/results.json and {args.out_dir}/compare.png "
+          f"in {results['wall_time']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
