@@ -194,13 +194,43 @@ def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key posit
         ax.axhline(b - 0.5, color="tab:red", lw=0.8)
         for off in offsets:
             ax.axvline(off + b - 0.5, color="tab:red", lw=0.8)
-    if split is not None:
+    if split is not None:  # half labels just above the axes, in data x and axes y coordinates
         ax.axvline(split - 0.5, color="tab:blue", lw=2)
-        ax.text(split / 2, -1.5, "encoder keys: strictly earlier blocks", ha="center", va="bottom")
-        ax.text(split + (Tk - split) / 2, -1.5, "decoder keys: causal within the block",
-                ha="center", va="bottom")
+        for x, label in ((split / 2, "encoder keys: strictly earlier blocks"),
+                         (split + (Tk - split) / 2, "decoder keys: causal within the block")):
+            ax.text(x - 0.5, 1.01, label, ha="center", va="bottom",
+                    transform=ax.get_xaxis_transform())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, pad=18 if split is not None else 6)
+        ax.set_title(title, pad=24 if split is not None else 6)
     return ax
+
+
+if __name__ == "__main__":
+    # python mask.py [--T 24] [--boundaries 5,8,18,19] [--png docs/bdd_mask.png]
+    import argparse
+    p = argparse.ArgumentParser(description="Show the BDD decoder's doubly-causal block mask.")
+    p.add_argument("--T", type=int, default=24, help="row length")
+    p.add_argument("--boundaries", default="5,8,18,19", help="block starts, comma-separated")
+    p.add_argument("--png", help="also save the plot to this PNG file")
+    args = p.parse_args()
+    try:
+        bounds = [int(b) for b in args.boundaries.split(",") if b.strip()]
+        _, dec = bdd_masks(block_ids(args.T, bounds))
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+    print(render(dec, split=args.T))
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(11, 5.6))
+        plot(dec, ax=ax, boundaries=bounds, split=args.T,
+             title=f"BDD decoder: doubly-causal block mask (T = {args.T} queries x 2T keys)",
+             xlabel=f"key index: 0..{args.T - 1} = encoder states, {args.T}..{2 * args.T - 1} "
+                    f"= decoder stream, at positions 0..{args.T - 1}",
+             ylabel="query position")
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        print(f"saved {args.png}")

@@ -415,6 +415,24 @@ def continuation_batch(arch, windows, s=None):
     return {k: v.contiguous() for k, v in batch.items()}
 
 
+def supervision_stats(batch, n_vocab, block_size):
+    """How much of a batch trains and how much is waste, as fractions in [0, 1]:
+
+    supervised: loss-carrying targets that are vocabulary tokens (sentinels not counted),
+        divided by rows * block_size, the tokens of the packed rows the batch was cut from.
+        dec and bdd 1.0; prefix-LM about 0.5 ((T - p) / T); span corruption about 0.15 (the
+        corrupted tokens plus one closing eot per row).
+    padding: padded slots / all token slots the model computes (encoder + decoder slots for
+        encdec). 0 for dec and bdd; the decoder's padded slots are those with y == -1.
+    """
+    y = batch["y"]
+    supervised = ((y >= 0) & (y < n_vocab)).sum().item() / (y.shape[0] * block_size)
+    if "enc_x" not in batch:
+        return {"supervised": supervised, "padding": 0.0}
+    padded = (~batch["enc_mask"]).sum().item() + (y == -1).sum().item()
+    return {"supervised": supervised, "padding": padded / (batch["enc_x"].numel() + y.numel())}
+
+
 # ---------------------------------------------------------------------------------------------
 # batch source
 
@@ -492,21 +510,7 @@ class Batches:
         return [self.to_device(self.build(chunk, gen)) for chunk in w.split(self.batch_size)]
 
     def supervision_stats(self, batch):
-        """How much of a batch trains and how much is waste, as fractions in [0, 1]:
-
-        supervised: loss-carrying targets that are vocabulary tokens (sentinels not counted),
-            divided by rows * block_size, the tokens of the packed rows the batch was cut from.
-            dec and bdd 1.0; prefix-LM about 0.5 ((T - p) / T); span corruption about 0.15 (the
-            corrupted tokens plus one closing eot per row).
-        padding: padded slots / all token slots the model computes (encoder + decoder slots for
-            encdec). 0 for dec and bdd; the decoder's padded slots are those with y == -1.
-        """
-        y = batch["y"]
-        supervised = ((y >= 0) & (y < self.n_vocab)).sum().item() / (y.shape[0] * self.block_size)
-        if "enc_x" not in batch:
-            return {"supervised": supervised, "padding": 0.0}
-        padded = (~batch["enc_mask"]).sum().item() + (y == -1).sum().item()
-        return {"supervised": supervised, "padding": padded / (batch["enc_x"].numel() + y.numel())}
+        return supervision_stats(batch, self.n_vocab, self.block_size)
 
 
 # ---------------------------------------------------------------------------------------------
