@@ -1,8 +1,19 @@
 """Shared test fixtures."""
 
 import pytest
+import torch
 
 import pack
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's waiting
+    threads make them ten times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

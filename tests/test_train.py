@@ -20,16 +20,6 @@ WORDS = ("the king queen lord lady speaks and to of my thy good night sweet love
          "not with what shall come here now").split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's waiting
-    threads make them ten times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """About 15 KB of word salad from a small vocabulary: easy to learn fast."""
