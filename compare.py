@@ -23,6 +23,7 @@ import time
 
 import torch
 
+import pack
 import train
 from model import ARCHS, build_model
 from sample import load_checkpoint, measure_decode
@@ -76,6 +77,40 @@ def measure_inference(models, block_size, repeats):
     for arch in models:
         out[arch]["decode_ms_per_token"] = statistics.median(times[arch])
         out[arch]["decode_context_len"] = half
+    return out
+
+
+def measure_training(configs, repeats):
+    """ms of one training step (forward and backward) per arch on the same random windows, cut
+    into each arch's own batch, timed in rounds that alternate between the archs: a tokens/s
+    ratio that the machine's drift between the separate training runs does not blur."""
+    steps = {}
+    for arch, config in configs.items():
+        enc = pack.get_tokenizer(config.tokenizer)
+        g = torch.Generator().manual_seed(config.seed)
+        w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=g)
+        batch = pack.build_batch(arch, w, g, config.objective, config.max_blocks, enc.n_vocab,
+                                 enc.eot_token)
+        torch.manual_seed(config.seed)
+        model = build_model(arch, train.model_config(config)).to(config.device).train()
+        steps[arch] = (model, {k: v.to(config.device) for k, v in batch.items()}, config)
+    times = {arch: [] for arch in configs}
+    for _ in range(repeats + 1):  # the first round warms up
+        for arch, (model, batch, config) in steps.items():
+            device = torch.device(config.device)
+            t0 = time.perf_counter()
+            with train.autocast(config):
+                loss = model(batch)[1]
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[arch].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    out = {}
+    for arch, (model, batch, config) in steps.items():
+        seconds = statistics.median(times[arch][1:])
+        out[arch] = {"train_step_ms": 1000 * seconds,
+                     "train_step_tokens_per_sec": config.batch_size * config.block_size / seconds}
     return out
 
 
@@ -158,6 +193,8 @@ def table(results):
         ("supervised fraction", lambda r: r["supervised_fraction"], "{:.3f}", True),
         ("padding fraction", lambda r: r["padding_fraction"], "{:.3f}", False),
         ("train tokens/s", lambda r: r["train_tokens_per_sec"], "{:,.0f}", True),
+        ("train tokens/s, interleaved steps", lambda r: r["train_step_tokens_per_sec"],
+         "{:,.0f}", True),
         ("val (continuation) loss", lambda r: r["val_loss"], "{:.4f}", True),
         (f"KV bytes at context {longest}", lambda r: r["kv_bytes"][-1]["bytes"], "{:,}", True),
         ("prefix cache bytes there", lambda r: r["prefix_cache_bytes"][-1]["bytes"], "{:,}",
@@ -200,7 +237,8 @@ def main(argv=None):
     p.add_argument("--skip_train", action="store_true", help="measure inference only, on "
                    "freshly initialised models")
     p.add_argument("--out_dir", default=os.path.join("out", "compare"))
-    p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms")
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms and "
+                   "training steps")
     args, rest = p.parse_known_args(argv)
     flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
 
@@ -248,8 +286,10 @@ def main(argv=None):
             sys.exit(1)
         models[arch] = load_checkpoint(config.out_dir, config.device)[0]
 
-    print("== measuring inference (KV cache, FLOPs, decode speed) ==", flush=True)
+    print("== measuring inference (KV cache, FLOPs, decode speed) and training steps ==",
+          flush=True)
     inference = measure_inference(models, first.block_size, args.repeats)
+    steps = measure_training(configs, args.repeats)
 
     results = {"config": {k: v for k, v in vars(first).items() if k not in ("arch", "out_dir")},
                "preset": args.preset, "device": first.device, "torch": torch.__version__,
@@ -265,7 +305,7 @@ def main(argv=None):
             "supervised_fraction": h.get("supervised_fraction"),
             "padding_fraction": h.get("padding_fraction"),
             "train_tokens_per_sec": h.get("train_tokens_per_sec"),
-            "curve": curve, "val_loss": h.get("val_loss"), **inference[arch]}
+            "curve": curve, "val_loss": h.get("val_loss"), **steps[arch], **inference[arch]}
     results["wall_time"] = time.time() - t_start
     write_json(results, os.path.join(args.out_dir, "results.json"))
     plot(results, os.path.join(args.out_dir, "compare.png"))

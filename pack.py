@@ -415,6 +415,17 @@ def continuation_batch(arch, windows, s=None):
     return {k: v.contiguous() for k, v in batch.items()}
 
 
+def build_batch(arch, w, gen, objective, max_blocks, n_vocab, eot):
+    """The training batch of `arch` (and, for encdec, `objective`) from windows w (B, T+1)."""
+    if arch == "dec":
+        return lm_batch(w)
+    if arch == "bdd":
+        return bdd_batch(w, max_blocks, gen)
+    if objective == "prefix_lm":
+        return prefix_lm_batch(w, eot, gen)
+    return span_batch(w, n_vocab, eot, gen)
+
+
 def supervision_stats(batch, n_vocab, block_size):
     """How much of a batch trains and how much is waste, as fractions in [0, 1]:
 
@@ -479,13 +490,8 @@ class Batches:
 
     def build(self, w, gen):
         """The arch's own training batch from windows (B, T+1)."""
-        if self.arch == "dec":
-            return lm_batch(w)
-        if self.arch == "bdd":
-            return bdd_batch(w, self.max_blocks, gen)
-        if self.objective == "prefix_lm":
-            return prefix_lm_batch(w, self.eot, gen)
-        return span_batch(w, self.n_vocab, self.eot, gen)
+        return build_batch(self.arch, w, gen, self.objective, self.max_blocks, self.n_vocab,
+                           self.eot)
 
     def to_device(self, batch):
         return {k: v.to(self.device) for k, v in batch.items()}

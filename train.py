@@ -177,6 +177,13 @@ def check_device(device):
         raise ConfigError(f"--device {device}: only cpu and cuda are supported")
 
 
+def autocast(config):
+    """The forward's mixed-precision context: nothing in float32."""
+    if config.dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(config.device).type, dtype=DTYPES[config.dtype])
+
+
 def model_config(config):
     return ModelConfig(vocab_size=pack.vocab_size(config.tokenizer, config.objective),
                        block_size=config.block_size, n_layer=config.n_layer,
@@ -486,8 +493,7 @@ def run(config, rank, world, device, log, t_start):
     model = torch.compile(raw_model) if config.compile else raw_model
     train_model = model if world == 1 else \
         DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
-    ctx = nullcontext() if config.dtype == "float32" else \
-        torch.autocast(device_type, dtype=DTYPES[config.dtype])
+    ctx = autocast(config)
     scaler = torch.amp.GradScaler(device_type, enabled=config.dtype == "float16")
 
     rows_per_iter = config.batch_size * config.gradient_accumulation_steps * world

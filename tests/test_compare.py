@@ -10,7 +10,8 @@ import compare
 
 KEYS = ("non_embedding_params", "train_tokens", "supervised_fraction", "padding_fraction",
         "train_tokens_per_sec", "curve", "val_loss", "kv_bytes", "prefix_cache_bytes",
-        "decode_flops_per_token", "decode_ms_per_token")
+        "decode_flops_per_token", "decode_ms_per_token", "train_step_ms",
+        "train_step_tokens_per_sec")
 TINY = ["--n_layer", "3", "--n_dec_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--block_size", "32", "--batch_size", "4", "--eval_iters", "1", "--repeats", "1"]
 
