@@ -36,6 +36,8 @@ import numpy as np
 import tiktoken
 import torch
 
+from mask import block_ids
+
 # Anchored at the repository, not the working directory, so every script finds the same cache.
 DATA = Path(__file__).resolve().parent / "data"
 DOWNLOADS = DATA / "_downloads"
@@ -300,20 +302,17 @@ def lm_batch(w):
     return {"x": w[:, :-1].contiguous(), "y": w[:, 1:].contiguous()}  # (B,T), (B,T)
 
 
-def random_block_ids(B, T, max_blocks, gen):
-    """(B,T) block ids with 1..max_blocks-1 boundaries per row (count uniform), at distinct
-    positions in (0, T); block id = number of boundaries <= t."""
+def random_boundaries(B, T, max_blocks, gen):
+    """Per row, 1..max_blocks-1 block starts (count uniform) at distinct positions in (0, T)."""
     n = torch.randint(1, max_blocks, (B, 1), generator=gen).clamp(max=T - 1)  # (B,1)
     # the ranks of i.i.d. uniforms are a random permutation; the n smallest are a uniform n-subset
     rank = torch.rand(B, T - 1, generator=gen).argsort(dim=1).argsort(dim=1)  # (B,T-1)
-    starts = torch.zeros(B, T, dtype=torch.long)
-    starts[:, 1:] = (rank < n).long()  # a block starts at positions 1..T-1
-    return starts.cumsum(dim=1)
+    return [(row.nonzero().view(-1) + 1).tolist() for row in rank < n]  # sorted, in 1..T-1
 
 
 def bdd_batch(w, max_blocks, gen):
     B, T = w.shape[0], w.shape[1] - 1
-    return {**lm_batch(w), "block_ids": random_block_ids(B, T, max_blocks, gen)}
+    return {**lm_batch(w), "block_ids": block_ids(T, random_boundaries(B, T, max_blocks, gen))}
 
 
 def prefix_lm_batch(w, eot, gen):
@@ -411,7 +410,7 @@ def continuation_batch(arch, windows, s=None):
     before = torch.arange(T, device=x.device) < s
     batch = {"x": x, "y": y.masked_fill(before, -1)}
     if arch == "bdd":
-        batch["block_ids"] = (~before).long().expand_as(x)  # one boundary, at s
+        batch["block_ids"] = block_ids(T, [s]).expand_as(x)  # one boundary, at s
     return {k: v.contiguous() for k, v in batch.items()}
 
 
