@@ -71,7 +71,8 @@ def attention(q, k, v, mask, dropout_p=0.0):
     """softmax(q k^T / sqrt(hs) + mask) v for every layer of every architecture.
 
     q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); mask: bool (Tq, Tk) or (B, Tq, Tk), True = may attend,
-    or a FlexAttention BlockMask, or None (attend to every key).
+    or a FlexAttention BlockMask, or None (attend to every key). FlexAttention has no attention
+    dropout: with a BlockMask, dropout_p is not applied (the residual dropouts still are).
     """
     if mask is not None and not isinstance(mask, torch.Tensor):
         return flex_attention(q, k, v, block_mask=mask)

@@ -255,3 +255,19 @@ def test_cli_corrupt_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
     assert code == 2 and "not a readable nanoBDD checkpoint" in err
+
+
+def test_span_model_fills_a_sentinel_t5_style():
+    """A span-corruption encdec generates as trained: the encoder reads prompt + sentinel, the
+    decoder starts from [eot, sentinel]; greedy tokens are the training forward's argmax."""
+    n_vocab, eot = V - 5, V - 6  # the last 5 ids play the sentinels
+    torch.manual_seed(0)
+    model = build_model("encdec", tiny()).eval()
+    prompt = torch.randint(0, n_vocab, (2, 7))
+    gen = generate(model, prompt, 6, temperature=0, span_sentinel=n_vocab, eot=eot)
+    sentinel = torch.full((2, 1), n_vocab)
+    dec_x = torch.cat([torch.full((2, 1), eot), sentinel, gen.tokens[:, :-1]], 1)
+    with torch.no_grad():
+        logits = model({"enc_x": torch.cat([prompt, sentinel], 1), "dec_x": dec_x})[0]
+    assert torch.equal(logits[:, 1:].argmax(-1), gen.tokens)
+    assert gen.encoded == 8
