@@ -338,6 +338,14 @@ class LM(nn.Module):
         """Inference head: logits (B, vocab) of the last position of h (B, T, C)."""
         return self.head(h[:, -1:], None)[0][:, -1]
 
+    def feed(self, blocks, caches, idx, cache):
+        """Run tokens idx (B,) or (B, n) through blocks with their KV caches: next-token logits."""
+        idx = idx.view(idx.shape[0], -1)
+        h = self.run_cached(blocks, caches, self.embed(idx), cache.pos)
+        cache.feed(idx)
+        cache.pos += idx.shape[1]
+        return self.next_logits(h), cache
+
     def run_cached(self, blocks, caches, x, past):
         """Run the stream x (B, n, C) at positions past..past+n-1 through blocks, each appending
         to its KV cache: causal over the cache and the n new positions."""
@@ -384,11 +392,7 @@ class DecoderOnly(LM):
 
     def decode(self, idx_next, cache):
         """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n)."""
-        idx_next = idx_next.view(idx_next.shape[0], -1)
-        h = self.run_cached(self.blocks, cache.layers, self.embed(idx_next), cache.pos)
-        cache.feed(idx_next)
-        cache.pos += idx_next.shape[1]
-        return self.next_logits(h), cache
+        return self.feed(self.blocks, cache.layers, idx_next, cache)
 
 
 class BlockDoubleDecoder(LM):
@@ -447,11 +451,7 @@ class BlockDoubleDecoder(LM):
 
     def decode(self, idx_next, cache):
         """Feed one token per row into the current block: n_dec layers only."""
-        idx_next = idx_next.view(idx_next.shape[0], -1)
-        h = self.run_cached(self.decoder, cache.layers, self.embed(idx_next), cache.pos)
-        cache.feed(idx_next)
-        cache.pos += 1
-        return self.next_logits(h), cache
+        return self.feed(self.decoder, cache.layers, idx_next, cache)
 
 
 class EncoderDecoder(LM):

@@ -93,14 +93,18 @@ class Session:
             stop_tokens = (*stop_tokens, self.span_sentinel + 1, self.eot)
         _sync(device)
         t1 = time.perf_counter()
+        stops = torch.tensor(stop_tokens, dtype=torch.long, device=device)
+        stopped = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # (B,)
         out = []
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, generator)  # (B,)
             out.append(nxt)
-            done = bool(torch.isin(torch.stack(out, 1), torch.tensor(stop_tokens, device=device))
-                        .any(1).all()) if stop_tokens else False
-            if done or i == max_new_tokens - 1:
+            if i == max_new_tokens - 1:
                 break
+            if stop_tokens:  # every row has written a stop token
+                stopped |= torch.isin(nxt, stops)
+                if bool(stopped.all()):
+                    break
             logits, self.cache = model.decode(nxt, self.cache)
         _sync(device)
         tokens = torch.stack(out, 1)  # (B, G)
