@@ -14,15 +14,14 @@ generation). Written to --out_dir (default out/compare):
 and a table with the ratios bdd/dec and encdec/dec is printed at the end.
 """
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 
+import cli
 import pack
 import train
 from model import ARCHS, build_model
@@ -227,7 +226,7 @@ def write_json(obj, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train dec, encdec and bdd side by side and measure "
+    p = cli.Parser(description="Train dec, encdec and bdd side by side and measure "
                                 "their inference. Any train.py flag overrides the preset.",
                                 allow_abbrev=False)  # --arch must not pass for --archs
     p.add_argument("--preset", choices=sorted(PRESETS),
@@ -242,19 +241,15 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
 
-    def fail(message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
     archs = [a for a in args.archs.split(",") if a]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown or not archs:
-        fail(f"--archs {args.archs!r}: choose from {', '.join(ARCHS)}, comma-separated")
+        cli.fail(f"--archs {args.archs!r}: choose from {', '.join(ARCHS)}, comma-separated")
     for clash in ("arch", "out_dir", "init_from"):
         if clash in flags:
-            fail(f"--{clash} is set by compare.py per arch; use --archs and --out_dir instead")
+            cli.fail(f"--{clash} is set by compare.py per arch; use --archs and --out_dir instead")
     if args.repeats < 1:
-        fail("--repeats must be at least 1")
+        cli.fail("--repeats must be at least 1")
     configs = {}
     for arch in archs:
         values = {**PRESETS[args.preset], **flags, "arch": arch,
@@ -263,7 +258,7 @@ def main(argv=None):
         try:
             train.check_config(configs[arch])
         except train.ConfigError as e:
-            fail(str(e))
+            cli.fail(str(e))
     first = configs[archs[0]]
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
@@ -280,10 +275,9 @@ def main(argv=None):
             histories[arch] = train.train(config, log=lambda s, a=arch: print(f"[{a}] {s}",
                                                                                  flush=True))
         except (train.ConfigError, ValueError) as e:
-            fail(str(e))
+            cli.fail(str(e))
         except train.LossNotFinite as e:
-            print(f"error: {arch}: {e}", file=sys.stderr)
-            sys.exit(1)
+            cli.fail(f"{arch}: {e}", code=1)
         models[arch] = load_checkpoint(config.out_dir, config.device)[0]
 
     print("== measuring inference (KV cache, FLOPs, decode speed) and training steps ==",

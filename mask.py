@@ -209,8 +209,8 @@ def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key posit
 
 if __name__ == "__main__":
     # python mask.py [--T 24] [--boundaries 5,8,18,19] [--png docs/bdd_mask.png]
-    import argparse
-    p = argparse.ArgumentParser(description="Show the BDD decoder's doubly-causal block mask.")
+    import cli
+    p = cli.Parser(description="Show the BDD decoder's doubly-causal block mask.")
     p.add_argument("--T", type=int, default=24, help="row length")
     p.add_argument("--boundaries", default="5,8,18,19", help="block starts, comma-separated")
     p.add_argument("--png", help="also save the plot to this PNG file")
@@ -219,7 +219,7 @@ if __name__ == "__main__":
         bounds = [int(b) for b in args.boundaries.split(",") if b.strip()]
         _, dec = bdd_masks(block_ids(args.T, bounds))
     except ValueError as e:
-        p.exit(2, f"error: {e}\n")
+        cli.fail(str(e))
     print(render(dec, split=args.T))
     if args.png:
         import matplotlib

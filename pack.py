@@ -19,7 +19,6 @@ Batch contract (all int64 except enc_mask; y == -1 means no loss):
 Run `python pack.py [--data PATH] [--tokenizer byte|gpt2]` to prepare a dataset and print a summary.
 """
 
-import argparse
 import base64
 import functools
 import glob
@@ -36,6 +35,7 @@ import numpy as np
 import tiktoken
 import torch
 
+import cli
 from mask import block_ids
 
 # Anchored at the repository, not the working directory, so every script finds the same cache.
@@ -522,7 +522,7 @@ class Batches:
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Prepare a tokenized dataset under data/.")
+    parser = cli.Parser(description="Prepare a tokenized dataset under data/.")
     parser.add_argument("--data", default=None, help="text file, folder of .txt files or glob "
                         "(default: Shakespeare, downloaded once)")
     parser.add_argument("--tokenizer", default="byte", choices=TOKENIZERS)
@@ -530,8 +530,7 @@ def main():
     try:
         meta = prepare(args.data, args.tokenizer)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, {meta['dtype']}), "
           f"train {meta['documents']['train']} documents / {meta['tokens']['train']:,} tokens, "
           f"val {meta['documents']['val']} documents / {meta['tokens']['val']:,} tokens")

@@ -12,7 +12,6 @@ The model's prefill/decode (model.py) keep real KV caches; here they are driven 
 Cache bytes are read from the cache tensors; FLOPs are counted by torch's FlopCounterMode.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+import cli
 from model import ModelConfig, build_model
 from pack import get_tokenizer
 
@@ -206,7 +206,7 @@ def format_stats(gen, prompt_len):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p = cli.Parser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--out_dir", default="out/bdd", help="folder with ckpt.pt from train.py")
     p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it")
     p.add_argument("--num_samples", type=int, default=1)
@@ -224,32 +224,28 @@ def main(argv=None):
                    "fit instead of refusing it")
     args = p.parse_args(argv)
 
-    def fail(message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
     if args.max_new_tokens < 1 or args.num_samples < 1:
-        fail("--max_new_tokens and --num_samples must be at least 1")
+        cli.fail("--max_new_tokens and --num_samples must be at least 1")
     if args.temperature < 0:
-        fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+        cli.fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k < 1:
-        fail(f"--top_k must be at least 1, got {args.top_k}")
+        cli.fail(f"--top_k must be at least 1, got {args.top_k}")
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        fail(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
+        cli.fail(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
     try:
         model, ckpt = load_checkpoint(args.out_dir, device)
         prompt = read_prompt(args.prompt)
     except ValueError as e:
-        fail(str(e))
+        cli.fail(str(e))
     enc = get_tokenizer(ckpt["tokenizer"])
     span = ckpt["arch"] == "encdec" and ckpt.get("objective") == "span"
     span_args = dict(span_sentinel=enc.n_vocab, eot=enc.eot_token) if span else {}
     block_size = model.config.block_size
     if args.max_new_tokens > block_size:
-        fail(f"--max_new_tokens {args.max_new_tokens} runs past the model's context "
+        cli.fail(f"--max_new_tokens {args.max_new_tokens} runs past the model's context "
              f"(block_size {block_size}); use at most {block_size}")
     torch.manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -286,12 +282,12 @@ def main(argv=None):
         return
 
     if not prompt:
-        fail("the prompt is empty; give some text with --prompt")
+        cli.fail("the prompt is empty; give some text with --prompt")
     idx = encode(prompt)
     room = block_size - args.max_new_tokens + 1
     if idx.shape[1] > room:
         if not args.truncate:
-            fail(f"the prompt has {idx.shape[1]} tokens but only {room} fit with "
+            cli.fail(f"the prompt has {idx.shape[1]} tokens but only {room} fit with "
                  f"--max_new_tokens {args.max_new_tokens} in block_size {block_size}; shorten it, "
                  f"lower --max_new_tokens, or pass --truncate to keep its last {room} tokens")
         idx = idx[:, -room:]

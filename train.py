@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 import pack
 from model import ARCHS, ModelConfig, build_model
 
@@ -583,6 +584,8 @@ def run(config, rank, world, device, log, t_start):
         history["ddp"] = gather_ranks(raw_model, local_loss, device, world)
     if master:
         checkpoint()
+    if world > 1:  # no rank tears the process group down while another still uses it
+        dist.barrier()
     history["wall_time"] = wall_before + time.time() - t_start
     log(f"done: {iter_num} iters, {history['train_tokens']:,} tokens in "
         f"{duration(history['wall_time'])} ({history['train_tokens_per_sec']:,.0f} tok/s "
@@ -620,8 +623,8 @@ HELP = {
 def parser():
     """One flag per TrainConfig field. Unset flags stay out of the namespace (SUPPRESS), so
     make_config can tell them from flags given with their default value."""
-    p = argparse.ArgumentParser(description="Train dec, encdec or bdd.",
-                                argument_default=argparse.SUPPRESS)
+    p = cli.Parser(description="Train dec, encdec or bdd.",
+                   argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
         default = f"default {f.default}" + (f", CUDA {CUDA_DEFAULTS[f.name]}"
                                             if f.name in CUDA_DEFAULTS else "")
@@ -638,11 +641,9 @@ def main(argv=None):
     try:
         train(make_config(**flags))
     except (ConfigError, pack.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     except LossNotFinite as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(str(e), code=1)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is kept", file=sys.stderr)
         sys.exit(130)
