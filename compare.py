@@ -227,8 +227,8 @@ def write_json(obj, path):
 
 def main(argv=None):
     p = cli.Parser(description="Train dec, encdec and bdd side by side and measure "
-                                "their inference. Any train.py flag overrides the preset.",
-                                allow_abbrev=False)  # --arch must not pass for --archs
+                   "their inference. Any train.py flag overrides the preset.",
+                   allow_abbrev=False)  # --arch must not pass for --archs
     p.add_argument("--preset", choices=sorted(PRESETS),
                    default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of "
