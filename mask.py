@@ -17,7 +17,11 @@ BlockMask (on GPU, where skipping the masked tiles pays):
 render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
 """
 
+import os
+
 import torch
+
+import cli
 
 # -----------------------------------------------------------------------------
 # block ids
@@ -207,30 +211,76 @@ def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key posit
     return ax
 
 
-if __name__ == "__main__":
-    # python mask.py [--T 24] [--boundaries 5,8,18,19] [--png docs/bdd_mask.png]
-    import cli
-    p = cli.Parser(description="Show the BDD decoder's doubly-causal block mask.")
-    p.add_argument("--T", type=int, default=24, help="row length")
-    p.add_argument("--boundaries", default="5,8,18,19", help="block starts, comma-separated")
-    p.add_argument("--png", help="also save the plot to this PNG file")
-    args = p.parse_args()
+# -----------------------------------------------------------------------------
+# command line: python mask.py [--T 24] [--boundaries 5,8,18,19] [--png docs/bdd_mask.png]
+
+# The largest row drawn: 2T + 1 characters a text line, and the PNG's cells still a few pixels.
+MAX_T = 256
+
+
+def parse_boundaries(text):
+    """"5,8,18" -> [5, 8, 18]; "" (or only spaces) -> [] (one block). Empty entries such as
+    ",,," are refused: they read like a typo, not like "no boundaries"."""
+    if not text.strip():
+        return []
+    bounds = []
+    for i, part in enumerate(text.split(",")):
+        try:
+            bounds.append(int(part))
+        except ValueError:
+            raise ValueError(f"entry {i} ({part.strip()!r}) is not an integer; give block "
+                             f"starts like 5,8,18, or '' for one block") from None
+    return bounds
+
+
+def save_png(dec, bounds, T, path):
+    """Draw the decoder mask to path (a temporary file renamed into place: never half a PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 5.6))
+    plot(dec, ax=ax, boundaries=bounds, split=T,
+         title=f"BDD decoder: doubly-causal block mask (T = {T} queries x 2T keys)",
+         xlabel=f"key index: 0..{T - 1} = encoder states, {T}..{2 * T - 1} "
+                f"= decoder stream, at positions 0..{T - 1}",
+         ylabel="query position")
+    fig.tight_layout()
+    tmp = f"{path}.tmp"
     try:
-        bounds = [int(b) for b in args.boundaries.split(",") if b.strip()]
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    p = cli.Parser(description="Show the BDD decoder's doubly-causal block mask.")
+    p.add_argument("--T", type=int, default=24, help=f"row length, 1 to {MAX_T}")
+    p.add_argument("--boundaries", default="5,8,18,19",
+                   help="block starts, comma-separated ('' for one block)")
+    p.add_argument("--png", help="also save the plot to this PNG file")
+    args = p.parse_args(argv)
+    if not 1 <= args.T <= MAX_T:
+        cli.fail(f"--T {args.T}: draw rows of 1 to {MAX_T} tokens; a longer row fits neither a "
+                 f"text line (2T + 1 characters) nor the PNG's pixels")
+    try:
+        bounds = parse_boundaries(args.boundaries)
         _, dec = bdd_masks(block_ids(args.T, bounds))
     except ValueError as e:
-        cli.fail(str(e))
+        cli.fail(f"--boundaries {args.boundaries!r}: {e}")
+    if not bounds:
+        print("no boundaries: one block, so the decoder sees only its own stream, causally")
     print(render(dec, split=args.T))
     if args.png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(11, 5.6))
-        plot(dec, ax=ax, boundaries=bounds, split=args.T,
-             title=f"BDD decoder: doubly-causal block mask (T = {args.T} queries x 2T keys)",
-             xlabel=f"key index: 0..{args.T - 1} = encoder states, {args.T}..{2 * args.T - 1} "
-                    f"= decoder stream, at positions 0..{args.T - 1}",
-             ylabel="query position")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+        try:
+            save_png(dec, bounds, args.T, args.png)
+        except OSError as e:
+            cli.fail(f"--png {args.png}: cannot write it ({e.strerror}); give a path in an "
+                     f"existing, writable folder")
         print(f"saved {args.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ import random
 import pytest
 
 import compare
+from model import ARCHS, ModelConfig, build_model
 
 KEYS = ("non_embedding_params", "train_tokens", "supervised_fraction", "padding_fraction",
         "train_tokens_per_sec", "curve", "val_loss", "kv_bytes", "prefix_cache_bytes",
@@ -28,6 +29,8 @@ def corpus(tmp_path_factory):
 
 def test_tiny_run_writes_results_and_figure(corpus, capsys):
     out = corpus / "out"
+    (out / "dec").mkdir(parents=True)
+    (out / "dec" / "ckpt.pt").write_bytes(b"an earlier run")  # compare replaces its own runs
     compare.main(["--preset", "cpu", "--archs", "dec,bdd,encdec", "--out_dir", str(out),
                   "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
                   "--max_iters", "6", "--eval_interval", "3", "--warmup_iters", "2", *TINY])
@@ -68,7 +71,14 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--archs", "dec,gpt"], "--archs 'dec,gpt': choose from dec, encdec, bdd"),
+    (["--archs", "dec,gpt"], "--archs 'dec,gpt': 'gpt' is not an arch; choose from dec, encdec, "
+                             "bdd (lower case, comma-separated)"),
+    (["--archs", "dec,dec"], "--archs 'dec,dec': dec is listed twice; name each arch once"),
+    (["--archs", "bdd, dec,bdd "], "bdd is listed twice"),
+    (["--archs", "DEC"], "'DEC' is not an arch"),
+    (["--archs", ","], "--archs ',' names no arch"),
+    (["--block_size", "3"], "--block_size 3 is too small for the decode measurements"),
+    (["--block_size", "2"], "--block_size 2 is too small for the decode measurements"),
     (["--arch", "bdd"], "--arch is set by compare.py per arch"),
     (["--n_dec_layer", "6"], "--n_dec_layer 6 must be at least 1 and smaller than --n_layer 6"),
 ])
@@ -77,3 +87,58 @@ def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
         compare.main(["--skip_train", "--out_dir", str(tmp_path), *argv])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_archs_accept_spaces_around_names():
+    assert compare.parse_archs(" dec, bdd ,") == ["dec", "bdd"]
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 4, 5])
+def test_check_measurable_agrees_with_the_measurements(block_size):
+    """check_measurable refuses exactly the block sizes the measurements cannot run at."""
+    models = {a: build_model(a, ModelConfig(vocab_size=11, block_size=block_size, n_layer=2,
+                                            n_dec_layer=1, n_head=1, n_embd=8)).eval()
+              for a in ARCHS}
+    try:
+        compare.measure_inference(models, block_size, repeats=1)
+        runs = True
+    except ValueError:
+        runs = False
+    try:
+        compare.check_measurable(block_size)
+        accepted = True
+    except SystemExit:
+        accepted = False
+    assert accepted == runs
+
+
+def test_bad_block_size_fails_before_any_training(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare.train, "train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--out_dir", str(tmp_path), "--data", str(corpus / "tiny.txt"),
+                      "--data_root", str(corpus / "data"), *TINY[:8], "--block_size", "3"])
+    assert e.value.code == 2 and "too small" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130_with_one_line(corpus, tmp_path, capsys, monkeypatch):
+    """Interrupted in the second arch's training: one line, exit 130, no partial file."""
+    steps = []
+
+    def step(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return step_for_real(*args)
+
+    step_for_real = compare.train.train_step
+    monkeypatch.setattr(compare.train, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--archs", "dec,bdd", "--out_dir", str(tmp_path), "--data",
+                      str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
+                      "--max_iters", "2", *TINY])
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted (Ctrl-C); nothing is half-written") and \
+        len(err.splitlines()) == 1
+    assert (tmp_path / "dec" / "ckpt.pt").exists() and not (tmp_path / "bdd" / "ckpt.pt").exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "results.json").exists()

@@ -1,5 +1,6 @@
-"""The three architectures: nothing leaks from the future, BDD's one-call attention is the
-reference's two attentions, parameter counts and initial loss are what DESIGN.md says."""
+"""The three architectures: nothing leaks from the future, BDD's one-call attention is the two
+merged attentions of the authors' code less their attention sink (DESIGN.md section 2 lists how
+our BDD differs from theirs), parameter counts and initial loss are what DESIGN.md says."""
 
 import math
 import random
@@ -68,12 +69,15 @@ def test_leak_check_catches_a_wrong_mask(monkeypatch):
     assert leaked_position("bdd", model, random.Random(0)) is not None
 
 
-def two_attention_reference(q, k_enc, v_enc, k_dec, v_dec, ids):
-    """The paper's reference form: cross-attention to earlier blocks' encoder states and causal
-    self-attention in the block, computed separately and merged by sigmoid(lse_self - lse_cross)."""
+def two_attention_reference(q, k_enc, v_enc, k_dec, v_dec, ids, sink=False):
+    """The authors' two-attention form: cross-attention to earlier blocks' encoder states and
+    causal self-attention in the block, computed separately and merged by
+    sigmoid(lse_self - lse_cross). sink=True adds their attention sink (encoder position 0 seen by
+    every query); without it a row with no cross key takes its self part only."""
     hs, T = q.shape[-1], q.shape[2]
     pos = torch.arange(T)
     cross_ok = ids[:, None] > ids[None, :]                                       # b(k) < b(q)
+    cross_ok[:, 0] |= sink
     self_ok = (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])  # same block, k <= q
 
     def part(k, v, ok):
@@ -101,8 +105,26 @@ def test_one_call_attention_equals_two_merged_attentions():
         assert (one_call - ref).abs().max() < 1e-5
 
 
+def test_the_authors_sink_changes_block_0_only():
+    """Their sink, added to our one-call mask as one more allowed key (encoder position 0), gives
+    their form on every row; without it the two differ on block 0's rows and nowhere else."""
+    T = 12
+    ids = block_ids(T, [4, 9])
+    q, ke, ve, kd, vd = (torch.randn(2, 3, T, 8) for _ in range(5))
+    _, dec_mask = bdd_masks(ids)
+    theirs = two_attention_reference(q, ke, ve, kd, vd, ids, sink=True)
+    ours = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
+    with_sink = dec_mask.clone()
+    with_sink[:, 0] = True
+    sunk = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), with_sink)
+    assert (sunk - theirs).abs().max() < 1e-5
+    differs = (ours - theirs).abs().amax(dim=(0, 1, 3)) > 1e-4  # (T,) per query row
+    assert differs.tolist() == (ids == 0).tolist()
+
+
 def test_bdd_forward_equals_reference_decoder_layers():
-    """The whole BDD model, recomputed with the two-attention reference in every decoder layer."""
+    """The whole BDD model, recomputed with the two-attention form in every decoder layer (with
+    our RMSNorm final norms and exact GELU; the authors' code has LayerNorm and the tanh GELU)."""
     torch.manual_seed(0)
     model = build_model("bdd", tiny(n_layer=4, n_dec_layer=2)).eval()
     T = 20
