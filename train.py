@@ -141,12 +141,15 @@ def make_config(**flags):
         if not torch.cuda.is_bf16_supported():
             values["dtype"] = "float16"
     if flags.get("init_from") == "resume":
-        arch = flags.get("arch", TrainConfig.arch)
-        out_dir = flags.get("out_dir") or os.path.join("out", arch)
-        saved = load_checkpoint(checkpoint_path(out_dir), mmap=True)["train_config"]
+        saved = load_checkpoint(checkpoint_path(out_dir_of(flags)), mmap=True)["train_config"]
         values.update({k: v for k, v in saved.items() if k not in MACHINE_FIELDS})
     values.update(flags)
     return TrainConfig(**values)
+
+
+def out_dir_of(flags):
+    """The folder a run with these flags uses: --out_dir, else out/<arch>."""
+    return flags.get("out_dir") or os.path.join("out", flags.get("arch", TrainConfig.arch))
 
 
 def check_config(config):
@@ -740,7 +743,6 @@ def kept_checkpoint(out_dir):
 
 def main(argv=None):
     flags = vars(parser().parse_args(argv))
-    out_dir = flags.get("out_dir") or os.path.join("out", flags.get("arch", TrainConfig.arch))
     try:
         train(make_config(**flags))
     except (ConfigError, pack.DataError) as e:
@@ -748,7 +750,7 @@ def main(argv=None):
     except LossNotFinite as e:
         cli.fail(str(e), code=1)
     except KeyboardInterrupt:
-        cli.fail(f"interrupted (Ctrl-C); {kept_checkpoint(out_dir)}", code=130)
+        cli.fail(f"interrupted (Ctrl-C); {kept_checkpoint(out_dir_of(flags))}", code=130)
 
 
 if __name__ == "__main__":
