@@ -196,6 +196,7 @@ def plot(results, path):
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+    return fig  # closed, but its artists can still be read (the tests check the plotted values)
 
 
 def table(results):

@@ -13,6 +13,9 @@ BlockMask (on GPU, where skipping the masked tiles pays):
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
     right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
   Every row allows its own diagonal, so no row is empty. See DESIGN.md section 2.
+  When one layout is shared by the whole batch (training batches), BlockLayout keeps the same
+  mask as its blocks, each a causal mask over [encoder states before the block | the block], so
+  that attention skips the masked half instead of computing it.
 
 render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
 """
@@ -147,6 +150,33 @@ def encoder_masks(valid, Td, flex=False):
     return (_build(rule, B, Te, Te, valid.device, flex, squeeze=False),
             _build(rule, B, Td, Te, valid.device, flex, squeeze=False),
             causal_mask(Td, valid.device, flex))
+
+
+class BlockLayout:
+    """The doubly-causal mask of one block layout shared by every row of a batch, kept as its
+    blocks. Block (s, e) sees the encoder states at positions < s and its own stream causally: over
+    the keys [encoder[:s] | stream[s:e]] that is a causal mask with s keys in front, the mask a
+    KV-cached prefill uses. model.attention() runs each block's queries against only those keys,
+    so the masked work of the dense T x 2T mask is never done; the result is the same function.
+    memory_len, the last block's start, is all of the encoder that any block sees."""
+
+    def __init__(self, ids):
+        check_block_ids(ids)
+        if ids.dim() != 1:
+            raise ValueError(f"a shared block layout has ids of shape (T,), got {tuple(ids.shape)}")
+        T = ids.shape[0]
+        starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).view(-1) + 1).tolist()
+        self.spans = list(zip(starts, starts[1:] + [T]))  # [(s, e)] of every block
+        self.masks = [causal_mask(e - s, ids.device, past=s) for s, e in self.spans]
+        self.memory_len = starts[-1]
+
+
+def bdd_block_masks(ids):
+    """BDD masks for one layout shared by the batch, ids (T,): (encoder mask (Tm, Tm) causal over
+    the Tm = memory_len positions any decoder block reads, BlockLayout). The encoder states of the
+    last block are never attended, so the encoder need not compute them."""
+    layout = BlockLayout(ids)
+    return causal_mask(layout.memory_len, ids.device), layout
 
 
 def bdd_masks(ids, flex=False):

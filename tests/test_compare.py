@@ -1,8 +1,11 @@
 """compare.py: a tiny side-by-side run writes every result and the figure; the KV ratios it
 measures follow DESIGN.md section 3."""
 
+import io
 import json
 import random
+import re
+from contextlib import redirect_stdout
 
 import pytest
 
@@ -27,14 +30,21 @@ def corpus(tmp_path_factory):
     return folder
 
 
-def test_tiny_run_writes_results_and_figure(corpus, capsys):
-    out = corpus / "out"
+@pytest.fixture(scope="module")
+def tiny_run(corpus):
+    """(out_dir, what was printed) of a side-by-side run of the three archs, 6 iterations each."""
+    out, printed = corpus / "out", io.StringIO()
     (out / "dec").mkdir(parents=True)
     (out / "dec" / "ckpt.pt").write_bytes(b"an earlier run")  # compare replaces its own runs
-    compare.main(["--preset", "cpu", "--archs", "dec,bdd,encdec", "--out_dir", str(out),
-                  "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
-                  "--max_iters", "6", "--eval_interval", "3", "--warmup_iters", "2", *TINY])
-    printed = capsys.readouterr().out
+    with redirect_stdout(printed):
+        compare.main(["--preset", "cpu", "--archs", "dec,bdd,encdec", "--out_dir", str(out),
+                      "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
+                      "--max_iters", "6", "--eval_interval", "3", "--warmup_iters", "2", *TINY])
+    return out, printed.getvalue()
+
+
+def test_tiny_run_writes_results_and_figure(tiny_run):
+    out, printed = tiny_run
     for line in ("== training dec (1/3) ==", "== training encdec (3/3) ==", "bdd/dec", "encdec/dec"):
         assert line in printed
     results = json.loads((out / "results.json").read_text())
@@ -53,6 +63,85 @@ def test_tiny_run_writes_results_and_figure(corpus, capsys):
     assert not list(out.glob("*.tmp"))
 
 
+def printed_table(printed, archs):
+    """{metric: [cells]} of the table printed at the end of a run (columns split by 2+ spaces)."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["metric"])
+    head = re.split(r"\s{2,}", lines[start].strip())
+    assert head == ["metric", *archs, "bdd/dec", "encdec/dec"]
+    rows = {}
+    for line in lines[start + 1:]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != len(head):
+            break
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def printed_as(cell, value):
+    """Whether a table cell such as '1,234' or '0.333' is `value` rounded to the cell's digits."""
+    decimals = len(cell.partition(".")[2])
+    return abs(float(cell.replace(",", "")) - value) <= 0.5 * 10 ** -decimals * (1 + 1e-9)
+
+
+def test_printed_table_matches_results_json(tiny_run):
+    """Each value the table prints is the arch's own in results.json, each ratio its arch's
+    value over dec's; only bdd holds a prefix cache."""
+    out, printed = tiny_run
+    archs = json.loads((out / "results.json").read_text())["archs"]
+    names = list(archs)
+    rows = printed_table(printed, names)
+    longest = archs["dec"]["kv_bytes"][-1]["context_len"]
+    values = {  # metric: value of an arch's results
+        "non-embedding params": lambda r: r["non_embedding_params"],
+        "val (continuation) loss": lambda r: r["val_loss"],
+        "train tokens/s, interleaved steps": lambda r: r["train_step_tokens_per_sec"],
+        f"KV bytes at context {longest}": lambda r: r["kv_bytes"][-1]["bytes"],
+        "layer FLOPs per token": lambda r: r["decode_flops_per_token"]["layers"],
+        "decode ms per token": lambda r: r["decode_ms_per_token"],
+    }
+    for metric, value in values.items():
+        cells = rows[metric]
+        for arch, cell in zip(names, cells):
+            assert printed_as(cell, value(archs[arch])), (metric, arch, cell)
+        for a, cell in zip(("bdd", "encdec"), cells[len(names):]):
+            assert printed_as(cell, value(archs[a]) / value(archs["dec"])), (metric, a, cell)
+    prefix = dict(zip(names, rows["prefix cache bytes there"]))
+    assert prefix["dec"] == prefix["encdec"] == "0" and int(prefix["bdd"].replace(",", "")) > 0
+    assert rows["prefix cache bytes there"][len(names):] == ["-", "-"]
+
+
+def test_plot_draws_the_results(tiny_run, tmp_path):
+    """The figure's lines and bars carry results.json's numbers; the reference line is dec's KV
+    bytes times n_dec / n_layer, which is bdd's at any split (DESIGN.md section 3)."""
+    out, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    fig = compare.plot(results, str(tmp_path / "compare.png"))
+    loss_ax, kv_ax, flops_ax, ms_ax = fig.axes
+    lines = {ax: {line.get_label(): line for line in ax.get_lines()} for ax in fig.axes}
+    for arch, r in results["archs"].items():
+        for label, key in (("continuation (val)", "val_loss"), ("own objective (train)",
+                                                                "train_loss")):
+            line = lines[loss_ax][f"{arch}: {label}"]
+            assert list(line.get_xdata()) == [p["tokens"] / 1e6 for p in r["curve"]]
+            assert list(line.get_ydata()) == [p[key] for p in r["curve"]]
+        line = lines[kv_ax][arch]
+        assert list(line.get_xdata()) == [p["context_len"] for p in r["kv_bytes"]]
+        assert list(line.get_ydata()) == [p["bytes"] / 1e6 for p in r["kv_bytes"]]
+    [reference] = [line for label, line in lines[kv_ax].items() if label.startswith("dec x")]
+    cfg = results["config"]
+    dec = [p["bytes"] / 1e6 for p in results["archs"]["dec"]["kv_bytes"]]
+    assert list(reference.get_ydata()) == pytest.approx(
+        [b * cfg["n_dec_layer"] / cfg["n_layer"] for b in dec])
+    assert list(reference.get_ydata()) == pytest.approx(list(lines[kv_ax]["bdd"].get_ydata()))
+    flops = [r["decode_flops_per_token"] for r in results["archs"].values()]
+    heights = [bar.get_height() for bar in flops_ax.patches]
+    assert heights == pytest.approx([f["layers"] / 1e6 for f in flops] +
+                                    [f["head"] / 1e6 for f in flops])
+    assert [bar.get_height() for bar in ms_ax.patches] == pytest.approx(
+        [r["decode_ms_per_token"] for r in results["archs"].values()])
+
+
 def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     compare.main(["--skip_train", "--out_dir", str(tmp_path), "--n_layer", "6",
                   "--n_dec_layer", "2", *TINY[4:]])
@@ -66,6 +155,9 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
         assert archs["encdec"]["kv_bytes"][i]["bytes"] == n_dec * L * per_position
         P = L - compare.decode_tokens(32)
         assert archs["bdd"]["prefix_cache_bytes"][i]["bytes"] == n_enc * (P - 1) * per_position
+        # only bdd keeps its encoder's cache for prefix reuse
+        assert archs["dec"]["prefix_cache_bytes"][i]["bytes"] == 0
+        assert archs["encdec"]["prefix_cache_bytes"][i]["bytes"] == 0
     ratio = archs["bdd"]["decode_flops_per_token"]["layers"] / archs["dec"]["decode_flops_per_token"]["layers"]
     assert ratio <= 0.34
 

@@ -115,11 +115,31 @@ def test_render_draws_halves():
 def test_plot_draws_a_labelled_figure():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from mask import plot
     _, dec = bdd_masks(block_ids(8, [3, 5]))
     ax = plot(dec, title="bdd decoder", boundaries=[3, 5], split=8)
     assert ax.get_title() == "bdd decoder"
     assert ax.get_xlabel() == "key position"
+    # a line just before each block start: across the queries, and in both key halves
+    assert grid_lines(ax) == {"tab:red": ([2.5, 4.5], [2.5, 4.5, 10.5, 12.5]),
+                              "tab:blue": ([], [7.5])}  # the split between the halves
+    one_half = plot(dec[:, 8:], boundaries=[3, 5])
+    assert grid_lines(one_half) == {"tab:red": ([2.5, 4.5], [2.5, 4.5])}
+    plt.close("all")
+
+
+def grid_lines(ax):
+    """{colour: (y of the horizontal lines, x of the vertical lines)} drawn on ax, each sorted."""
+    lines = {}
+    for line in ax.get_lines():
+        (x0, x1), (y0, y1) = line.get_xdata(), line.get_ydata()
+        rows, cols = lines.setdefault(line.get_color(), ([], []))
+        if y0 == y1:
+            rows.append(y0)
+        elif x0 == x1:
+            cols.append(x0)
+    return {colour: (sorted(rows), sorted(cols)) for colour, (rows, cols) in lines.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -109,24 +110,71 @@ def test_lr_schedule():
     assert lrs[55] == pytest.approx(0.55) and lrs[100] == lrs[119] == 0.1
 
 
+class FixedBatches:
+    """The training batches train_step reads, in order: a stand-in for pack.Batches."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_batch(self, split):
+        return next(self.batches)
+
+    def supervision_stats(self, batch):
+        return {"supervised": 1.0, "padding": 0.0}
+
+
+def test_accumulated_gradient_is_the_gradient_of_the_mean_loss():
+    """train_step over 3 micro-batches hands the optimizer the gradient of the mean of their 3
+    losses: not 3 times it, not a third of it. AdamW and clipping would hide a constant scale,
+    so the optimizer here only records what it is given."""
+    torch.manual_seed(0)
+    model = build_model("dec", ModelConfig(vocab_size=37, block_size=16, n_layer=2,
+                                           n_dec_layer=1, n_head=2, n_embd=16))
+    micro = [{"x": torch.randint(37, (4, 16)), "y": torch.randint(37, (4, 16))} for _ in range(3)]
+
+    class Recorder:
+        def step(self):
+            self.grads = [p.grad.clone() for p in model.parameters()]
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+    config = train.TrainConfig(gradient_accumulation_steps=3, grad_clip=0.0)
+    optimizer, history = Recorder(), train.new_history(config, model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train.train_step(model, optimizer, scaler, FixedBatches(micro), config, nullcontext(),
+                            "cpu", history)
+    mean = torch.stack([model(b)[1] for b in micro]).mean()
+    mean.backward()
+    assert loss.item() == pytest.approx(mean.item(), rel=1e-6)
+    for p, got in zip(model.parameters(), optimizer.grads):
+        assert torch.allclose(got, p.grad, rtol=1e-5, atol=1e-9)
+    assert history["train_batches"] == 3
+
+
 # -----------------------------------------------------------------------------
 # resume
 
 
-@pytest.mark.parametrize("arch", ["bdd", "encdec"])
-def test_resume_equals_uninterrupted(corpus, tmp_path, arch):
-    """Stopped at iteration 12 and resumed from the command line with only --max_iters, a run
-    reaches exactly the losses and weights of one that ran 20 iterations straight. Dropout makes
-    the torch RNG matter; bdd's block boundaries and encdec's split points the batch generator."""
+@pytest.mark.parametrize("arch, stop", [("bdd", 10), ("encdec", 12)])
+def test_resume_equals_uninterrupted(corpus, tmp_path, arch, stop):
+    """Stopped at iteration `stop` and resumed from the command line with only --max_iters, a run
+    reaches exactly the losses, evaluations and weights of one that ran 20 iterations straight.
+    Dropout makes the torch RNG matter; bdd's block boundaries and encdec's split points the batch
+    generator. bdd stops on an evaluation iteration (10), which the resumed run must not evaluate
+    again; encdec between two (its last evaluation, at 12, is the only extra point)."""
     kw = dict(arch=arch, dropout=0.1, max_iters=20, lr_decay_iters=20, eval_interval=5)
     straight = train.train(tiny(corpus, tmp_path / "a", **kw), log=quiet)
-    train.train(tiny(corpus, tmp_path / "b", **{**kw, "max_iters": 12}), log=quiet)
-    assert load(tmp_path / "b")["iter_num"] == 12
+    train.train(tiny(corpus, tmp_path / "b", **{**kw, "max_iters": stop}), log=quiet)
+    assert load(tmp_path / "b")["iter_num"] == stop
     train.main(["--init_from", "resume", "--arch", arch, "--out_dir", str(tmp_path / "b"),
                 "--max_iters", "20"])
     resumed = load(tmp_path / "b")
     assert resumed["history"]["iter_losses"] == straight["iter_losses"]
-    assert resumed["history"]["curve"][-1] == straight["curve"][-1]
+    straight_iters = [p["iter"] for p in straight["curve"]]
+    curve = resumed["history"]["curve"]
+    assert [p["iter"] for p in curve] == sorted({*straight_iters, stop})
+    assert [p for p in curve if p["iter"] in straight_iters] == straight["curve"]
     assert resumed["history"]["train_tokens"] == straight["train_tokens"]
     for k, v in load(tmp_path / "a")["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
