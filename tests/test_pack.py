@@ -158,7 +158,7 @@ def test_prepare_reuses_cache_and_sees_changes(tmp_path, capsys):
     write_corpus(tmp_path / "docs", n_docs=3, chars=100)
     root = tmp_path / "data"
     first = pack.prepare(tmp_path / "docs", root=root)
-    assert "tokenizing 3 documents" in capsys.readouterr().out
+    assert "tokenized 3 documents" in capsys.readouterr().out
     assert pack.prepare(tmp_path / "docs", root=root) == first
     assert "tokenizing" not in capsys.readouterr().out
     (tmp_path / "docs" / "doc01.txt").write_text("changed")
