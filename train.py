@@ -45,9 +45,11 @@ class TrainConfig:
     objective: str = "prefix_lm"  # encdec pretraining objective; dec and bdd predict every token
     max_blocks: int = 8  # bdd: 1 to max_blocks - 1 random block boundaries per row
     # data and output
-    data: str = None  # text file, folder of .txt files or glob; None: the Shakespeare corpus
+    data: str = None  # text or jsonl file, folder of them, glob, nanoGPT folder; None: Shakespeare
     data_root: str = None  # where prepared datasets are cached; None: data/ in the repository
     tokenizer: str = "byte"
+    text_field: str = "text"  # the text field of jsonl lines
+    rehash: bool = False  # re-read the whole source to decide whether its prepared copy is current
     out_dir: str = None  # None: out/<arch>
     init_from: str = "scratch"  # or "resume" from out_dir/ckpt.pt
     overwrite: bool = False  # a fresh run may replace the run already in out_dir
@@ -111,7 +113,8 @@ CUDA_DEFAULTS = dict(tokenizer="gpt2", n_layer=12, n_dec_layer=4, n_head=12, n_e
                      eval_interval=250, eval_iters=10, dtype="bfloat16", compile=True)
 
 # What a resumed run keeps of the machine it runs on rather than of the checkpoint.
-MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir", "overwrite")
+MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir", "overwrite",
+                  "rehash")
 # Checkpoint and run must agree on these, or the weights do not fit the model.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_embd", "bias")
 CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
@@ -536,11 +539,12 @@ def load_batches(config, rank, world):
     find it ready. Every rank draws its own training batches (seed + rank)."""
     root = {} if config.data_root is None else {"root": config.data_root}
     if rank == 0:
-        meta = pack.prepare(config.data, config.tokenizer, **root)
+        meta = pack.prepare(config.data, config.tokenizer, text_field=config.text_field,
+                            rehash=config.rehash, **root)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        meta = pack.prepare(config.data, config.tokenizer, **root)
+        meta = pack.prepare(config.data, config.tokenizer, text_field=config.text_field, **root)
     # built on the CPU: supervision_stats there needs no device sync, and to_device overlaps copies
     return pack.Batches(meta, config.arch, config.block_size, config.batch_size,
                         objective=config.objective, max_blocks=config.max_blocks,
@@ -692,8 +696,12 @@ def run(config, rank, world, device, log, t_start):
 HELP = {
     "arch": "architecture", "objective": "encdec pretraining objective",
     "max_blocks": "bdd: up to max_blocks - 1 random block boundaries per row",
-    "data": "text file, folder of .txt files or glob (default: Shakespeare)",
+    "data": "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT folder with "
+            "train.bin and val.bin (default: Shakespeare)",
     "data_root": "folder of prepared datasets (default: data/)", "tokenizer": "tokenizer",
+    "text_field": "the text field of jsonl lines",
+    "rehash": "re-read the whole source (not only file sizes and times) to decide whether its "
+              "prepared copy is current",
     "out_dir": "checkpoint and log folder (default: out/<arch>)",
     "init_from": "scratch, or resume from <out_dir>/ckpt.pt (unset flags come from it)",
     "overwrite": "let a fresh run replace the run already in --out_dir",
