@@ -171,7 +171,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="throughput runs (median)")
     parser.add_argument("--cores", type=int, default=2, help="cores to run on (default 2)")
     parser.add_argument("--tmp", default=None, help="folder for the temporary corpus "
-                        "(default: the system's; needs about 4.5x --size_mb of disk)")
+                        "(default: the system's; needs about 4x --size_mb of disk)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # data, root, tokenizer
     args = parser.parse_args()
     if args.child:
