@@ -304,6 +304,13 @@ def test_documents_cut_at_safe_points_keep_their_tokens(monkeypatch, tokenizer):
     assert cuts > 1000  # the documents were really cut
 
 
+def test_lone_surrogates_from_json_are_tokenized_like_encode_ordinary():
+    enc = pack.get_tokenizer("byte")
+    text = json.loads('"a\\ud800b"')  # a JSON escape can give a string no UTF-8 can hold
+    expected = enc.encode_ordinary(text) + [enc.eot_token]
+    assert pack.encode_segments("byte", [(text, True)]).tolist() == expected
+
+
 def test_prepare_streams_with_bounded_reading(monkeypatch):
     """Documents, splits, chunks and the worker pool are lazy: an endless corpus yields chunks."""
     monkeypatch.setattr(pack, "CHUNK_BYTES", 60)
@@ -396,6 +403,15 @@ def test_nanogpt_folder_trains_in_place(tmp_path, arch):
     meta = pack.prepare(folder, "gpt2", root=tmp_path / "data")
     assert meta["dir"] == str(folder) and meta["tokens"] == {"train": 3000, "val": 400}
     assert not (tmp_path / "data").exists()  # used in place: nothing copied or written
+
+
+def test_rehash_is_not_carried_into_a_resumed_run(monkeypatch):
+    """--rehash acts once; --text_field, like --data, comes back from the checkpoint."""
+    import train
+    saved = {**vars(train.TrainConfig()), "rehash": True, "text_field": "body"}
+    monkeypatch.setattr(train, "load_checkpoint", lambda path, mmap: {"train_config": saved})
+    config = train.make_config(init_from="resume", out_dir="out/x")
+    assert config.rehash is False and config.text_field == "body"
 
 
 def test_nanogpt_folder_mismatches_are_clear_errors(tmp_path):
