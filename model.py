@@ -421,7 +421,9 @@ class BlockDoubleDecoder(LM):
         if ids.shape[-1] != T:
             raise ValueError(f"block_ids has length {ids.shape[-1]}, x has length {T}")
         ids = ids.to(x.device)
-        if ids.dim() == 1 and not self.config.flex:  # one layout for the batch: block by block
+        # One layout for the batch: block by block. Its loop has data-dependent shapes that a
+        # compiled graph would recompile for at every new layout, so compiled code takes the mask.
+        if ids.dim() == 1 and not self.config.flex and not torch.compiler.is_compiling():
             enc_mask, dec_mask = bdd_block_masks(ids)
             Tm = dec_mask.memory_len  # the last block's encoder states are never read
         else:  # a layout per row: the dense T x 2T mask (or flex's tile-skipping BlockMask)

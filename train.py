@@ -250,11 +250,13 @@ def autocast(config):
 
 
 def model_config(config):
+    """The model's shape. FlexAttention has no CPU backward, so off CUDA --flex falls back to the
+    dense masks: the same function (tested), only slower on a GPU."""
     return ModelConfig(vocab_size=pack.vocab_size(config.tokenizer, config.objective),
                        block_size=config.block_size, n_layer=config.n_layer,
                        n_dec_layer=config.n_dec_layer, n_head=config.n_head,
                        n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-                       flex=config.flex)
+                       flex=config.flex and torch.device(config.device).type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -600,6 +602,9 @@ def run(config, rank, world, device, log, t_start):
     wall_before = history["wall_time"]
     log("config: " + textwrap.fill(", ".join(f"{k}={v}" for k, v in asdict(config).items()),
                                    100, subsequent_indent="  "))
+    if config.flex and not mconfig.flex:
+        log(f"warning: --flex needs CUDA (FlexAttention cannot train on {device_type}: it has no "
+            f"backward there); training with the dense masks, the same function")
     log(f"{config.arch}: {history['non_embedding_params'] / 1e6:.2f}M non-embedding parameters "
         f"({history['params'] / 1e6:.2f}M in all), {tokens_per_iter:,} tokens per iteration, "
         f"{world} process(es) on {device}")

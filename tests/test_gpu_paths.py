@@ -1,0 +1,164 @@
+"""The GPU preset's code paths, run on this CPU: bf16 autocast, the --flex fallback, compare.py's GPU
+preset, and (marked slow, run by .ci/run) torch.compile. On a CUDA machine the same file also
+checks the GPU itself: cached == uncached, FlexAttention == dense masks in bf16, compiled ==
+eager training (bench/gpu_check.sh runs it there). Nothing here needs a GPU to pass."""
+
+import json
+import random
+import warnings
+
+import pytest
+import torch
+
+import compare
+import train
+from mask import block_ids
+from model import ARCHS, ModelConfig, build_model
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bench/gpu_check.sh)")
+TINY = dict(n_layer=3, n_dec_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4,
+            max_iters=4, eval_interval=4, eval_iters=1, warmup_iters=1, learning_rate=3e-3,
+            seed=0, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu_paths")
+    rng = random.Random(0)
+    words = "to be or not that is the question whether tis nobler in mind".split()
+    (folder / "tiny.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(8))
+                                               for _ in range(300)) + "\n")
+    return folder
+
+
+def losses(corpus, arch, log=lambda s: None, **kw):
+    """Per-iteration training losses of a 4-step tiny run."""
+    config = train.TrainConfig(**{**TINY, "arch": arch, "data": str(corpus / "tiny.txt"),
+                                  "data_root": str(corpus / "data"),
+                                  "out_dir": str(corpus / f"{arch}-{sorted(kw.items())}"), **kw})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.compile's notes on graph breaks
+        return train.train(config, log=log)["iter_losses"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_trains_like_float32(corpus, arch):
+    """Autocast is really on (the losses move) and stays close to float32 (bf16 keeps about three
+    significant digits; measured differences are near 2e-4 here)."""
+    fp32, bf16 = losses(corpus, arch), losses(corpus, arch, dtype="bfloat16")
+    diffs = [abs(a - b) for a, b in zip(fp32, bf16)]
+    assert 0 < max(diffs) < 0.02
+
+
+def test_flex_off_cuda_falls_back_to_the_dense_masks(corpus):
+    """FlexAttention has no CPU backward: --flex on the CPU warns once and trains the same
+    function with the dense masks, so the losses are identical."""
+    lines = []
+    flex = losses(corpus, "bdd", log=lines.append, flex=True, device="cpu")
+    assert flex == losses(corpus, "bdd", device="cpu")
+    assert sum(line.startswith("warning: --flex needs CUDA") for line in lines) == 1
+
+
+def compare_gpu_preset(corpus, *flags):
+    """compare.py --preset gpu on the CPU with tiny sizes; returns results.json."""
+    out = corpus / ("gpu_preset" + "".join(flags))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compare.main(["--preset", "gpu", "--device", "cpu", "--out_dir", str(out),
+                      "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
+                      "--max_iters", "2", "--eval_interval", "2", "--warmup_iters", "1",
+                      "--gradient_accumulation_steps", "2", "--repeats", "1", *flags,
+                      *[f"--{k}={v}" for k, v in TINY.items()
+                        if k in ("n_layer", "n_dec_layer", "n_head", "n_embd", "block_size",
+                                 "batch_size", "eval_iters")]])
+    return json.loads((out / "results.json").read_text())
+
+
+def test_compare_gpu_preset_runs_on_the_cpu(corpus, capsys):
+    """The GPU preset's path (gpt2 tokens, bf16, flex requested, dropout, accumulation) end to
+    end; torch.compile is left to the slow test below."""
+    from test_pack import tokenizer_or_skip
+    tokenizer_or_skip("gpt2")
+    results = compare_gpu_preset(corpus, "--no-compile")
+    config = results["config"]
+    assert (config["tokenizer"], config["dtype"], config["flex"]) == ("gpt2", "bfloat16", True)
+    assert set(results["archs"]) == set(ARCHS)
+    assert all(r["val_loss"] > 0 for r in results["archs"].values())
+    assert "warning: --flex needs CUDA" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_gpu_preset_with_compile_runs_on_the_cpu(corpus):
+    from test_pack import tokenizer_or_skip
+    tokenizer_or_skip("gpt2")
+    results = compare_gpu_preset(corpus)
+    assert results["config"]["compile"] is True
+    assert all(r["val_loss"] > 0 for r in results["archs"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_training_equals_eager(corpus, arch, device):
+    """inductor's kernels round differently from eager's: measured differences are below 1e-6 on
+    the CPU. (A compiled bdd takes the dense mask rather than the block-by-block loop.)"""
+    from torch._dynamo.utils import counters
+    eager = losses(corpus, arch, device=device, dtype="float32")
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = losses(corpus, arch, device=device, dtype="float32", compile=True)
+    assert counters["stats"]["unique_graphs"] > graphs  # it really compiled
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# on the GPU itself
+
+
+def tiny_model(arch, **kw):
+    cfg = ModelConfig(vocab_size=97, block_size=256, n_layer=3, n_dec_layer=1, n_head=4,
+                      n_embd=64, **kw)
+    torch.manual_seed(0)
+    return build_model(arch, cfg).cuda()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_equals_uncached_on_cuda(arch, dtype, tol):
+    """Prefill + decode on the GPU give the training forward's logits (bdd with its boundary at the
+    prompt's last token), under the dtype's autocast."""
+    from test_sample import forward_logits, run_session
+    model = tiny_model(arch).eval()
+    full = torch.randint(0, 41, (2, 60), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        cached, starts, _ = run_session(model, full, [(40, 19)])
+        ref = forward_logits(arch, model, full, starts)
+    span = slice(39, 59)
+    assert (cached[:, span].float() - ref[:, span].float()).abs().max() < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flex_equals_dense_on_cuda_in_bf16(arch, shared):
+    """Compiled FlexAttention block masks against the dense masks, forward and backward, in bf16."""
+    dense, flex = tiny_model(arch), tiny_model(arch, flex=True)
+    flex.load_state_dict(dense.state_dict())
+    B, T = 4, 256
+    x = torch.randint(0, 97, (B, T), device="cuda")
+    ids = block_ids(T, [40, 100, 101, 200])
+    batch = {"x": x, "y": x.roll(-1, 1), "block_ids": (ids if shared else ids.expand(B, T)).cuda(),
+             "enc_x": x[:, :100], "dec_x": x[:, 100:], "y_dec": x[:, 100:].roll(-1, 1)}
+    if arch == "encdec":
+        batch["y"] = batch.pop("y_dec")
+    results = []
+    for model in (dense, flex):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, loss = model(batch)
+        loss.backward()
+        results.append((logits.float(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                   if p.grad is not None])))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max() < 0.1
+    assert (ga - gb).norm() < 0.05 * ga.norm()
