@@ -271,9 +271,10 @@ class KVCache:
         return self.view()
 
     def _reserve(self, like, capacity):
-        """Buffers for `capacity` columns shaped like `like`, keeping the filled ones."""
+        """Buffers for `capacity` columns shaped like `like`, keeping the filled ones (the others
+        are never read before they are written: no need to zero them)."""
         B, nh, _, hs = like.shape
-        k, v = like.new_zeros(B, nh, capacity, hs), like.new_zeros(B, nh, capacity, hs)
+        k, v = like.new_empty(B, nh, capacity, hs), like.new_empty(B, nh, capacity, hs)
         if self.k is not None:
             k[:, :, :self.length], v[:, :, :self.length] = self.view()
         self.k, self.v, self.capacity = k, v, capacity
@@ -617,8 +618,8 @@ class EncoderDecoder(LM):
         valid (B,) bool: False feeds a padding column (a row that has stopped)."""
         idx_next = idx_next.view(idx_next.shape[0], -1)
         cache.feed(idx_next, _columns(valid, idx_next))
-        rope, mask = self.rope_and_mask(cache.pos, 1, cache.columns(cache.encoded)[1],
-                                        idx_next.device)
+        dec_valid = None if cache.valid is None else cache.valid[:, cache.encoded:]
+        rope, mask = self.rope_and_mask(cache.pos, 1, dec_valid, idx_next.device)
         h = self.embed(idx_next)
         for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
             h = block(h, rope, mask, None, cache.cross_mask, self_cache, cross_cache,
