@@ -87,6 +87,22 @@ def measure_inference(models, block_size, repeats):
     return out
 
 
+def measured_contexts(block_size):
+    """Every context length measure_inference decodes at."""
+    return context_lengths(block_size) + [block_size // 2]
+
+
+def check_measurable(block_size):
+    """measure_decode needs every measured context to hold a prompt of at least one token plus
+    the decoded tokens, inside the model's context. Checked before any training, so that a
+    --block_size too small for it fails at once, not after all the training time."""
+    n = decode_tokens(block_size)
+    if not all(n < c < block_size for c in measured_contexts(block_size)):
+        cli.fail(f"--block_size {block_size} is too small for the decode measurements (a prompt "
+                 f"of at least one token and {n} decoded token(s) at context {block_size // 2}); "
+                 f"use a larger --block_size")
+
+
 def measure_serving(models, block_size, kv_budget_mb, max_batch, repeats):
     """Decode throughput (tokens/s over all rows) at context block_size // 2 for batches 1, 2, 4,
     ... up to max_batch, and at the largest batch whose decode-time KV cache fits in kv_budget_mb
@@ -225,6 +241,7 @@ def plot(results, path):
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
+    return fig  # closed, but its artists can still be read (the tests check the plotted values)
 
 
 def plot_serving(ax, results, colors):
@@ -254,8 +271,8 @@ def serving_rows(results):
         ("decode tokens/s, batch 1", lambda r: r["serving"]["tokens_per_sec"][0], "{:,.0f}", True),
         (f"decode tokens/s, batch {s['batches'][-1]}", lambda r: r["serving"]["tokens_per_sec"][-1],
          "{:,.0f}", True),
-        (f"batch in {s['kv_budget_mb']:g} MB of KV", lambda r: r["serving"]["budget_batch"], "{:,}",
-         True),
+        (f"sequences in {s['kv_budget_mb']:g} MB of KV cache",
+         lambda r: r["serving"]["budget_batch"], "{:,}", True),
         ("decode tokens/s there (equal memory)", lambda r: r["serving"]["budget_tokens_per_sec"],
          "{:,.0f}", True),
     ]
@@ -309,6 +326,13 @@ def table(results):
                                for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
 
 
+def add_serving_flags(p):
+    p.add_argument("--kv_budget_mb", type=float, help="serving: KV-cache memory (MB) each arch "
+                   "fills with sequences (default per preset: cpu 16, gpu 4096)")
+    p.add_argument("--serving_max_batch", type=int, help="serving: the largest decode batch "
+                   "measured (default per preset: cpu 64, gpu 256)")
+
+
 def serving_settings(args):
     """(KV budget in MB, largest batch) of the serving benchmark: the flags, else the preset's."""
     preset = SERVING[args.preset]
@@ -328,30 +352,39 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
-def main(argv=None):
+def parse_archs(text):
+    """--archs as a list: arch names in lower case, comma-separated, each at most once; spaces
+    around a name and empty entries are ignored."""
+    archs = [a.strip() for a in text.split(",") if a.strip()]
+    for i, arch in enumerate(archs):
+        if arch not in ARCHS:
+            cli.fail(f"--archs {text!r}: {arch!r} is not an arch; choose from "
+                     f"{', '.join(ARCHS)} (lower case, comma-separated)")
+        if arch in archs[:i]:
+            cli.fail(f"--archs {text!r}: {arch} is listed twice; name each arch once")
+    if not archs:
+        cli.fail(f"--archs {text!r} names no arch; choose from {', '.join(ARCHS)}")
+    return archs
+
+
+def run(argv=None):
     p = cli.Parser(description="Train dec, encdec and bdd side by side and measure "
                    "their inference. Any train.py flag overrides the preset.",
                    allow_abbrev=False)  # --arch must not pass for --archs
     p.add_argument("--preset", choices=sorted(PRESETS),
                    default="gpu" if torch.cuda.is_available() else "cpu")
     p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of "
-                   f"{','.join(ARCHS)}")
+                   f"{','.join(ARCHS)}, each at most once")
     p.add_argument("--skip_train", action="store_true", help="measure inference only, on "
                    "freshly initialised models")
     p.add_argument("--out_dir", default=os.path.join("out", "compare"))
     p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms and "
                    "training steps")
-    p.add_argument("--kv_budget_mb", type=float, help="serving: KV-cache memory (MB) each arch "
-                   "fills with sequences (default per preset: cpu 16, gpu 4096)")
-    p.add_argument("--serving_max_batch", type=int, help="serving: the largest decode batch "
-                   "measured (default per preset: cpu 64, gpu 256)")
+    add_serving_flags(p)
     args, rest = p.parse_known_args(argv)
     flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
 
-    archs = [a for a in args.archs.split(",") if a]
-    unknown = [a for a in archs if a not in ARCHS]
-    if unknown or not archs:
-        cli.fail(f"--archs {args.archs!r}: choose from {', '.join(ARCHS)}, comma-separated")
+    archs = parse_archs(args.archs)
     for clash in ("arch", "out_dir", "init_from"):
         if clash in flags:
             cli.fail(f"--{clash} is set by compare.py per arch; use --archs and --out_dir instead")
@@ -361,13 +394,14 @@ def main(argv=None):
     configs = {}
     for arch in archs:
         values = {**PRESETS[args.preset], **flags, "arch": arch,
-                  "out_dir": os.path.join(args.out_dir, arch)}
+                  "out_dir": os.path.join(args.out_dir, arch), "overwrite": True}
         configs[arch] = train.make_config(**values)
         try:
             train.check_config(configs[arch])
         except train.ConfigError as e:
             cli.fail(str(e))
     first = configs[archs[0]]
+    check_measurable(first.block_size)
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
 
@@ -418,6 +452,14 @@ def main(argv=None):
     print(serving_ratios(results))
     print(f"wrote {args.out_dir}/results.json and {args.out_dir}/compare.png "
           f"in {results['wall_time']:.0f} s")
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        cli.fail("interrupted (Ctrl-C); nothing is half-written: each arch's checkpoint, "
+                 "results.json and compare.png are replaced whole or not at all", code=130)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,18 @@ BlockMask (on GPU, where skipping the masked tiles pays):
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
     right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
   Every row allows its own diagonal, so no row is empty. See DESIGN.md section 2.
+  When one layout is shared by the whole batch (training batches), BlockLayout keeps the same
+  mask as its blocks, each a causal mask over [encoder states before the block | the block], so
+  that attention skips the masked half instead of computing it.
 
 render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
 """
 
+import os
+
 import torch
+
+import cli
 
 # -----------------------------------------------------------------------------
 # block ids
@@ -174,6 +181,33 @@ def padded_source_masks(valid):
             materialize(key_padding_rule(valid), B, 1, Te, valid.device))
 
 
+class BlockLayout:
+    """The doubly-causal mask of one block layout shared by every row of a batch, kept as its
+    blocks. Block (s, e) sees the encoder states at positions < s and its own stream causally: over
+    the keys [encoder[:s] | stream[s:e]] that is a causal mask with s keys in front, the mask a
+    KV-cached prefill uses. model.attention() runs each block's queries against only those keys,
+    so the masked work of the dense T x 2T mask is never done; the result is the same function.
+    memory_len, the last block's start, is all of the encoder that any block sees."""
+
+    def __init__(self, ids):
+        check_block_ids(ids)
+        if ids.dim() != 1:
+            raise ValueError(f"a shared block layout has ids of shape (T,), got {tuple(ids.shape)}")
+        T = ids.shape[0]
+        starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).view(-1) + 1).tolist()
+        self.spans = list(zip(starts, starts[1:] + [T]))  # [(s, e)] of every block
+        self.masks = [causal_mask(e - s, ids.device, past=s) for s, e in self.spans]
+        self.memory_len = starts[-1]
+
+
+def bdd_block_masks(ids):
+    """BDD masks for one layout shared by the batch, ids (T,): (encoder mask (Tm, Tm) causal over
+    the Tm = memory_len positions any decoder block reads, BlockLayout). The encoder states of the
+    last block are never attended, so the encoder need not compute them."""
+    layout = BlockLayout(ids)
+    return causal_mask(layout.memory_len, ids.device), layout
+
+
 def bdd_masks(ids, flex=False):
     """BDD masks from block ids (T,) or (B, T).
 
@@ -236,30 +270,76 @@ def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key posit
     return ax
 
 
-if __name__ == "__main__":
-    # python mask.py [--T 24] [--boundaries 5,8,18,19] [--png docs/bdd_mask.png]
-    import cli
-    p = cli.Parser(description="Show the BDD decoder's doubly-causal block mask.")
-    p.add_argument("--T", type=int, default=24, help="row length")
-    p.add_argument("--boundaries", default="5,8,18,19", help="block starts, comma-separated")
-    p.add_argument("--png", help="also save the plot to this PNG file")
-    args = p.parse_args()
+# -----------------------------------------------------------------------------
+# command line: python mask.py [--T 24] [--boundaries 5,8,18,19] [--png docs/bdd_mask.png]
+
+# The largest row drawn: 2T + 1 characters a text line, and the PNG's cells still a few pixels.
+MAX_T = 256
+
+
+def parse_boundaries(text):
+    """"5,8,18" -> [5, 8, 18]; "" (or only spaces) -> [] (one block). Empty entries such as
+    ",,," are refused: they read like a typo, not like "no boundaries"."""
+    if not text.strip():
+        return []
+    bounds = []
+    for i, part in enumerate(text.split(",")):
+        try:
+            bounds.append(int(part))
+        except ValueError:
+            raise ValueError(f"entry {i} ({part.strip()!r}) is not an integer; give block "
+                             f"starts like 5,8,18, or '' for one block") from None
+    return bounds
+
+
+def save_png(dec, bounds, T, path):
+    """Draw the decoder mask to path (a temporary file renamed into place: never half a PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 5.6))
+    plot(dec, ax=ax, boundaries=bounds, split=T,
+         title=f"BDD decoder: doubly-causal block mask (T = {T} queries x 2T keys)",
+         xlabel=f"key index: 0..{T - 1} = encoder states, {T}..{2 * T - 1} "
+                f"= decoder stream, at positions 0..{T - 1}",
+         ylabel="query position")
+    fig.tight_layout()
+    tmp = f"{path}.tmp"
     try:
-        bounds = [int(b) for b in args.boundaries.split(",") if b.strip()]
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv=None):
+    p = cli.Parser(description="Show the BDD decoder's doubly-causal block mask.")
+    p.add_argument("--T", type=int, default=24, help=f"row length, 1 to {MAX_T}")
+    p.add_argument("--boundaries", default="5,8,18,19",
+                   help="block starts, comma-separated ('' for one block)")
+    p.add_argument("--png", help="also save the plot to this PNG file")
+    args = p.parse_args(argv)
+    if not 1 <= args.T <= MAX_T:
+        cli.fail(f"--T {args.T}: draw rows of 1 to {MAX_T} tokens; a longer row fits neither a "
+                 f"text line (2T + 1 characters) nor the PNG's pixels")
+    try:
+        bounds = parse_boundaries(args.boundaries)
         _, dec = bdd_masks(block_ids(args.T, bounds))
     except ValueError as e:
-        cli.fail(str(e))
+        cli.fail(f"--boundaries {args.boundaries!r}: {e}")
+    if not bounds:
+        print("no boundaries: one block, so the decoder sees only its own stream, causally")
     print(render(dec, split=args.T))
     if args.png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(11, 5.6))
-        plot(dec, ax=ax, boundaries=bounds, split=args.T,
-             title=f"BDD decoder: doubly-causal block mask (T = {args.T} queries x 2T keys)",
-             xlabel=f"key index: 0..{args.T - 1} = encoder states, {args.T}..{2 * args.T - 1} "
-                    f"= decoder stream, at positions 0..{args.T - 1}",
-             ylabel="query position")
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+        try:
+            save_png(dec, bounds, args.T, args.png)
+        except OSError as e:
+            cli.fail(f"--png {args.png}: cannot write it ({e.strerror}); give a path in an "
+                     f"existing, writable folder")
         print(f"saved {args.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mask import (bdd_masks, causal_mask, encoder_masks, padded_causal_mask,
-                  padded_source_masks)
+from mask import (BlockLayout, bdd_block_masks, bdd_masks, causal_mask, encoder_masks,
+                  padded_causal_mask, padded_source_masks)
 
 ARCHS = ("dec", "encdec", "bdd")
 
@@ -76,9 +76,18 @@ def attention(q, k, v, mask, dropout_p=0.0):
     """softmax(q k^T / sqrt(hs) + mask) v for every layer of every architecture.
 
     q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); mask: bool (Tq, Tk) or (B, Tq, Tk), True = may attend,
-    or a FlexAttention BlockMask, or None (attend to every key). FlexAttention has no attention
-    dropout: with a BlockMask, dropout_p is not applied (the residual dropouts still are).
+    or a FlexAttention BlockMask, or None (attend to every key), or a BlockLayout (BDD decoder
+    layers whose keys are [memory (Tk - Tq) | stream (Tq)]: each block's queries meet only the
+    keys it may see). FlexAttention has no attention dropout: with a BlockMask, dropout_p is not
+    applied (the residual dropouts still are).
     """
+    if isinstance(mask, BlockLayout):
+        Tm = k.shape[2] - q.shape[2]
+
+        def visible(t, s, e):  # (B, nh, s + e - s, hs): memory before the block, then the block
+            return torch.cat([t[:, :, :s], t[:, :, Tm + s:Tm + e]], dim=2)
+        return torch.cat([attention(q[:, :, s:e], visible(k, s, e), visible(v, s, e), m, dropout_p)
+                          for (s, e), m in zip(mask.spans, mask.masks)], dim=2)
     if mask is not None and not isinstance(mask, torch.Tensor):
         return flex_attention(q, k, v, block_mask=mask)
     if mask is not None and mask.dim() == 3:
@@ -494,15 +503,21 @@ class BlockDoubleDecoder(LM):
         self._check_length(T)
         if ids.shape[-1] != T:
             raise ValueError(f"block_ids has length {ids.shape[-1]}, x has length {T}")
-        enc_mask, dec_mask = bdd_masks(ids.to(x.device), self.config.flex)
-        rope = self.rotary(0, T)
-        e = self.embed(x)  # encoder stream (B, T, C)
+        ids = ids.to(x.device)
+        if ids.dim() == 1 and not self.config.flex:  # one layout for the batch: block by block
+            enc_mask, dec_mask = bdd_block_masks(ids)
+            Tm = dec_mask.memory_len  # the last block's encoder states are never read
+        else:  # a layout per row: the dense T x 2T mask (or flex's tile-skipping BlockMask)
+            enc_mask, dec_mask = bdd_masks(ids, self.config.flex)
+            Tm = T
+        rope, memory_rope = self.rotary(0, T), self.rotary(0, Tm)
+        e = self.embed(x[:, :Tm])  # encoder stream (B, Tm, C)
         for block in self.encoder:
-            e = block(e, rope, enc_mask)
+            e = block(e, memory_rope, enc_mask)
         memory = self.ln_enc(e)
         h = self.embed(x)  # decoder stream (B, T, C)
         for block in self.decoder:
-            h = block(h, rope, dec_mask, memory=memory, memory_rope=rope)
+            h = block(h, rope, dec_mask, memory=memory, memory_rope=memory_rope)
         return self.head(h, batch.get("y"))
 
     def new_cache(self):

@@ -105,7 +105,8 @@ class Session:
         """Feed a new turn, then sample up to max_new_tokens per row. prompts: a (B, n) tensor or
         B token sequences of any lengths. num_samples: the turn is prefilled once, then each row's
         cache is copied into that many rows (B * num_samples rows from then on)."""
-        device = next(self.model.parameters()).device
+        device = (prompts.device if isinstance(prompts, torch.Tensor)
+                  else next(self.model.parameters()).device)
         rows = [torch.as_tensor(r, dtype=torch.long).view(-1).to(device) for r in prompts]
         self._check(rows, max_new_tokens, num_samples)
         fresh = rows if self.pending is None else [torch.cat([p.view(1), r])

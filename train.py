@@ -11,15 +11,14 @@ TrainConfig's defaults are the CPU run (1.6M byte tokens, about 5 minutes on 2 c
 machine the flags left unset take CUDA_DEFAULTS instead (GPT-2-small width, gpt2 tokens, bf16,
 torch.compile). Other scripts train with train(make_config(arch=..., ...)) and read the history.
 
-Exit codes of the script: 2 with one line on stderr for bad flags, data or checkpoints; 1 when the
-loss turns nan or inf (the last good checkpoint is kept).
+Exit codes of the script: 2 with one line on stderr for bad flags, data, folders or checkpoints; 1
+when the loss turns nan or inf (the last good checkpoint is kept); 130 on Ctrl-C.
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 import textwrap
 import time
 from contextlib import nullcontext
@@ -46,11 +45,14 @@ class TrainConfig:
     objective: str = "prefix_lm"  # encdec pretraining objective; dec and bdd predict every token
     max_blocks: int = 8  # bdd: 1 to max_blocks - 1 random block boundaries per row
     # data and output
-    data: str = None  # text file, folder of .txt files or glob; None: the Shakespeare corpus
+    data: str = None  # text or jsonl file, folder of them, glob, nanoGPT folder; None: Shakespeare
     data_root: str = None  # where prepared datasets are cached; None: data/ in the repository
     tokenizer: str = "byte"
+    text_field: str = "text"  # the text field of jsonl lines
+    rehash: bool = False  # re-read the whole source to decide whether its prepared copy is current
     out_dir: str = None  # None: out/<arch>
     init_from: str = "scratch"  # or "resume" from out_dir/ckpt.pt
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir
     always_save_checkpoint: bool = False  # save at every evaluation, not only when val improves
     # model
     n_layer: int = 6  # total depth; encdec and bdd split it into encoder + n_dec_layer
@@ -67,7 +69,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 50
-    lr_decay_iters: int = None  # None: max_iters
+    lr_decay_iters: int = None  # None: follow max_iters (also a resumed run's new max_iters)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99  # 0.99 for small batches of tokens, as nanoGPT's Shakespeare-char
@@ -86,8 +88,21 @@ class TrainConfig:
     def __post_init__(self):
         if self.out_dir is None:
             self.out_dir = os.path.join("out", self.arch)
-        if self.lr_decay_iters is None:
-            self.lr_decay_iters = self.max_iters
+
+
+# The allowed values of every numeric field, checked by check_config in one loop: "[" and "]"
+# include the bound, "(" and ")" exclude it. nan lies in no interval.
+RANGES = {
+    "max_blocks": "[2, inf)", "n_layer": "[2, inf)", "n_dec_layer": "[1, inf)",
+    "n_head": "[1, inf)", "n_embd": "[2, inf)", "block_size": "[2, inf)", "dropout": "[0, 1)",
+    "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)", "max_iters": "[0, inf)",
+    "learning_rate": "(0, inf)", "min_lr": "[0, inf)", "warmup_iters": "[0, inf)",
+    "lr_decay_iters": "[0, inf)", "weight_decay": "[0, inf)", "beta1": "[0, 1)",
+    "beta2": "[0, 1)", "grad_clip": "[0, inf)", "eval_interval": "[1, inf)",
+    "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "seed": "[0, 1e18]",
+}
+# Path fields where "" would silently mean the current folder.
+PATH_FIELDS = ("data", "data_root", "out_dir")
 
 
 # A single-GPU run of GPT-2-small width: 16 x 1024 tokens x 2 micro-steps = 32k tokens per step,
@@ -98,7 +113,8 @@ CUDA_DEFAULTS = dict(tokenizer="gpt2", n_layer=12, n_dec_layer=4, n_head=12, n_e
                      eval_interval=250, eval_iters=10, dtype="bfloat16", compile=True)
 
 # What a resumed run keeps of the machine it runs on rather than of the checkpoint.
-MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir")
+MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir", "overwrite",
+                  "rehash")
 # Checkpoint and run must agree on these, or the weights do not fit the model.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_embd", "bias")
 CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
@@ -128,12 +144,15 @@ def make_config(**flags):
         if not torch.cuda.is_bf16_supported():
             values["dtype"] = "float16"
     if flags.get("init_from") == "resume":
-        arch = flags.get("arch", TrainConfig.arch)
-        out_dir = flags.get("out_dir") or os.path.join("out", arch)
-        saved = load_checkpoint(checkpoint_path(out_dir), mmap=True)["train_config"]
+        saved = load_checkpoint(checkpoint_path(out_dir_of(flags)), mmap=True)["train_config"]
         values.update({k: v for k, v in saved.items() if k not in MACHINE_FIELDS})
     values.update(flags)
     return TrainConfig(**values)
+
+
+def out_dir_of(flags):
+    """The folder a run with these flags uses: --out_dir, else out/<arch>."""
+    return flags.get("out_dir") or os.path.join("out", flags.get("arch", TrainConfig.arch))
 
 
 def check_config(config):
@@ -142,25 +161,70 @@ def check_config(config):
         if getattr(config, name) not in allowed:
             raise ConfigError(f"--{name} {getattr(config, name)!r} is unknown; choose one of "
                               f"{', '.join(allowed)}")
+    for name, interval in RANGES.items():
+        value = getattr(config, name)
+        if value is not None and not in_interval(value, interval):
+            raise ConfigError(f"--{name} {value} is out of range: it must be "
+                              f"{describe_interval(interval)}")
+    for name in PATH_FIELDS:
+        if getattr(config, name) == "":
+            raise ConfigError(f"--{name} is empty; give a path, or leave --{name} out for its "
+                              f"default")
     if config.objective != "prefix_lm" and config.arch != "encdec":
         raise ConfigError(f"--objective {config.objective} is an encoder-decoder objective; "
                           f"{config.arch} always predicts every next token: drop --objective "
                           f"or use --arch encdec")
-    if not 1 <= config.n_dec_layer < config.n_layer:
+    if not config.n_dec_layer < config.n_layer:
         raise ConfigError(f"--n_dec_layer {config.n_dec_layer} must be at least 1 and smaller "
                           f"than --n_layer {config.n_layer} (the encoder gets the other layers); "
                           f"lower --n_dec_layer or raise --n_layer")
-    if config.n_head < 1 or config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
+    if config.n_embd % config.n_head or (config.n_embd // config.n_head) % 2:
         raise ConfigError(f"--n_embd {config.n_embd} must split into --n_head {config.n_head} "
                           f"heads of an even size (RoPE rotates pairs); e.g. --n_embd "
-                          f"{64 * max(config.n_head, 1)}")
-    for name in ("n_layer", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                 "eval_interval", "eval_iters", "log_interval"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
-    if config.max_iters < 0 or config.warmup_iters < 0:
-        raise ConfigError("--max_iters and --warmup_iters must not be negative")
+                          f"{64 * config.n_head}")
     check_device(config.device)
+    check_folders(config)
+
+
+def interval_bounds(interval):
+    """"[0, 1)" -> (0.0, True, 1.0, False): lowest, whether included, highest, whether included."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return lo, interval[0] == "[", hi, interval[-1] == "]"
+
+
+def in_interval(value, interval):
+    lo, lo_in, hi, hi_in = interval_bounds(interval)
+    return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+
+
+def describe_interval(interval):
+    """"[0, 1)" -> "at least 0 and below 1"."""
+    lo, lo_in, hi, hi_in = interval_bounds(interval)
+    text = f"{'at least' if lo_in else 'above'} {lo:g}"
+    return text if hi == math.inf else f"{text} and {'at most' if hi_in else 'below'} {hi:g}"
+
+
+def check_folders(config):
+    """Before any data is prepared or model built: out_dir and data_root must be folders this
+    process can write (or create), and a fresh run must not silently replace another run."""
+    writable_folder(config.out_dir, "out_dir")
+    writable_folder(config.data_root or pack.DATA, "data_root")
+    path = checkpoint_path(config.out_dir)
+    if config.init_from == "scratch" and not config.overwrite and path.exists():
+        raise ConfigError(f"{path} already holds a run: continue it with --init_from resume, "
+                          f"train into another --out_dir, or replace it with --overwrite")
+
+
+def writable_folder(path, flag):
+    """ConfigError unless path is a writable folder, or could be created as one."""
+    existing = Path(path).absolute()
+    while not existing.exists():  # the nearest existing folder is where it would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--{flag} {path}: {existing} is a file, not a folder; choose another "
+                          f"--{flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{flag} {path}: {existing} is not writable; choose another --{flag}")
 
 
 def check_device(device):
@@ -208,10 +272,11 @@ def load_checkpoint(path, mmap=False):
                           f"(--init_from scratch) or point --out_dir at a run's folder")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated or foreign files fail in many ways inside torch.load
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ConfigError(f"{path} is not a readable checkpoint ({why}); it is truncated or "
-                          f"not from train.py: delete it, or use another --out_dir") from None
+    except Exception:  # truncated or foreign files fail in many ways inside torch.load
+        size = path.stat().st_size
+        what = "it is empty" if size == 0 else f"torch.load cannot read its {size:,} bytes"
+        raise ConfigError(f"{path} is not a readable checkpoint: {what}, so it was cut short or "
+                          f"not written by train.py; delete it, or use another --out_dir") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["all"]
     if missing:
         raise ConfigError(f"{path} lacks the keys {', '.join(missing)} of a train.py checkpoint; "
@@ -220,7 +285,8 @@ def load_checkpoint(path, mmap=False):
 
 
 def check_resumable(ckpt, config, mconfig, path):
-    """Refuse to load weights into a model of another arch or shape."""
+    """Refuse to load weights into a model of another arch or shape, or to stop a run before
+    the iteration its checkpoint has reached."""
     if ckpt["arch"] != config.arch:
         raise ConfigError(f"{path} holds a {ckpt['arch']} model, not {config.arch}; use --arch "
                           f"{ckpt['arch']}, or another --out_dir")
@@ -231,6 +297,10 @@ def check_resumable(ckpt, config, mconfig, path):
         what = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})" for k in differ)
         raise ConfigError(f"{path} was trained with {what}; drop those flags to resume it, or "
                           f"train this shape in another --out_dir")
+    if ckpt["iter_num"] > config.max_iters:
+        raise ConfigError(f"{path} is at iteration {ckpt['iter_num']}, past --max_iters "
+                          f"{config.max_iters}; resume with --max_iters {ckpt['iter_num']} or more "
+                          f"(or leave it out)")
 
 
 def save_checkpoint(path, state):
@@ -287,12 +357,14 @@ def configure_optimizer(model, config, device_type):
 
 
 def get_lr(it, config):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (None: at max_iters, so a
+    run resumed with a larger --max_iters decays to the new end), then min_lr."""
+    decay_end = config.max_iters if config.lr_decay_iters is None else config.lr_decay_iters
     if it < config.warmup_iters:
         return config.learning_rate * (it + 1) / (config.warmup_iters + 1)
-    if it >= config.lr_decay_iters:
+    if it >= decay_end:
         return config.min_lr
-    ratio = (it - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)
+    ratio = (it - config.warmup_iters) / (decay_end - config.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)
 
@@ -383,6 +455,31 @@ def record(history, iter_num, losses, config, master):
                                 "train_time": history["train_time"]}) + "\n")
 
 
+def start_log(config, iter_num):
+    """Make out_dir/log.jsonl agree with ckpt.pt before the first step. A fresh run starts an
+    empty log, removing first the checkpoint of the run it replaces (--overwrite); a resumed run
+    keeps the evaluations up to the checkpoint's iteration: a run killed after its last save may
+    have logged later ones (or half a line), and it is about to run them again."""
+    log_file = Path(config.out_dir) / "log.jsonl"
+    kept = []
+    if config.init_from == "scratch":
+        checkpoint_path(config.out_dir).unlink(missing_ok=True)
+    elif log_file.exists():
+        kept = [line for line in log_file.read_text().splitlines()
+                if logged_iter(line) <= iter_num]
+    tmp = log_file.with_name(log_file.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log_file)
+
+
+def logged_iter(line):
+    """The iteration of a log.jsonl line; inf for a line that is not a whole record."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def param_checksum(model):
     """One number that differs when parameters differ: a position-weighted sum in float64."""
     return sum((i + 1) * p.detach().double().sum() for i, p in enumerate(model.parameters()))
@@ -442,11 +539,12 @@ def load_batches(config, rank, world):
     find it ready. Every rank draws its own training batches (seed + rank)."""
     root = {} if config.data_root is None else {"root": config.data_root}
     if rank == 0:
-        meta = pack.prepare(config.data, config.tokenizer, **root)
+        meta = pack.prepare(config.data, config.tokenizer, text_field=config.text_field,
+                            rehash=config.rehash, **root)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        meta = pack.prepare(config.data, config.tokenizer, **root)
+        meta = pack.prepare(config.data, config.tokenizer, text_field=config.text_field, **root)
     # built on the CPU: supervision_stats there needs no device sync, and to_device overlaps copies
     return pack.Batches(meta, config.arch, config.block_size, config.batch_size,
                         objective=config.objective, max_blocks=config.max_blocks,
@@ -509,8 +607,7 @@ def run(config, rank, world, device, log, t_start):
         log(f"resuming {ckpt_file} at iter {iter_num}")
     if master:
         os.makedirs(config.out_dir, exist_ok=True)
-        if iter_num == 0:  # a fresh run starts a fresh log
-            open(Path(config.out_dir) / "log.jsonl", "w").close()
+        start_log(config, iter_num)
 
     def checkpoint():
         history["wall_time"] = wall_before + time.time() - t_start
@@ -599,10 +696,15 @@ def run(config, rank, world, device, log, t_start):
 HELP = {
     "arch": "architecture", "objective": "encdec pretraining objective",
     "max_blocks": "bdd: up to max_blocks - 1 random block boundaries per row",
-    "data": "text file, folder of .txt files or glob (default: Shakespeare)",
+    "data": "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT folder with "
+            "train.bin and val.bin (default: Shakespeare)",
     "data_root": "folder of prepared datasets (default: data/)", "tokenizer": "tokenizer",
+    "text_field": "the text field of jsonl lines",
+    "rehash": "re-read the whole source (not only file sizes and times) to decide whether its "
+              "prepared copy is current",
     "out_dir": "checkpoint and log folder (default: out/<arch>)",
     "init_from": "scratch, or resume from <out_dir>/ckpt.pt (unset flags come from it)",
+    "overwrite": "let a fresh run replace the run already in --out_dir",
     "always_save_checkpoint": "save at every evaluation, not only when the val loss improves",
     "n_layer": "total layers", "n_dec_layer": "decoder layers of encdec and bdd",
     "n_head": "attention heads", "n_embd": "width", "block_size": "tokens per row",
@@ -628,12 +730,23 @@ def parser():
     for f in fields(TrainConfig):
         default = f"default {f.default}" + (f", CUDA {CUDA_DEFAULTS[f.name]}"
                                             if f.name in CUDA_DEFAULTS else "")
-        help = f"{HELP[f.name]} ({default})"
+        allowed = f", allowed {RANGES[f.name]}" if f.name in RANGES else ""
+        help = f"{HELP[f.name]} ({default}{allowed})"
         if f.type is bool:
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help)
         else:
             p.add_argument(f"--{f.name}", type=f.type, choices=CHOICES.get(f.name), help=help)
     return p
+
+
+def kept_checkpoint(out_dir):
+    """What an interrupted run leaves behind, in words."""
+    path = checkpoint_path(out_dir)
+    try:
+        iter_num = load_checkpoint(path, mmap=True)["iter_num"]
+    except ConfigError:
+        return f"there is no readable checkpoint at {path}, so nothing to resume"
+    return f"{path} (iteration {iter_num}) is kept: continue with --init_from resume"
 
 
 def main(argv=None):
@@ -645,8 +758,7 @@ def main(argv=None):
     except LossNotFinite as e:
         cli.fail(str(e), code=1)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is kept", file=sys.stderr)
-        sys.exit(130)
+        cli.fail(f"interrupted (Ctrl-C); {kept_checkpoint(out_dir_of(flags))}", code=130)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Shared test fixtures."""
 
+import math
+
 import pytest
 import torch
 
 import pack
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's waiting
-    threads make them ten times slower."""
+    threads make them ten times slower. Session-wide, so that module fixtures (which are set up
+    before any function fixture) train on one thread too."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -24,3 +27,27 @@ def shakespeare():
         return pack.prepare()
     except pack.DownloadError as e:
         pytest.skip(f"default corpus not available offline: {e}")
+
+
+def sharpen(model, gain=2.0):
+    """`model` in float64 with weights that make attention sharp and let it reach the logits:
+    every matrix N(0, 1/fan_in), embeddings N(0, 1), query and key projections `gain` times
+    larger (attention scores of std about gain**2). At the usual 0.02 init attention is almost
+    uniform and a wrong position or mask moves logits by only 1e-4; here by more than 1, while
+    float64 keeps the correct code's rounding near 1e-13."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
+            if name.endswith("c_q.weight"):
+                p.mul_(gain)
+            if name.endswith("c_kv.weight"):  # its first half of output rows makes the keys
+                p[: p.shape[0] // 2].mul_(gain)
+        model.wte.weight.normal_(0.0, 1.0)
+    return model.double()
+
+
+@pytest.fixture
+def sharp():
+    """sharpen(model): see there."""
+    return sharpen

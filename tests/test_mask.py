@@ -5,6 +5,8 @@ import random
 import pytest
 import torch
 
+import mask
+
 from mask import bdd_masks, block_ids, causal_mask, encoder_masks, render
 
 
@@ -113,8 +115,63 @@ def test_render_draws_halves():
 def test_plot_draws_a_labelled_figure():
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from mask import plot
     _, dec = bdd_masks(block_ids(8, [3, 5]))
     ax = plot(dec, title="bdd decoder", boundaries=[3, 5], split=8)
     assert ax.get_title() == "bdd decoder"
     assert ax.get_xlabel() == "key position"
+    # a line just before each block start: across the queries, and in both key halves
+    assert grid_lines(ax) == {"tab:red": ([2.5, 4.5], [2.5, 4.5, 10.5, 12.5]),
+                              "tab:blue": ([], [7.5])}  # the split between the halves
+    one_half = plot(dec[:, 8:], boundaries=[3, 5])
+    assert grid_lines(one_half) == {"tab:red": ([2.5, 4.5], [2.5, 4.5])}
+    plt.close("all")
+
+
+def grid_lines(ax):
+    """{colour: (y of the horizontal lines, x of the vertical lines)} drawn on ax, each sorted."""
+    lines = {}
+    for line in ax.get_lines():
+        (x0, x1), (y0, y1) = line.get_xdata(), line.get_ydata()
+        rows, cols = lines.setdefault(line.get_color(), ([], []))
+        if y0 == y1:
+            rows.append(y0)
+        elif x0 == x1:
+            cols.append(x0)
+    return {colour: (sorted(rows), sorted(cols)) for colour, (rows, cols) in lines.items()}
+
+
+# -----------------------------------------------------------------------------
+# python mask.py
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--T", "100000"], "--T 100000: draw rows of 1 to 256 tokens"),
+    (["--T", "0"], "--T 0: draw rows of 1 to 256 tokens"),
+    (["--boundaries", "a,b"], "--boundaries 'a,b': entry 0 ('a') is not an integer"),
+    (["--boundaries", ",,,"], "--boundaries ',,,': entry 0 ('') is not an integer"),
+    (["--boundaries", "5,,8"], "--boundaries '5,,8': entry 1 ('') is not an integer"),
+    (["--boundaries", "0"], "--boundaries '0': boundary 0 is 0: it must lie in (0, 24)"),
+    (["--png", "/nonexistent/dir/x.png"], "--png /nonexistent/dir/x.png: cannot write it"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        mask.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_empty_boundaries_draw_one_block_and_say_so(capsys):
+    mask.main(["--T", "3", "--boundaries", ""])
+    assert capsys.readouterr().out.splitlines() == [
+        "no boundaries: one block, so the decoder sees only its own stream, causally",
+        "...|#..", "...|##.", "...|###"]
+
+
+def test_cli_writes_the_png_whole(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    mask.main(["--T", "6", "--boundaries", "2,4", "--png", str(tmp_path / "m.png")])
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]

@@ -1,5 +1,6 @@
-"""The three architectures: nothing leaks from the future, BDD's one-call attention is the
-reference's two attentions, parameter counts and initial loss are what DESIGN.md says."""
+"""The three architectures: nothing leaks from the future, BDD's one-call attention is the two
+merged attentions of the authors' code less their attention sink (DESIGN.md section 2 lists how
+our BDD differs from theirs), parameter counts and initial loss are what DESIGN.md says."""
 
 import math
 import random
@@ -25,55 +26,91 @@ def random_bounds(rng, T):
     return sorted(rng.sample(range(1, T), rng.randint(0, min(6, T - 1))))
 
 
-def decoder_logits(arch, model, x, bounds, split):
+def decoder_logits(arch, model, x, bounds, split, per_row=False):
     """Logits of the stream whose positions must not see their future: the whole row for dec and
-    bdd, the decoder stream (source x[:split]) for encdec."""
+    bdd, the decoder stream (source x[:split]) for encdec. bdd's layout is shared by the batch,
+    (T,) block ids, which runs block by block, or given per row, (B, T), the dense mask."""
     if arch == "encdec":
         return model({"enc_x": x[:, :split], "dec_x": x[:, split:]})[0]
-    return model({"x": x, "block_ids": block_ids(x.shape[1], bounds)})[0]
+    ids = block_ids(x.shape[1], bounds)
+    return model({"x": x, "block_ids": ids.expand_as(x) if per_row else ids})[0]
 
 
-def leaked_position(arch, model, rng, T=20, trials=12):
+def leaked_position(arch, model, rng, T=20, trials=12, per_row=False):
     """First position i whose logits moved when tokens after i changed, or None."""
     for _ in range(trials):
         x = torch.randint(0, V, (2, T))
         bounds, split = random_bounds(rng, T), rng.randint(1, T - 2)
-        base = decoder_logits(arch, model, x, bounds, split)
+        base = decoder_logits(arch, model, x, bounds, split, per_row)
         first = split if arch == "encdec" else 0
         i = rng.randint(first, T - 2)
         x2 = x.clone()
         x2[:, i + 1:] = torch.randint(0, V, (2, T - i - 1))
-        moved = decoder_logits(arch, model, x2, bounds, split)
+        moved = decoder_logits(arch, model, x2, bounds, split, per_row)
         upto = i - first + 1  # stream positions <= i
         if not torch.allclose(base[:, :upto], moved[:, :upto], atol=1e-5):
             return i
     return None
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_no_leak_from_future_tokens(arch):
+@pytest.mark.parametrize("arch, per_row", [("dec", False), ("encdec", False), ("bdd", False),
+                                           ("bdd", True)])
+def test_no_leak_from_future_tokens(arch, per_row):
     torch.manual_seed(0)
     model = build_model(arch, tiny()).eval()
-    assert leaked_position(arch, model, random.Random(0)) is None
+    assert leaked_position(arch, model, random.Random(0), per_row=per_row) is None
 
 
 def test_leak_check_catches_a_wrong_mask(monkeypatch):
-    """The check above can fail: let the BDD decoder see its whole row and it reports a leak."""
+    """The check above can fail: let the BDD decoder see its whole row (per-row layouts) or its
+    whole block (a shared layout) and it reports a leak."""
     def leaky_bdd_masks(ids, flex=False):
         enc, dec = bdd_masks(ids, flex)
         return enc, torch.ones_like(dec)
+
+    def leaky_block_masks(ids):
+        enc, layout = mask.bdd_block_masks(ids)
+        layout.masks = [torch.ones_like(m) for m in layout.masks]
+        return enc, layout
     monkeypatch.setattr(M, "bdd_masks", leaky_bdd_masks)
+    monkeypatch.setattr(M, "bdd_block_masks", leaky_block_masks)
     torch.manual_seed(0)
     model = build_model("bdd", tiny()).eval()
-    assert leaked_position("bdd", model, random.Random(0)) is not None
+    for per_row in (True, False):
+        assert leaked_position("bdd", model, random.Random(0), per_row=per_row) is not None
 
 
-def two_attention_reference(q, k_enc, v_enc, k_dec, v_dec, ids):
-    """The paper's reference form: cross-attention to earlier blocks' encoder states and causal
-    self-attention in the block, computed separately and merged by sigmoid(lse_self - lse_cross)."""
+def test_shared_layout_block_by_block_equals_the_dense_mask():
+    """A layout shared by the batch runs each block against only the keys it may see, and skips
+    the last block's encoder states: logits and every gradient equal the dense T x 2T mask's."""
+    torch.manual_seed(0)
+    model = build_model("bdd", tiny(n_layer=4, n_dec_layer=2))
+    rng = random.Random(0)
+    for T in (1, 2, 9, 20, 32):
+        for bounds in ([], random_bounds(rng, T), list(range(1, T))):
+            x, y = torch.randint(0, V, (3, T)), torch.randint(0, V, (3, T))
+            ids = block_ids(T, bounds)
+            results = []
+            for layout in (ids, ids.expand(3, T)):  # shared: block by block; per row: dense
+                model.zero_grad()
+                logits, loss = model({"x": x, "y": y, "block_ids": layout})
+                loss.backward()
+                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+                results.append((logits.detach(), grads))
+            (a, ga), (b, gb) = results
+            assert (a - b).abs().max() < 1e-5, (T, bounds)
+            assert max((g - h).abs().max() for g, h in zip(ga, gb)) < 1e-5, (T, bounds)
+
+
+def two_attention_reference(q, k_enc, v_enc, k_dec, v_dec, ids, sink=False):
+    """The authors' two-attention form: cross-attention to earlier blocks' encoder states and
+    causal self-attention in the block, computed separately and merged by
+    sigmoid(lse_self - lse_cross). sink=True adds their attention sink (encoder position 0 seen by
+    every query); without it a row with no cross key takes its self part only."""
     hs, T = q.shape[-1], q.shape[2]
     pos = torch.arange(T)
     cross_ok = ids[:, None] > ids[None, :]                                       # b(k) < b(q)
+    cross_ok[:, 0] |= sink
     self_ok = (ids[:, None] == ids[None, :]) & (pos[None, :] <= pos[:, None])  # same block, k <= q
 
     def part(k, v, ok):
@@ -101,10 +138,30 @@ def test_one_call_attention_equals_two_merged_attentions():
         assert (one_call - ref).abs().max() < 1e-5
 
 
-def test_bdd_forward_equals_reference_decoder_layers():
-    """The whole BDD model, recomputed with the two-attention reference in every decoder layer."""
+def test_the_authors_sink_changes_block_0_only():
+    """Their sink, added to our one-call mask as one more allowed key (encoder position 0), gives
+    their form on every row; without it the two differ on block 0's rows and nowhere else."""
+    T = 12
+    ids = block_ids(T, [4, 9])
+    q, ke, ve, kd, vd = (torch.randn(2, 3, T, 8) for _ in range(5))
+    _, dec_mask = bdd_masks(ids)
+    theirs = two_attention_reference(q, ke, ve, kd, vd, ids, sink=True)
+    ours = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
+    with_sink = dec_mask.clone()
+    with_sink[:, 0] = True
+    sunk = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), with_sink)
+    assert (sunk - theirs).abs().max() < 1e-5
+    differs = (ours - theirs).abs().amax(dim=(0, 1, 3)) > 1e-4  # (T,) per query row
+    assert differs.tolist() == (ids == 0).tolist()
+
+
+def test_bdd_forward_equals_reference_decoder_layers(sharp):
+    """The whole BDD model, recomputed with the two-attention form in every decoder layer (with
+    our RMSNorm final norms and exact GELU; the authors' code has LayerNorm and the tanh GELU).
+    Sharp attention in float64 (conftest.sharpen): encoder keys without their RoPE positions
+    move logits by more than 1, the correct code by 1e-14."""
     torch.manual_seed(0)
-    model = build_model("bdd", tiny(n_layer=4, n_dec_layer=2)).eval()
+    model = sharp(build_model("bdd", tiny(n_layer=4, n_dec_layer=2))).eval()
     T = 20
     x = torch.randint(0, V, (1, T))
     ids = block_ids(T, [5, 11, 12])
@@ -124,7 +181,7 @@ def test_bdd_forward_equals_reference_decoder_layers():
         h = h + blk.mlp(blk.ln_2(h))
     ref_logits = model.lm_head(model.ln_f(h))
     logits, _ = model({"x": x, "block_ids": ids})
-    assert (logits - ref_logits).abs().max() < 1e-5
+    assert (logits - ref_logits).abs().max() < 1e-9
 
 
 def test_bdd_and_dec_differ_only_by_the_encoder_norm():

@@ -1,5 +1,10 @@
 """pack.py: prepared data loses nothing, caches safely, and batches keep the batch contract."""
 
+import functools
+import gzip
+import itertools
+import json
+import os
 import random
 import subprocess
 import sys
@@ -144,7 +149,10 @@ def test_glob_source_and_dataset_names(tmp_path):
     meta = pack.prepare(str(tmp_path / "docs" / "doc0*.txt"), root=tmp_path / "data")
     assert meta["names"]["train"] + meta["names"]["val"] == sorted(texts)[:10]
     a, b = tmp_path / "a" / "text.txt", tmp_path / "b" / "text.txt"
-    assert pack.dataset_name(a) == pack.dataset_name(a)  # stable
+    # stable across processes and versions (a prepared dataset is found again by its name):
+    # the path's sha256, pinned; Python's per-process hash() would differ in every run
+    assert pack.dataset_name("/corpus/text.txt") == "text-47ab3ac7"
+    assert pack.dataset_name("/corpus/books/*.txt") == "books-d6a78461"
     assert pack.dataset_name(a) != pack.dataset_name(b)  # distinct
     assert pack.dataset_name(a).startswith("text-")
     assert pack.dataset_name(tmp_path / "docs" / "*.txt").startswith("docs-")
@@ -155,7 +163,7 @@ def test_prepare_reuses_cache_and_sees_changes(tmp_path, capsys):
     write_corpus(tmp_path / "docs", n_docs=3, chars=100)
     root = tmp_path / "data"
     first = pack.prepare(tmp_path / "docs", root=root)
-    assert "tokenizing 3 documents" in capsys.readouterr().out
+    assert "tokenized 3 documents" in capsys.readouterr().out
     assert pack.prepare(tmp_path / "docs", root=root) == first
     assert "tokenizing" not in capsys.readouterr().out
     (tmp_path / "docs" / "doc01.txt").write_text("changed")
@@ -218,6 +226,285 @@ def test_cli_exits_2_on_bad_input(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# prepare at scale: streaming, jsonl, nanoGPT folders, re-use
+
+
+def reference_streams(texts, enc):
+    """{split: bytes} of the former in-memory prepare (every document read whole, tokenized in one
+    call): sorted non-empty documents, every 10th to val (the last if fewer than 10), a single one
+    cut at the last line break before 90% of its characters."""
+    docs = [(name, text) for name, text in sorted(texts.items()) if text]
+    if len(docs) == 1:
+        text = docs[0][1]
+        cut = text.rfind("\n", 0, int(0.9 * len(text))) + 1 or int(0.9 * len(text))
+        docs = [("a", text[:cut]), ("b", text[cut:])]
+    val = {i for i in range(len(docs)) if i % 10 == 9} or {len(docs) - 1}
+    splits = {"train": [t for i, (_, t) in enumerate(docs) if i not in val],
+              "val": [t for i, (_, t) in enumerate(docs) if i in val]}
+    return {split: np.array([t for ids in enc.encode_ordinary_batch(texts) for t in
+                             ids + [enc.eot_token]], dtype=np.uint16).tobytes()
+            for split, texts in splits.items()}
+
+
+def one_file(folder, lines):
+    """A single document of random text (with lines or without)."""
+    rng = random.Random(1)
+    folder.mkdir()
+    text = "".join(rng.choice(ALPHABET.replace("\n", "")) + ("\n" if lines and i % 70 == 69
+                   else "") for i in range(4000))
+    (folder / "one.txt").write_text(text, encoding="utf-8", newline="")
+    return {str((folder / "one.txt").resolve()): text}
+
+
+LAYOUTS = {
+    "23 files and an empty one": lambda folder: {**write_corpus(folder, n_docs=23, chars=1500),
+                                                 **empty_file(folder)},
+    "one file": lambda folder: one_file(folder, lines=True),
+    "one file without line breaks": lambda folder: one_file(folder, lines=False),
+}
+
+
+def empty_file(folder):
+    (folder / "empty.txt").write_text("")
+    return {str((folder / "empty.txt").resolve()): ""}
+
+
+@pytest.mark.parametrize("tokenizer", pack.TOKENIZERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_streaming_prepare_equals_in_memory_prepare(tmp_path, monkeypatch, tokenizer, layout):
+    """Files read in 100-byte pieces (cutting UTF-8 characters), documents cut into segments,
+    tokenized by 2 worker processes: byte for byte the streams of the in-memory prepare."""
+    enc = tokenizer_or_skip(tokenizer)
+    texts = LAYOUTS[layout](tmp_path / "docs")
+    monkeypatch.setattr(pack, "CHUNK_BYTES", 100)
+    meta = pack.prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data", workers=2)
+    for split, expected in reference_streams(texts, enc).items():
+        assert (Path(meta["dir"]) / f"{split}.bin").read_bytes() == expected, split
+
+
+NASTY = ["a", "Z", "é", "中", "🙂", " ", "  ", "\n", "\n\n", "\r\n", "\t", "'s", "'ll", "'", "1",
+         "23", ".", "!?", "\x1c", "\u00a0", "\u2028", "\u3000", "e\u0301", "<|endoftext|>", " the"]
+
+
+@pytest.mark.parametrize("tokenizer", pack.TOKENIZERS)
+def test_documents_cut_at_safe_points_keep_their_tokens(monkeypatch, tokenizer):
+    """chunks() cuts long documents only where GPT-2's pattern starts a new piece anyway."""
+    enc = tokenizer_or_skip(tokenizer)
+    rng = random.Random(0)
+    monkeypatch.setattr(pack, "CHUNK_BYTES", 6)
+    cuts = 0
+    for _ in range(60):
+        text = "".join(rng.choice(NASTY) for _ in range(rng.randint(1, 300)))
+        doc = pack.Document("doc", len(text.encode()), text=text)
+        doc.pieces = lambda t=text: ((t[i:i + 5], 0) for i in range(0, len(t), 5))
+        segments = [s for c in pack.chunks([("train", doc)]) for s in c.segments]
+        cuts += len(segments) - 1
+        ids = np.concatenate([pack.encode_segments(tokenizer, [s]) for s in segments])
+        assert ids.tolist() == enc.encode_ordinary(text) + [enc.eot_token], repr(text)
+    assert cuts > 1000  # the documents were really cut
+
+
+def test_lone_surrogates_from_json_are_tokenized_like_encode_ordinary():
+    enc = pack.get_tokenizer("byte")
+    text = json.loads('"a\\ud800b"')  # a JSON escape can give a string no UTF-8 can hold
+    expected = enc.encode_ordinary(text) + [enc.eot_token]
+    assert pack.encode_segments("byte", [(text, True)]).tolist() == expected
+
+
+def test_prepare_streams_with_bounded_reading(monkeypatch):
+    """Documents, splits, chunks and the worker pool are lazy: an endless corpus yields chunks."""
+    monkeypatch.setattr(pack, "CHUNK_BYTES", 60)
+
+    def endless():
+        for i in itertools.count():
+            assert i < 1000, "read far ahead of the chunks asked for"
+            yield pack.Document(f"doc{i}", 6, text="words ")
+
+    parts = pack.split_documents(endless())
+    first = list(itertools.islice(pack.encode_chunks("byte", pack.chunks(parts), workers=2), 12))
+    assert [chunk.split for chunk, _ in first] == ["train"] * 9 + ["val"] + ["train"] * 2
+    assert all(len(ids) == chunk.chars + len(chunk.documents) for chunk, ids in first)
+
+
+def write_jsonl(path, records):
+    lines = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(lines)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_jsonl_corpus(tmp_path, suffix):
+    texts = [f"document {i}: ünïcödé\nsecond line" for i in range(25)]
+    records = [{"body": t, "id": i} for i, t in enumerate(texts)]
+    records[4:4] = ["", {"body": "", "id": -1}]  # a blank line and an empty text: no documents
+    write_jsonl(tmp_path / f"a{suffix}", records)
+    (tmp_path / "b.txt").write_text("a text file is one document")
+    meta = pack.prepare(tmp_path, root=tmp_path / "data", text_field="body")
+    docs = texts + ["a text file is one document"]
+    val = [9, 19]
+    assert decode_documents(meta, "train") == [d for i, d in enumerate(docs) if i not in val]
+    assert decode_documents(meta, "val") == [docs[i] for i in val]
+    name = str((tmp_path / f"a{suffix}").resolve())
+    assert meta["names"] == {"train": [f"{name}: 23 documents", str(tmp_path / "b.txt")],
+                             "val": [f"{name}: 2 documents"]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+@pytest.mark.parametrize("bad,message", [
+    ({"title": "no text"}, "has no 'text' field"),
+    ({"text": 3}, "'text' is a JSON number, not a string"),
+    ({"text": None}, "'text' is a JSON null, not a string"),
+    ('{"text": "cut', "is not JSON"),
+    ('["text"]', "is a JSON array, not an object"),
+])
+def test_bad_jsonl_line_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, suffix,
+                                                     bad, message):
+    path = tmp_path / f"corpus{suffix}"
+    write_jsonl(path, [{"text": "fine"}, {"text": "also fine"}, bad, {"text": "never read"}])
+    monkeypatch.setattr(sys, "argv", ["pack.py", "--data", str(path)])
+    with pytest.raises(SystemExit) as e:
+        pack.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {path.resolve()} line 3") and message in err
+    assert not list((pack.DATA).glob(f"{pack.dataset_name(path)}*"))  # nothing left behind
+
+
+def test_unreadable_gzip_is_a_clear_error(tmp_path):
+    (tmp_path / "corpus.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(pack.DataError, match=r"corpus\.jsonl\.gz is not a readable gzip file"):
+        pack.prepare(tmp_path / "corpus.jsonl.gz", root=tmp_path / "data")
+
+
+def nanogpt_folder(folder, n_train=3000, n_val=400):
+    """A nanoGPT data folder, as its prepare.py writes one: uint16 GPT-2 ids, eot between texts."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = rng.integers(0, 2000, n, dtype=np.uint16)
+        ids[::100] = 50256
+        ids.tofile(folder / f"{split}.bin")
+    return folder
+
+
+@pytest.mark.parametrize("arch", pack.ARCHS)
+def test_nanogpt_folder_trains_in_place(tmp_path, arch):
+    import train
+    tokenizer_or_skip("gpt2")
+    folder = nanogpt_folder(tmp_path / "owt")
+    config = train.TrainConfig(arch=arch, data=str(folder), tokenizer="gpt2",
+                               data_root=str(tmp_path / "data"), out_dir=str(tmp_path / arch),
+                               n_layer=2, n_dec_layer=1, n_head=2, n_embd=16, block_size=16,
+                               batch_size=2, max_iters=3, warmup_iters=1, eval_interval=3,
+                               eval_iters=1, log_interval=1)
+    history = train.train(config, log=lambda *a: None)
+    assert history["train_tokens"] > 0 and np.isfinite(history["val_loss"])
+    meta = pack.prepare(folder, "gpt2", root=tmp_path / "data")
+    assert meta["dir"] == str(folder) and meta["tokens"] == {"train": 3000, "val": 400}
+    assert not (tmp_path / "data").exists()  # used in place: nothing copied or written
+
+
+def test_rehash_is_not_carried_into_a_resumed_run(monkeypatch):
+    """--rehash acts once; --text_field, like --data, comes back from the checkpoint."""
+    import train
+    saved = {**vars(train.TrainConfig()), "rehash": True, "text_field": "body"}
+    monkeypatch.setattr(train, "load_checkpoint", lambda path, mmap: {"train_config": saved})
+    config = train.make_config(init_from="resume", out_dir="out/x")
+    assert config.rehash is False and config.text_field == "body"
+
+
+def test_nanogpt_folder_mismatches_are_clear_errors(tmp_path):
+    tokenizer_or_skip("gpt2")
+    folder = nanogpt_folder(tmp_path / "owt")
+    with pytest.raises(pack.DataError, match="GPT-2 tokens; use --tokenizer gpt2"):
+        pack.prepare(folder, "byte", root=tmp_path)
+    np.array([60000], dtype=np.uint16).tofile(folder / "val.bin")
+    with pytest.raises(pack.DataError, match=r"val\.bin is not uint16 GPT-2 token ids"):
+        pack.prepare(folder, "gpt2", root=tmp_path)
+    (folder / "meta.pkl").write_bytes(b"")  # nanoGPT's character-level folders have one
+    with pytest.raises(pack.DataError, match="has its own vocabulary"):
+        pack.prepare(folder, "gpt2", root=tmp_path)
+    with pytest.raises(pack.DataError, match="give nanoGPT's folder"):
+        pack.prepare(folder / "train.bin", "gpt2", root=tmp_path)
+
+
+def test_failed_prepare_leaves_nothing_that_passes(tmp_path, monkeypatch):
+    """An exception mid-way (after chunks were written) removes the scratch folder; the next
+    prepare starts afresh."""
+    texts = write_corpus(tmp_path / "docs", n_docs=12, chars=300)
+    good = pack.prepare(tmp_path / "docs", root=tmp_path / "data")
+    out = Path(good["dir"])
+    Path(next(iter(texts))).write_text("changed: the source no longer matches")
+    calls = []
+    encode = pack.encode_segments
+
+    def fails_on_third_chunk(tokenizer, segments):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(tokenizer, segments)
+
+    monkeypatch.setattr(pack, "encode_segments", fails_on_third_chunk)
+    monkeypatch.setattr(pack, "CHUNK_BYTES", 500)
+    with pytest.raises(KeyboardInterrupt):
+        pack.prepare(tmp_path / "docs", root=tmp_path / "data", workers=1)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [out.name]  # no scratch
+    files = pack.source_files(tmp_path / "docs")
+    assert not pack.is_prepared(out, pack.manifest(files, "text"))
+    monkeypatch.setattr(pack, "encode_segments", encode)
+    again = pack.prepare(tmp_path / "docs", root=tmp_path / "data")
+    assert again["source_hash"] != good["source_hash"]
+
+
+def test_one_character_file_is_refused_without_leftovers(tmp_path):
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(pack.DataError, match="single character"):
+        pack.prepare(tmp_path / "x.txt", root=tmp_path / "data")
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+def test_reuse_follows_the_manifest_and_rehash_reads_content(tmp_path, capsys):
+    """Re-use is decided from names, sizes and times; an edit that keeps both is seen only by
+    --rehash; another text field re-prepares a jsonl corpus."""
+    write_corpus(tmp_path / "docs", n_docs=3, chars=100)
+    write_jsonl(tmp_path / "docs" / "lines.jsonl", [{"text": "one", "alt": "uno"}])
+    prepare = functools.partial(pack.prepare, tmp_path / "docs", root=tmp_path / "data")
+
+    def tokenized(**kw):
+        capsys.readouterr()
+        meta = prepare(**kw)
+        return meta, "tokenizing" in capsys.readouterr().out
+
+    first, fresh = tokenized()
+    assert fresh and tokenized() == (first, False)
+    doc = tmp_path / "docs" / "doc01.txt"
+    stat = doc.stat()
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: re-prepared
+    assert tokenized()[1]
+    stat = doc.stat()
+    text = doc.read_bytes()
+    doc.write_bytes(text.replace(b"a", b"b"))  # same size and time, other content
+    assert doc.read_bytes() != text
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert tokenized()[1] is False  # not read without --rehash ...
+    edited, fresh = tokenized(rehash=True)  # ... and seen with it
+    assert fresh and edited["source_hash"] != first["source_hash"]
+    assert tokenized(rehash=True)[1] is False
+    alt, fresh = tokenized(text_field="alt")
+    assert fresh and alt["tokens"]["train"] == edited["tokens"]["train"]  # "uno" is 3 bytes too
+
+
+def test_progress_line(capsys):
+    progress = pack.Progress(total_bytes=4_000_000, after=0, every=0)
+    progress.update(documents=3, tokens=1200, nbytes=1_000_000)
+    line = capsys.readouterr().out
+    assert line.startswith("3 documents, 1,200 tokens, 1 of 4 MB, ") and "MB/s, ETA " in line
+    progress.finish()
+    assert capsys.readouterr().out.startswith("tokenized 3 documents into 1,200 tokens in ")
+
+
+# ---------------------------------------------------------------------------------------------
 # batches
 
 
@@ -232,16 +519,28 @@ def test_dec_batch(corpus):
 
 
 def test_bdd_block_ids(corpus):
-    batch = pack.Batches(corpus, "bdd", T, 256, max_blocks=8).get_batch("train")
-    assert set(batch) == {"x", "y", "block_ids"}
-    ids = batch["block_ids"]
-    assert ids.shape == (256, T) and ids.dtype == torch.long
-    assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
-    assert (ids[:, 0] == 0).all()
-    steps = ids.diff(dim=1)
-    assert ((steps == 0) | (steps == 1)).all()  # distinct boundaries, so ids rise by one at each
-    counts = steps.sum(dim=1)  # boundaries per row: positions 1..T-1 where a block starts
-    assert sorted(set(counts.tolist())) == list(range(1, 8))
+    """One block layout per batch, shared by its rows, drawn afresh for every batch: the count
+    uniform in 1..max_blocks-1 and the positions a uniform subset of 1..T-1."""
+    batches = pack.Batches(corpus, "bdd", T, 4, max_blocks=8)
+    layouts = []
+    for _ in range(300):
+        batch = batches.get_batch("train")
+        assert set(batch) == {"x", "y", "block_ids"}
+        assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
+        ids = batch["block_ids"]
+        assert ids.shape == (T,) and ids.dtype == torch.long and ids[0] == 0
+        steps = ids.diff()
+        assert ((steps == 0) | (steps == 1)).all()  # distinct boundaries: ids rise by one at each
+        layouts.append(tuple((steps.nonzero().view(-1) + 1).tolist()))
+    assert sorted({len(b) for b in layouts}) == list(range(1, 8))
+    # not one fixed ordering of positions cut at different counts: the layouts of one count
+    # differ, and across batches every position of 1..T-1 starts a block at some point
+    for n in range(1, 8):
+        same_count = [b for b in layouts if len(b) == n]
+        assert len(set(same_count)) > len(same_count) // 2, n
+    assert set().union(*layouts) == set(range(1, T))
+    first = [b[0] for b in layouts if len(b) == 1]  # a lone boundary: uniform over 1..T-1
+    assert min(first) < T // 4 and max(first) > 3 * T // 4
 
 
 def test_prefix_lm_batch(corpus):
@@ -307,7 +606,7 @@ def test_continuation_batches_score_the_same_targets(corpus):
             targets = [row[row != -1].tolist() for row in y]
             assert targets == w[:, s + 1:].tolist(), arch
         assert torch.equal(batches["dec"]["x"], w[:, :T])
-        assert torch.equal(batches["bdd"]["block_ids"][0], (torch.arange(T) >= s).long())
+        assert torch.equal(batches["bdd"]["block_ids"], (torch.arange(T) >= s).long())
         encdec = batches["encdec"]
         assert torch.equal(encdec["enc_x"], w[:, :s]) and encdec["enc_mask"].all()
         assert torch.equal(encdec["dec_x"], w[:, s:T])
@@ -354,7 +653,7 @@ def test_default_corpus(shakespeare):
     assert (train == shakespeare["eot"]).sum() == 38
     assert bytes(train[:25].astype(np.uint8)) == b"ALL'S WELL THAT ENDS WELL"
     batches = pack.Batches(shakespeare, "bdd", 256, 4)
-    assert batches.get_batch("train")["block_ids"].shape == (4, 256)
+    assert batches.get_batch("train")["block_ids"].shape == (256,)
 
 
 def test_default_corpus_gpt2(shakespeare):

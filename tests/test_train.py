@@ -2,10 +2,15 @@
 keeps the good checkpoint, bad input exits 2 with one line, a diverging loss exits 1, and DDP keeps
 two ranks in sync. Tiny models on a tiny corpus written here."""
 
+import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
+from contextlib import nullcontext
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -105,24 +110,71 @@ def test_lr_schedule():
     assert lrs[55] == pytest.approx(0.55) and lrs[100] == lrs[119] == 0.1
 
 
+class FixedBatches:
+    """The training batches train_step reads, in order: a stand-in for pack.Batches."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_batch(self, split):
+        return next(self.batches)
+
+    def supervision_stats(self, batch):
+        return {"supervised": 1.0, "padding": 0.0}
+
+
+def test_accumulated_gradient_is_the_gradient_of_the_mean_loss():
+    """train_step over 3 micro-batches hands the optimizer the gradient of the mean of their 3
+    losses: not 3 times it, not a third of it. AdamW and clipping would hide a constant scale,
+    so the optimizer here only records what it is given."""
+    torch.manual_seed(0)
+    model = build_model("dec", ModelConfig(vocab_size=37, block_size=16, n_layer=2,
+                                           n_dec_layer=1, n_head=2, n_embd=16))
+    micro = [{"x": torch.randint(37, (4, 16)), "y": torch.randint(37, (4, 16))} for _ in range(3)]
+
+    class Recorder:
+        def step(self):
+            self.grads = [p.grad.clone() for p in model.parameters()]
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+    config = train.TrainConfig(gradient_accumulation_steps=3, grad_clip=0.0)
+    optimizer, history = Recorder(), train.new_history(config, model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = train.train_step(model, optimizer, scaler, FixedBatches(micro), config, nullcontext(),
+                            "cpu", history)
+    mean = torch.stack([model(b)[1] for b in micro]).mean()
+    mean.backward()
+    assert loss.item() == pytest.approx(mean.item(), rel=1e-6)
+    for p, got in zip(model.parameters(), optimizer.grads):
+        assert torch.allclose(got, p.grad, rtol=1e-5, atol=1e-9)
+    assert history["train_batches"] == 3
+
+
 # -----------------------------------------------------------------------------
 # resume
 
 
-@pytest.mark.parametrize("arch", ["bdd", "encdec"])
-def test_resume_equals_uninterrupted(corpus, tmp_path, arch):
-    """Stopped at iteration 12 and resumed from the command line with only --max_iters, a run
-    reaches exactly the losses and weights of one that ran 20 iterations straight. Dropout makes
-    the torch RNG matter; bdd's block boundaries and encdec's split points the batch generator."""
+@pytest.mark.parametrize("arch, stop", [("bdd", 10), ("encdec", 12)])
+def test_resume_equals_uninterrupted(corpus, tmp_path, arch, stop):
+    """Stopped at iteration `stop` and resumed from the command line with only --max_iters, a run
+    reaches exactly the losses, evaluations and weights of one that ran 20 iterations straight.
+    Dropout makes the torch RNG matter; bdd's block boundaries and encdec's split points the batch
+    generator. bdd stops on an evaluation iteration (10), which the resumed run must not evaluate
+    again; encdec between two (its last evaluation, at 12, is the only extra point)."""
     kw = dict(arch=arch, dropout=0.1, max_iters=20, lr_decay_iters=20, eval_interval=5)
     straight = train.train(tiny(corpus, tmp_path / "a", **kw), log=quiet)
-    train.train(tiny(corpus, tmp_path / "b", **{**kw, "max_iters": 12}), log=quiet)
-    assert load(tmp_path / "b")["iter_num"] == 12
+    train.train(tiny(corpus, tmp_path / "b", **{**kw, "max_iters": stop}), log=quiet)
+    assert load(tmp_path / "b")["iter_num"] == stop
     train.main(["--init_from", "resume", "--arch", arch, "--out_dir", str(tmp_path / "b"),
                 "--max_iters", "20"])
     resumed = load(tmp_path / "b")
     assert resumed["history"]["iter_losses"] == straight["iter_losses"]
-    assert resumed["history"]["curve"][-1] == straight["curve"][-1]
+    straight_iters = [p["iter"] for p in straight["curve"]]
+    curve = resumed["history"]["curve"]
+    assert [p["iter"] for p in curve] == sorted({*straight_iters, stop})
+    assert [p for p in curve if p["iter"] in straight_iters] == straight["curve"]
     assert resumed["history"]["train_tokens"] == straight["train_tokens"]
     for k, v in load(tmp_path / "a")["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
@@ -132,7 +184,65 @@ def test_resume_takes_unset_flags_from_checkpoint(trained):
     config = train.make_config(init_from="resume", out_dir=str(trained), max_iters=8)
     saved = load(trained)["train_config"]
     assert (config.n_embd, config.block_size, config.data) == (32, 32, saved["data"])
-    assert config.max_iters == 8 and config.lr_decay_iters == saved["lr_decay_iters"] == 4
+    # lr_decay_iters unset stays None: the cosine follows the new max_iters ...
+    assert config.max_iters == 8 and config.lr_decay_iters is saved["lr_decay_iters"] is None
+    assert train.get_lr(6, config) > config.min_lr
+    # ... unless it is given
+    config = train.make_config(init_from="resume", out_dir=str(trained), max_iters=8,
+                               lr_decay_iters=4)
+    assert train.get_lr(6, config) == config.min_lr
+
+
+def logged(out_dir):
+    """log.jsonl's records without their wall-clock train_time."""
+    lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "train_time"} for line in lines]
+
+
+def test_resume_after_a_kill_during_a_save_equals_uninterrupted(corpus, tmp_path, monkeypatch):
+    """A 20-iteration run killed while saving at iteration 10 (ckpt.pt still holds iteration 5,
+    log.jsonl already has iteration 10 and half a line more), resumed with no flags but
+    --init_from resume, ends with the weights and the log of a run that was never stopped."""
+    kw = dict(dropout=0.1, max_iters=20, eval_interval=5, always_save_checkpoint=True)
+    train.train(tiny(corpus, tmp_path / "a", **kw), log=quiet)
+    saves, save = [], train.save_checkpoint
+
+    def killed_at_the_second_save(path, state):
+        saves.append(state["iter_num"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_at_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny(corpus, tmp_path / "b", **kw), log=quiet)
+    monkeypatch.undo()
+    assert saves == [5, 10] and load(tmp_path / "b")["iter_num"] == 5
+    with open(tmp_path / "b" / "log.jsonl", "a") as f:
+        f.write('{"iter": 15, "tok')
+    train.main(["--init_from", "resume", "--out_dir", str(tmp_path / "b")])
+    assert logged(tmp_path / "b") == logged(tmp_path / "a")
+    assert [p["iter"] for p in logged(tmp_path / "b")] == [0, 5, 10, 15, 20]
+    for k, v in load(tmp_path / "a")["model"].items():
+        assert torch.equal(v, load(tmp_path / "b")["model"][k]), k
+
+
+def test_resume_with_a_larger_max_iters_decays_to_the_new_end(corpus, tmp_path):
+    """A finished 12-iteration run extended to 20 (lr_decay_iters unset) runs iterations 12 to
+    19 at the learning rates of a 20-iteration run; its first 12 iterations decayed to 12, so it
+    does not end with the weights of a run planned for 20 (test_resume_equals_uninterrupted
+    shows the way to get those: --lr_decay_iters 20 from the start)."""
+    kw = dict(max_iters=20, eval_interval=5)
+    train.train(tiny(corpus, tmp_path / "a", **kw), log=quiet)
+    train.train(tiny(corpus, tmp_path / "b", **{**kw, "max_iters": 12}), log=quiet)
+    train.main(["--init_from", "resume", "--out_dir", str(tmp_path / "b"), "--max_iters", "20"])
+    lr_a = {p["iter"]: p["lr"] for p in logged(tmp_path / "a")}
+    lr_b = {p["iter"]: p["lr"] for p in logged(tmp_path / "b")}
+    assert list(lr_b) == [0, 5, 10, 12, 15, 20]
+    assert lr_b[15] == lr_a[15] > 3e-4  # on the cosine of 20 iterations, not at min_lr
+    assert lr_b[12] == 3e-4  # the first run's own end
+    a, b = load(tmp_path / "a")["model"], load(tmp_path / "b")["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 # -----------------------------------------------------------------------------
@@ -172,7 +282,8 @@ def corrupt(trained, tmp_path, how):
     out = tmp_path / how
     out.mkdir()
     data = (trained / "ckpt.pt").read_bytes()
-    (out / "ckpt.pt").write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x80garbage")
+    (out / "ckpt.pt").write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x80garbage",
+                                   "empty": b""}[how])
     return str(out)
 
 
@@ -183,24 +294,63 @@ BAD = [  # (flags, what the error line must say)
     (["--device", "banana"], "'banana' is not a device"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--block_size", "100000"], "block_size 100000 needs windows"),
-    (["--init_from", "resume", "--out_dir", "{empty}"], "no checkpoint at"),
+    (["--init_from", "resume", "--out_dir", "{folder}"], "no checkpoint at"),
     (["--init_from", "resume", "--out_dir", "{truncated}"], "not a readable checkpoint"),
-    (["--init_from", "resume", "--out_dir", "{garbage}"], "not a readable checkpoint"),
+    (["--init_from", "resume", "--out_dir", "{garbage}"],
+     "ckpt.pt is not a readable checkpoint: torch.load cannot read its 8 bytes, so it was cut "
+     "short or not written by train.py; delete it, or use another --out_dir"),
+    (["--init_from", "resume", "--out_dir", "{empty}"],
+     "ckpt.pt is not a readable checkpoint: it is empty, so it was cut short"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--arch", "dec"], "holds a bdd model"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--n_embd", "64"],
      "n_embd 32 (this run: 64)"),
+    (["--init_from", "resume", "--out_dir", "{trained}", "--max_iters", "3"],
+     "ckpt.pt is at iteration 4, past --max_iters 3; resume with --max_iters 4 or more"),
+    # a fresh run into a folder holding another run
+    (["--out_dir", "{trained}"], "ckpt.pt already holds a run: continue it with --init_from "
+     "resume, train into another --out_dir, or replace it with --overwrite"),
+    # folders that cannot be written
+    (["--out_dir", "{file}"], "afile is a file, not a folder; choose another --out_dir"),
+    (["--out_dir", "{file}/run"], "afile is a file, not a folder; choose another --out_dir"),
+    (["--data_root", "{file}"], "afile is a file, not a folder; choose another --data_root"),
+    # empty paths would mean the current folder
+    (["--data", ""], "--data is empty; give a path, or leave --data out for its default"),
+    (["--out_dir", ""], "--out_dir is empty"),
+    (["--data_root", ""], "--data_root is empty"),
+    # numbers out of their range (RANGES)
+    (["--min_lr", "-0.01"], "--min_lr -0.01 is out of range: it must be at least 0"),
+    (["--grad_clip", "-1"], "--grad_clip -1.0 is out of range: it must be at least 0"),
+    (["--weight_decay", "-1"], "--weight_decay -1.0 is out of range"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0 is out of range: it must be above 0"),
+    (["--learning_rate", "nan"], "--learning_rate nan is out of range: it must be above 0"),
+    (["--learning_rate", "inf"], "--learning_rate inf is out of range"),
+    (["--beta1", "2"], "--beta1 2.0 is out of range: it must be at least 0 and below 1"),
+    (["--dropout", "1.5"], "--dropout 1.5 is out of range: it must be at least 0 and below 1"),
+    (["--dropout", "nan"], "--dropout nan is out of range"),
+    (["--lr_decay_iters", "-5"], "--lr_decay_iters -5 is out of range"),
+    (["--max_iters", "-1"], "--max_iters -1 is out of range"),
+    (["--n_head", "0"], "--n_head 0 is out of range: it must be at least 1"),
+    (["--seed", "-1"], "--seed -1 is out of range: it must be at least 0 and at most 1e+18"),
 ]
 
 
 def placeholder(arg, trained, tmp_path):
-    """The folder a {name} in BAD stands for."""
-    if arg == "{empty}":
+    """The path a {name} in BAD stands for."""
+    if arg == "{folder}":
         return str(tmp_path)
     if arg == "{trained}":
         return str(trained)
-    if arg in ("{truncated}", "{garbage}"):
+    if arg.startswith("{file}"):
+        (tmp_path / "afile").write_text("not a folder")
+        return arg.replace("{file}", str(tmp_path / "afile"))
+    if arg in ("{truncated}", "{garbage}", "{empty}"):
         return corrupt(trained, tmp_path, arg.strip("{}"))
     return arg
+
+
+def test_every_numeric_field_has_a_range():
+    numeric = {f.name for f in fields(train.TrainConfig) if f.type in (int, float)}
+    assert numeric == set(train.RANGES)
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])
@@ -210,6 +360,83 @@ def test_bad_input_exits_2_with_one_line(corpus, trained, tmp_path, capsys, argv
         train.main(base + [placeholder(a, trained, tmp_path) for a in argv])
     assert exit.value.code == 2
     assert message in error_line(capsys)
+
+
+def test_folders_are_checked_before_the_data_is_prepared(corpus, tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    config = tiny(corpus, tmp_path / "afile", data_root=str(tmp_path / "fresh_data"))
+    with pytest.raises(SystemExit) as exit:
+        train.main(flags(config))
+    assert exit.value.code == 2 and "afile is a file, not a folder" in error_line(capsys)
+    assert not (tmp_path / "fresh_data").exists()
+
+
+@pytest.mark.parametrize("flag", ["out_dir", "data_root"])
+def test_unwritable_folder_exits_2(corpus, tmp_path, capsys, monkeypatch, flag):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.geteuid() == 0:  # root may write anyway; os.access answers as for another user
+        monkeypatch.setattr(train.os, "access", lambda path, mode: Path(path) != locked)
+    config = tiny(corpus, tmp_path / "out")
+    setattr(config, flag, str(locked / "sub"))
+    with pytest.raises(SystemExit) as exit:
+        train.main(flags(config))
+    assert exit.value.code == 2 and f"is not writable; choose another --{flag}" in error_line(capsys)
+
+
+def interrupt_at_the_first_step(monkeypatch):
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "train_step", ctrl_c)
+
+
+def test_overwrite_removes_the_old_run_before_the_new_one_logs(corpus, trained, tmp_path,
+                                                                monkeypatch, capsys):
+    """--overwrite: stopped before its first save, the new run leaves its own log and no
+    checkpoint, never its log beside the old run's checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    interrupt_at_the_first_step(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        train.main(flags(tiny(corpus, out, arch="dec", max_iters=4, overwrite=True)))
+    assert exit.value.code == 130
+    assert error_line(capsys) == (f"error: interrupted (Ctrl-C); there is no readable checkpoint "
+                                  f"at {out / 'ckpt.pt'}, so nothing to resume")
+    assert not (out / "ckpt.pt").exists()
+    assert [p["iter"] for p in logged(out)] == [0]  # the new run's first evaluation
+
+
+def test_interrupt_names_the_checkpoint_it_keeps(trained, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    interrupt_at_the_first_step(monkeypatch)
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--init_from", "resume", "--out_dir", str(out), "--max_iters", "8"])
+    assert exit.value.code == 130
+    assert error_line(capsys) == (f"error: interrupted (Ctrl-C); {out / 'ckpt.pt'} (iteration 4) "
+                                  f"is kept: continue with --init_from resume")
+    assert [p["iter"] for p in logged(out)] == [0, 4]
+
+
+def test_real_sigint_before_any_checkpoint(corpus, tmp_path):
+    """A real SIGINT, sent once the child has logged its first step: no checkpoint can exist
+    yet (the first evaluation after iteration 0 is at 100000), and the line says so."""
+    config = tiny(corpus, tmp_path, max_iters=100000, eval_interval=100000, log_interval=1)
+    child = subprocess.Popen([sys.executable, "-u", "train.py", *flags(config)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in child.stdout:
+            if line.startswith("iter 1/"):
+                child.send_signal(signal.SIGINT)
+                break
+        err = child.communicate(timeout=60)[1]
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert err.splitlines() == [f"error: interrupted (Ctrl-C); there is no readable checkpoint "
+                                f"at {tmp_path / 'ckpt.pt'}, so nothing to resume"]
 
 
 def test_cuda_without_gpu_exits_2(corpus, tmp_path, capsys):

@@ -1,0 +1,37 @@
+"""Every script answers argparse's own errors (unknown flag, missing or mistyped value) with one
+line on stderr and exit 2, like its other bad input: cli.Parser, not argparse's usage block."""
+
+import sys
+
+import pytest
+
+import compare
+import mask
+import pack
+import sample
+import train
+
+SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
+           "mask.py": mask.main, "pack.py": pack.main}
+BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
+       "compare.py": ["--repeats", "x"], "mask.py": ["--T", "1.5"], "pack.py": ["--tokenizer"]}
+
+
+def call(script, argv, monkeypatch):
+    """main(argv), or for a main() that reads sys.argv, main() with sys.argv set."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    if script == "pack.py":
+        return pack.main()
+    return SCRIPTS[script](argv)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("kind", ["unknown flag", "bad value"])
+def test_argparse_errors_are_one_line(script, kind, monkeypatch, capsys):
+    argv = ["--no_such_flag"] if kind == "unknown flag" else BAD[script]
+    with pytest.raises(SystemExit) as e:
+        call(script, argv, monkeypatch)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and err.rstrip().endswith("--help)"), err
