@@ -2,6 +2,7 @@
 KV-cached generation for dec, encdec and bdd; multi-turn sessions; measured cache and compute.
 
     python sample.py --out_dir out/bdd --prompt "ROMEO:" --max_new_tokens 200 --stats
+    python sample.py --out_dir out/bdd --prompts prompts.txt --batch_size 8 --num_samples 2
     printf 'To be\nor not\n' | python sample.py --out_dir out/bdd --chat --stats
 
 The model's prefill/decode (model.py) keep real KV caches; here they are driven turn by turn:
@@ -9,6 +10,8 @@ The model's prefill/decode (model.py) keep real KV caches; here they are driven 
 - bdd starts a new decoder block at each turn's last prompt token: only the tokens since the last
   block (the previous reply and the new text) go through its causal encoder, whose cache is kept;
 - encdec re-encodes the whole history each turn (its encoder is bidirectional).
+A batch of prompts of different lengths is left-padded and each row gets what it would get alone;
+--num_samples prefills a prompt once and copies its cache into each sample's row.
 Cache bytes are read from the cache tensors; FLOPs are counted by torch's FlopCounterMode.
 """
 
