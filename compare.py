@@ -9,12 +9,14 @@ Every arch gets the same width, heads, depth, data, tokens, optimiser and seed, 
 train.py's train() (no copied loop); decoding is sample.py's KV-cached generation (no copied
 generation). Written to --out_dir (default out/compare):
 - compare.png: continuation loss against training tokens (DESIGN.md section 4), decode-time KV
-  bytes against context length, and per-token decode cost (FLOPs counted, ms measured);
+  bytes against context length, per-token decode cost (FLOPs counted, ms measured), and decode
+  throughput against batch size with the largest batch a KV-memory budget holds (serving);
 - results.json: the numbers behind it;
 and a table with the ratios bdd/dec and encdec/dec is printed at the end.
 """
 
 import json
+import math
 import os
 import statistics
 import time
@@ -43,6 +45,12 @@ PRESETS = {
                 warmup_iters=60, beta2=0.95, eval_interval=50, eval_iters=8, log_interval=25,
                 dtype="bfloat16", compile=True, flex=True),
 }
+
+
+# The serving benchmark per preset: decode batches 1, 2, 4, ... up to max_batch, and the KV-memory
+# budget (MB = 1e6 bytes) that sets how many sequences each arch holds at the benchmark's context.
+SERVING = {"cpu": dict(kv_budget_mb=16.0, max_batch=64),
+           "gpu": dict(kv_budget_mb=4096.0, max_batch=256)}
 
 
 def decode_tokens(block_size):
@@ -95,6 +103,39 @@ def check_measurable(block_size):
                  f"use a larger --block_size")
 
 
+def measure_serving(models, block_size, kv_budget_mb, max_batch, repeats):
+    """Decode throughput (tokens/s over all rows) at context block_size // 2 for batches 1, 2, 4,
+    ... up to max_batch, and at the largest batch whose decode-time KV cache fits in kv_budget_mb
+    (from the bytes one sequence holds there, measured). Timing rounds alternate between the
+    archs at each batch; the median round counts. Small batches decode for a few milliseconds,
+    so they get more rounds (8x at batch 1). Returns (settings, {arch: figures})."""
+    context, n_tokens = block_size // 2, decode_tokens(block_size)
+    batches = sorted({2 ** i for i in range(max_batch.bit_length())} | {max_batch})
+    per_sequence = {arch: measure_decode(model, context, n_tokens, count_flops=False)["kv_bytes"]
+                    for arch, model in models.items()}
+    in_budget = {arch: int(kv_budget_mb * 1e6 // b) for arch, b in per_sequence.items()}
+
+    def throughput(batch_of):  # {arch: batch} -> {arch: (median tokens/s, KV bytes)}
+        runs = {arch: [] for arch in models}
+        for _ in range(repeats * max(1, 8 // max(batch_of.values()))):
+            for arch, model in models.items():
+                if batch_of[arch] >= 1:
+                    runs[arch].append(measure_decode(model, context, n_tokens, batch_of[arch],
+                                                     count_flops=False))
+        return {arch: (statistics.median(m["tokens_per_sec"] for m in r), r[0]["kv_bytes"])
+                if r else (None, 0) for arch, r in runs.items()}
+
+    by_batch = [throughput(dict.fromkeys(models, b)) for b in batches]
+    at_budget = throughput(in_budget)
+    out = {arch: {"serving": {
+        "bytes_per_sequence": per_sequence[arch],
+        "tokens_per_sec": [t[arch][0] for t in by_batch],
+        "budget_batch": in_budget[arch], "budget_tokens_per_sec": at_budget[arch][0],
+        "budget_kv_bytes": at_budget[arch][1]}} for arch in models}
+    return {"context_len": context, "decode_tokens": n_tokens, "batches": batches,
+            "kv_budget_mb": kv_budget_mb, "repeats": repeats}, out
+
+
 def measure_training(configs, repeats):
     """ms of one training step (forward and backward) per arch on the same random windows, cut
     into each arch's own batch, timed in rounds that alternate between the archs: a tokens/s
@@ -135,7 +176,9 @@ def plot(results, path):
     import matplotlib.pyplot as plt
     archs = results["archs"]
     colors = {"dec": "tab:blue", "encdec": "tab:green", "bdd": "tab:red"}
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
+    panels = 4 if "serving" in results else 3  # the serving panel comes after the other three
+    fig = plt.figure(figsize=(5.7 * panels, 5))
+    ax1, ax2, ax3 = (fig.add_subplot(1, panels, i) for i in (1, 2, 3))
     for arch, r in archs.items():
         if r["curve"]:
             tokens = [p["tokens"] / 1e6 for p in r["curve"]]
@@ -189,6 +232,8 @@ def plot(results, path):
     ax3b.set_ylim(0, 1.3 * max(ms))
     ax3.legend(loc="upper left", fontsize=8)
     ax3b.legend(loc="upper right", fontsize=8)
+    if panels == 4:
+        plot_serving(fig.add_subplot(1, 4, 4), results, colors)
     fig.suptitle(f"nanoBDD: dec vs encdec vs bdd ({results['device']}, "
                  f"{results['config']['n_layer']} layers, n_embd {results['config']['n_embd']})")
     fig.tight_layout()
@@ -197,6 +242,52 @@ def plot(results, path):
     plt.close(fig)
     os.replace(tmp, path)
     return fig  # closed, but its artists can still be read (the tests check the plotted values)
+
+
+def plot_serving(ax, results, colors):
+    """Decode tokens/s against batch per arch; a star at the largest batch the KV budget holds."""
+    s = results["serving"]
+    for arch, r in results["archs"].items():
+        sv = r["serving"]
+        ax.plot(s["batches"], sv["tokens_per_sec"], "o-", color=colors[arch], label=arch, ms=4)
+        if sv["budget_tokens_per_sec"] is not None:
+            ax.plot([sv["budget_batch"]], [sv["budget_tokens_per_sec"]], "*", ms=15,
+                    color=colors[arch], mec="k",
+                    label=f"{arch}: batch {sv['budget_batch']} fills the budget")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (sequences decoded together)")
+    ax.set_ylabel("decode tokens/s (all rows, measured)")
+    ax.set_title(f"Serving at context {s['context_len']}; star: {s['kv_budget_mb']:g} MB of KV cache")
+    ax.legend(fontsize=8)
+
+
+def serving_rows(results):
+    """Table rows of the serving benchmark: tokens/s at batch 1, at the largest batch measured
+    for every arch, and at equal KV memory (each arch at the largest batch its budget holds)."""
+    if "serving" not in results:
+        return []
+    s = results["serving"]
+    return [
+        ("decode tokens/s, batch 1", lambda r: r["serving"]["tokens_per_sec"][0], "{:,.0f}", True),
+        (f"decode tokens/s, batch {s['batches'][-1]}", lambda r: r["serving"]["tokens_per_sec"][-1],
+         "{:,.0f}", True),
+        (f"sequences in {s['kv_budget_mb']:g} MB of KV cache",
+         lambda r: r["serving"]["budget_batch"], "{:,}", True),
+        ("decode tokens/s there (equal memory)", lambda r: r["serving"]["budget_tokens_per_sec"],
+         "{:,.0f}", True),
+    ]
+
+
+def serving_ratios(results):
+    """A line per arch: its decode time per token over dec's at every measured batch."""
+    archs, lines = results["archs"], []
+    for a in ("bdd", "encdec"):
+        if a in archs and "dec" in archs and "serving" in results:
+            ratios = [d / x for d, x in zip(archs["dec"]["serving"]["tokens_per_sec"],
+                                            archs[a]["serving"]["tokens_per_sec"])]
+            lines.append(f"{a}/dec decode time per token, by batch: " + ", ".join(
+                f"{b}: {r:.3f}" for b, r in zip(results["serving"]["batches"], ratios)))
+    return "\n".join(lines)
 
 
 def table(results):
@@ -218,7 +309,7 @@ def table(results):
         ("layer FLOPs per token", lambda r: r["decode_flops_per_token"]["layers"], "{:,}", True),
         ("head FLOPs per token", lambda r: r["decode_flops_per_token"]["head"], "{:,}", True),
         ("decode ms per token", lambda r: r["decode_ms_per_token"], "{:.3f}", True),
-    ]
+    ] + serving_rows(results)
     ratios = [f"{a}/dec" for a in ("bdd", "encdec") if a in archs and "dec" in archs]
     head = ["metric", *archs, *ratios]
     lines = [head]
@@ -233,6 +324,25 @@ def table(results):
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
+
+
+def add_serving_flags(p):
+    p.add_argument("--kv_budget_mb", type=float, help="serving: KV-cache memory (MB) each arch "
+                   "fills with sequences (default per preset: cpu 16, gpu 4096)")
+    p.add_argument("--serving_max_batch", type=int, help="serving: the largest decode batch "
+                   "measured (default per preset: cpu 64, gpu 256)")
+
+
+def serving_settings(args):
+    """(KV budget in MB, largest batch) of the serving benchmark: the flags, else the preset's."""
+    preset = SERVING[args.preset]
+    budget = preset["kv_budget_mb"] if args.kv_budget_mb is None else args.kv_budget_mb
+    max_batch = preset["max_batch"] if args.serving_max_batch is None else args.serving_max_batch
+    if not (math.isfinite(budget) and budget > 0):
+        cli.fail(f"--kv_budget_mb must be a positive number of MB, got {budget}")
+    if max_batch < 1:
+        cli.fail(f"--serving_max_batch must be at least 1, got {max_batch}")
+    return budget, max_batch
 
 
 def write_json(obj, path):
@@ -270,6 +380,7 @@ def run(argv=None):
     p.add_argument("--out_dir", default=os.path.join("out", "compare"))
     p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms and "
                    "training steps")
+    add_serving_flags(p)
     args, rest = p.parse_known_args(argv)
     flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
 
@@ -279,6 +390,7 @@ def run(argv=None):
             cli.fail(f"--{clash} is set by compare.py per arch; use --archs and --out_dir instead")
     if args.repeats < 1:
         cli.fail("--repeats must be at least 1")
+    serving = serving_settings(args)
     configs = {}
     for arch in archs:
         values = {**PRESETS[args.preset], **flags, "arch": arch,
@@ -314,10 +426,12 @@ def run(argv=None):
           flush=True)
     inference = measure_inference(models, first.block_size, args.repeats)
     steps = measure_training(configs, args.repeats)
+    print("== measuring serving: decode throughput by batch and at a KV budget ==", flush=True)
+    serving_setup, served = measure_serving(models, first.block_size, *serving, args.repeats)
 
     results = {"config": {k: v for k, v in vars(first).items() if k not in ("arch", "out_dir")},
                "preset": args.preset, "device": first.device, "torch": torch.__version__,
-               "skip_train": args.skip_train, "archs": {}}
+               "skip_train": args.skip_train, "serving": serving_setup, "archs": {}}
     for arch in archs:
         h = histories.get(arch, {})
         curve = [{"tokens": p["tokens"], "train_loss": p["train_loss"],
@@ -329,11 +443,13 @@ def run(argv=None):
             "supervised_fraction": h.get("supervised_fraction"),
             "padding_fraction": h.get("padding_fraction"),
             "train_tokens_per_sec": h.get("train_tokens_per_sec"),
-            "curve": curve, "val_loss": h.get("val_loss"), **steps[arch], **inference[arch]}
+            "curve": curve, "val_loss": h.get("val_loss"), **steps[arch], **inference[arch],
+            **served[arch]}
     results["wall_time"] = time.time() - t_start
     write_json(results, os.path.join(args.out_dir, "results.json"))
     plot(results, os.path.join(args.out_dir, "compare.png"))
     print(table(results))
+    print(serving_ratios(results))
     print(f"wrote {args.out_dir}/results.json and {args.out_dir}/compare.png "
           f"in {results['wall_time']:.0f} s")
 

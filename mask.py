@@ -9,6 +9,9 @@ BlockMask (on GPU, where skipping the masked tiles pays):
 - causal: key <= query. Decoder-only layers, the BDD encoder, encoder-decoder self-attention;
   with `past` cached keys in front when a KV cache is extended by several tokens at once.
 - encoder (bidirectional) and cross: every real (non-padding) key of the source.
+- padded (a batch of prompts of different lengths at inference): the causal or bidirectional
+  rule over the real key columns only, each query also seeing its own column, so that a padding
+  query is never left without a key.
 - bdd decoder: one T x 2T mask over the concatenated keys [encoder | decoder]:
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
     right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
@@ -92,6 +95,16 @@ def key_padding_rule(valid):
     return lambda b, q, k: valid[b, k]
 
 
+def padded_rule(valid, past=0, causal=True):
+    """Keys that hold a real token (valid (B, Tk) bool, False = padding), and the query's own
+    column past + q; causal: nothing after it. `past` cached columns come before the queries."""
+    def rule(b, q, k):
+        own = k == q + past
+        allowed = valid[b, k] | own
+        return allowed & (k <= q + past) if causal else allowed
+    return rule
+
+
 def bdd_decoder_rule(ids):
     """The doubly-causal block mask over [encoder | decoder] keys; ids (B, T)."""
     T = ids.shape[-1]
@@ -152,6 +165,22 @@ def encoder_masks(valid, Td, flex=False):
     return (_build(rule, B, Te, Te, valid.device, flex, squeeze=False),
             _build(rule, B, Td, Te, valid.device, flex, squeeze=False),
             causal_mask(Td, valid.device, flex))
+
+
+def padded_causal_mask(valid, n):
+    """(B, n, Tk) for the last n of Tk cached columns, valid (B, Tk): each sees the real columns
+    up to itself (a KV cache of left-padded rows, padding possibly between turns)."""
+    B, Tk = valid.shape
+    return materialize(padded_rule(valid, Tk - n), B, n, Tk, valid.device)
+
+
+def padded_source_masks(valid):
+    """A source with padding anywhere, valid (B, Te) bool: (encoder mask (B, Te, Te),
+    bidirectional over the real tokens; cross mask (B, 1, Te), every real source token, for any
+    number of decoder queries). A row may have no real token at all (an empty source)."""
+    B, Te = valid.shape
+    return (materialize(padded_rule(valid, causal=False), B, Te, Te, valid.device),
+            materialize(key_padding_rule(valid), B, 1, Te, valid.device))
 
 
 class BlockLayout:

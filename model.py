@@ -18,6 +18,10 @@ Every attention of every layer goes through `attention()` below. The masks come 
 Inference (DESIGN.md section 3) uses the same blocks with a KV cache: `model.prefill(idx)` starts a
 turn from prompt tokens, `model.decode(idx_next, cache)` feeds one token per row; both return the
 next-token logits (B, vocab) and the cache, whose `nbytes()` is counted from the live tensors.
+A batch of prompts of different lengths is left-padded (`valid=` marks the padding): every row's
+last prompt token sits in the same column, so bdd's block boundary is one column for the batch;
+the cache keeps which of its columns are real, every layer masks the padding and RoPE counts each
+row's own tokens, so each row gets the logits it would get alone.
 """
 
 import functools
@@ -28,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mask import BlockLayout, bdd_block_masks, bdd_masks, causal_mask, encoder_masks
+from mask import (BlockLayout, bdd_block_masks, bdd_masks, causal_mask, encoder_masks,
+                  padded_causal_mask, padded_source_masks)
 
 ARCHS = ("dec", "encdec", "bdd")
 
@@ -118,10 +123,26 @@ class Rotary(nn.Module):
 
     def forward(self, start, length):
         """cos, sin for positions start..start+length-1, each (length, hs/2)."""
-        if start + length > len(self.cos):
-            raise ValueError(f"position {start + length - 1} is past the model's context "
-                             f"(block_size {len(self.cos)})")
+        self._check(start + length - 1)
         return self.cos[start:start + length], self.sin[start:start + length]
+
+    def at(self, positions):
+        """cos, sin (B, 1, n, hs/2) for per-row positions (B, n) (the rows of a padded batch)."""
+        if positions.numel():
+            self._check(int(positions.max()))
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def _check(self, last):
+        if last >= len(self.cos):
+            raise ValueError(f"position {last} is past the model's context "
+                             f"(block_size {len(self.cos)})")
+
+
+def positions(valid, n):
+    """Positions (B, n) of the last n of L columns, valid (B, L) bool (False = padding): the real
+    tokens before each column in its row. A padding column gets its neighbour's (never read)."""
+    L = valid.shape[1]
+    return (valid.long().cumsum(1)[:, L - n:] - 1).clamp(min=0)
 
 
 def rotate(x, rope):
@@ -216,9 +237,12 @@ class CrossBlock(Block):
         self.ln_cross = nn.RMSNorm(config.n_embd)
         self.cross = Attention(config)
 
-    def forward(self, x, rope, mask, memory, cross_mask, cache=None, cross_cache=None):
+    def forward(self, x, rope, mask, memory, cross_mask, cache=None, cross_cache=None,
+                source_rows=None):
         """With caches, `memory` is given once (prefill) and its K/V kept in cross_cache;
-        memory=None reads them back. An empty source (no memory) adds nothing."""
+        memory=None reads them back. An empty source (no memory) adds nothing, and neither does
+        it in a padded batch for the rows whose source is all padding: source_rows (B, 1, 1) bool
+        says which rows have a source (None: all)."""
         h = self.ln_1(x)
         x = x + self.attn(self.attn.queries(h, rope), *self.attn.keys_values(h, rope, cache), mask)
         if memory is not None:
@@ -226,7 +250,8 @@ class CrossBlock(Block):
         else:
             k, v = cross_cache.view()
         if k.shape[2]:
-            x = x + self.cross(self.cross.queries(self.ln_cross(x), None), k, v, cross_mask)
+            y = self.cross(self.cross.queries(self.ln_cross(x), None), k, v, cross_mask)
+            x = x + (y if source_rows is None else y.where(source_rows, 0.0))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -235,8 +260,9 @@ class CrossBlock(Block):
 
 
 class KVCache:
-    """One attention layer's keys and values, preallocated for `capacity` positions at the first
-    append (then shape, dtype and device are known) and filled up to `length`."""
+    """One attention layer's keys and values, preallocated for `capacity` columns at the first
+    append (then shape, dtype and device are known) and filled up to `length`. Only the padding
+    of a batch can take it past its first capacity (block_size): then it grows."""
 
     def __init__(self, capacity):
         self.capacity, self.length = capacity, 0
@@ -244,23 +270,34 @@ class KVCache:
 
     def append(self, k, v):
         """Add k, v (B, nh, n, hs); return every cached k, v (B, nh, length, hs)."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_zeros(B, nh, self.capacity, hs)
-            self.v = v.new_zeros(B, nh, self.capacity, hs)
         end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KV cache full: {end} positions asked, {self.capacity} allocated")
+        if self.k is None or end > self.capacity:
+            self._reserve(k, self.capacity if self.k is None else
+                          max(end, self.capacity + self.capacity // 2))
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.view()
+
+    def _reserve(self, like, capacity):
+        """Buffers for `capacity` columns shaped like `like`, keeping the filled ones (the others
+        are never read before they are written: no need to zero them)."""
+        B, nh, _, hs = like.shape
+        k, v = like.new_empty(B, nh, capacity, hs), like.new_empty(B, nh, capacity, hs)
+        if self.k is not None:
+            k[:, :, :self.length], v[:, :, :self.length] = self.view()
+        self.k, self.v, self.capacity = k, v, capacity
 
     def view(self):
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
     def truncate(self, length):
         self.length = min(self.length, length)
+
+    def repeat_rows(self, n):
+        """Each row copied n times, in place (row b becomes rows b*n .. b*n + n - 1)."""
+        if self.k is not None:
+            self.k, self.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
 
     def filled_bytes(self):
         return 0 if self.k is None else 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
@@ -277,26 +314,64 @@ class Cache:
     cross:  encdec only, each decoder layer's cross K/V of the source
     prefix: bdd only, the encoder's per-layer K/V, kept for prefix reuse (the next turn), not
             needed to decode this one
-    tokens: (B, L) every token fed so far; pos: position of the next token in its stream;
+    tokens: (B, L) every token column fed so far (dec and bdd: the layers' cache columns;
+            encdec: the source's, then the decoder stream's);
+    valid:  (B, L) bool, False where a column is padding; None when no column of any row is;
+    pos: column of the next token in its stream (its position when nothing is padded);
     block_start: bdd, where the current decoder block starts (= length of the cross part);
-    encoded: tokens the last prefill ran through the encoder (dec: through all its layers).
+    encoded: columns the last prefill ran through the encoder (dec: through all its layers);
+    cross_mask, source_rows: encdec with a padded source, its real columns (B, 1, Te) and the
+            rows that have any (B, 1, 1) (None: every row does).
     """
 
     def __init__(self, layers, cross=(), prefix=()):
         self.layers, self.cross, self.prefix = list(layers), list(cross), list(prefix)
-        self.tokens = None
+        self.tokens = self.valid = self.cross_mask = self.source_rows = None
         self.pos = self.block_start = self.encoded = 0
 
-    def feed(self, idx):
-        self.tokens = idx if self.tokens is None else torch.cat([self.tokens, idx], dim=1)
+    def feed(self, idx, valid=None):
+        """Append token columns idx (B, n); valid (B, n) bool marks padding (None: all real)."""
+        if self.tokens is None:
+            self.tokens, self.valid = idx, valid
+        else:
+            self.tokens, self.valid = joined((self.tokens, self.valid), (idx, valid))
+
+    def columns(self, start, end=None):
+        """(tokens, valid) of columns start..end-1."""
+        valid = None if self.valid is None else self.valid[:, start:end]
+        return self.tokens[:, start:end], valid
+
+    def keep(self, n):
+        """Forget every token column from n on."""
+        if self.tokens is not None:
+            self.tokens, self.valid = self.columns(0, n)
+
+    def repeat_rows(self, n):
+        """Each row copied n times (row b becomes rows b*n .. b*n + n - 1): n continuations of one
+        prefill. Every copy is held, and counted by nbytes()."""
+        for c in self.layers + self.cross + self.prefix:
+            c.repeat_rows(n)
+        for name in ("tokens", "valid", "cross_mask", "source_rows"):
+            t = getattr(self, name)
+            setattr(self, name, None if t is None else t.repeat_interleave(n, 0))
 
     def nbytes(self):
         """Bytes of K/V: `decode` needed to keep decoding, `prefix` kept only for prefix reuse,
-        `allocated` everything preallocated."""
+        `allocated` everything preallocated. Padding columns are held, so they count."""
         decode = sum(c.filled_bytes() for c in self.layers + self.cross)
         prefix = sum(c.filled_bytes() for c in self.prefix)
         allocated = sum(c.allocated_bytes() for c in self.layers + self.cross + self.prefix)
         return {"decode": decode, "prefix": prefix, "allocated": allocated}
+
+
+def joined(a, b):
+    """Two groups of token columns side by side, each (tokens (B, n), valid (B, n) or None)."""
+    (ta, va), (tb, vb) = a, b
+    if va is None and vb is None:
+        return torch.cat([ta, tb], 1), None
+    va = torch.ones_like(ta, dtype=torch.bool) if va is None else va
+    vb = torch.ones_like(tb, dtype=torch.bool) if vb is None else vb
+    return torch.cat([ta, tb], 1), torch.cat([va, vb], 1)
 
 
 # -----------------------------------------------------------------------------
@@ -347,20 +422,26 @@ class LM(nn.Module):
         """Inference head: logits (B, vocab) of the last position of h (B, T, C)."""
         return self.head(h[:, -1:], None)[0][:, -1]
 
-    def feed(self, blocks, caches, idx, cache):
-        """Run tokens idx (B,) or (B, n) through blocks with their KV caches: next-token logits."""
+    def feed(self, blocks, caches, idx, cache, valid=None):
+        """Run tokens idx (B,) or (B, n) through blocks with their KV caches: next-token logits.
+        valid (B, n) bool marks padding among them (None: all real)."""
         idx = idx.view(idx.shape[0], -1)
-        h = self.run_cached(blocks, caches, self.embed(idx), cache.pos)
-        cache.feed(idx)
+        cache.feed(idx, valid)
+        rope, mask = self.rope_and_mask(cache.pos, idx.shape[1], cache.valid, idx.device)
+        h = self.run_cached(blocks, caches, self.embed(idx), rope, mask)
         cache.pos += idx.shape[1]
         return self.next_logits(h), cache
 
-    def run_cached(self, blocks, caches, x, past):
-        """Run the stream x (B, n, C) at positions past..past+n-1 through blocks, each appending
-        to its KV cache: causal over the cache and the n new positions."""
-        n = x.shape[1]
-        rope = self.rotary(past, n)
-        mask = causal_mask(n, x.device, past=past) if n > 1 else None  # one token sees it all
+    def rope_and_mask(self, past, n, valid=None, device=None):
+        """RoPE and mask of n new columns after `past` cached ones: positions past..past+n-1,
+        causal (one token sees it all: no mask). With valid (B, past + n) (padding somewhere in
+        the batch): each row's own positions, and only its real columns as keys."""
+        if valid is None:
+            return self.rotary(past, n), causal_mask(n, device, past=past) if n > 1 else None
+        return self.rotary.at(positions(valid, n)), padded_causal_mask(valid, n)
+
+    def run_cached(self, blocks, caches, x, rope, mask):
+        """Run the stream x (B, n, C) through blocks, each appending to its KV cache."""
         for block, cache in zip(blocks, caches):
             x = block(x, rope, mask, cache=cache)
         return x
@@ -393,15 +474,17 @@ class DecoderOnly(LM):
     def new_cache(self):
         return Cache(KVCache(self.config.block_size) for _ in self.blocks)
 
-    def prefill(self, idx, cache=None):
-        """Feed prompt tokens idx (B, n), appending to `cache` if given (a new chat turn)."""
+    def prefill(self, idx, cache=None, valid=None):
+        """Feed prompt tokens idx (B, n), appending to `cache` if given (a new chat turn);
+        valid (B, n) bool marks left padding (False)."""
         cache = cache or self.new_cache()
         cache.encoded = idx.shape[1]
-        return self.decode(idx, cache)
+        return self.decode(idx, cache, valid)
 
-    def decode(self, idx_next, cache):
-        """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n)."""
-        return self.feed(self.blocks, cache.layers, idx_next, cache)
+    def decode(self, idx_next, cache, valid=None):
+        """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n). valid (B,) or
+        (B, n) bool: False feeds a padding column (a row that has stopped)."""
+        return self.feed(self.blocks, cache.layers, idx_next, cache, _columns(valid, idx_next))
 
 
 class BlockDoubleDecoder(LM):
@@ -444,31 +527,36 @@ class BlockDoubleDecoder(LM):
         return Cache(layers=(KVCache(bs) for _ in self.decoder),
                      prefix=(KVCache(bs) for _ in self.encoder))
 
-    def prefill(self, idx, cache=None):
+    def prefill(self, idx, cache=None, valid=None):
         """Start a new block at the last token of idx (B, n) (DESIGN.md section 3).
 
         Every token fed before that one and not yet encoded (the previous block: last turn's
         prompt token and reply) goes through the causal encoder, extending its cache; each decoder
         layer appends their K/V to its cross part and drops its self part; then the decoder runs
-        the block's first token. The first prefill encodes idx[:, :-1]."""
+        the block's first token. The first prefill encodes idx[:, :-1]. valid (B, n) bool marks
+        left padding (False): the last column, the block's first token, is real in every row."""
         cache = cache or self.new_cache()
         start = cache.block_start
-        pending = idx if cache.tokens is None else torch.cat([cache.tokens[:, start:], idx], 1)
-        enc_in = pending[:, :-1]  # (B, n_enc_in) positions start..start+n_enc_in-1
-        memory = self.ln_enc(self.run_cached(self.encoder, cache.prefix, self.embed(enc_in), start))
-        memory_rope = self.rotary(start, enc_in.shape[1])
+        pending, pending_valid = (idx, valid) if cache.tokens is None else \
+            joined(cache.columns(start), (idx, valid))
+        enc_in = pending[:, :-1]  # (B, n_enc_in) columns start..start+n_enc_in-1
+        cache.keep(start)
+        cache.feed(enc_in, None if pending_valid is None else pending_valid[:, :-1])
+        rope, mask = self.rope_and_mask(start, enc_in.shape[1], cache.valid, idx.device)
+        memory = self.ln_enc(self.run_cached(self.encoder, cache.prefix, self.embed(enc_in),
+                                             rope, mask))
         for block, layer_cache in zip(self.decoder, cache.layers):
             layer_cache.truncate(start)  # keep the cross part, drop the last block's self part
-            block.remember(memory, memory_rope, layer_cache)
+            block.remember(memory, rope, layer_cache)
         cache.block_start = cache.pos = start + enc_in.shape[1]
         cache.encoded = enc_in.shape[1]
-        cache.tokens = None if cache.tokens is None else cache.tokens[:, :start]
-        cache.feed(enc_in)
-        return self.decode(pending[:, -1:], cache)
+        return self.decode(pending[:, -1:], cache,
+                           None if pending_valid is None else pending_valid[:, -1:])
 
-    def decode(self, idx_next, cache):
-        """Feed one token per row into the current block: n_dec layers only."""
-        return self.feed(self.decoder, cache.layers, idx_next, cache)
+    def decode(self, idx_next, cache, valid=None):
+        """Feed one token per row into the current block: n_dec layers only. valid (B,) bool:
+        False feeds a padding column (a row that has stopped)."""
+        return self.feed(self.decoder, cache.layers, idx_next, cache, _columns(valid, idx_next))
 
 
 class EncoderDecoder(LM):
@@ -496,11 +584,13 @@ class EncoderDecoder(LM):
             h = block(h, self.rotary(0, Td), dec_mask, memory, cross_mask)
         return self.head(h, batch.get("y"))
 
-    def encode(self, enc_x, enc_mask=None):
-        """Bidirectional encoder: final states (B, Te, C) after its final norm."""
+    def encode(self, enc_x, enc_mask=None, rope=None):
+        """Bidirectional encoder: final states (B, Te, C) after its final norm. rope: the
+        source's positions (default 0..Te-1)."""
+        rope = self.rotary(0, enc_x.shape[1]) if rope is None else rope
         e = self.embed(enc_x)
         for block in self.encoder:
-            e = block(e, self.rotary(0, enc_x.shape[1]), enc_mask)
+            e = block(e, rope, enc_mask)
         return self.ln_enc(e)
 
     def new_cache(self):
@@ -508,38 +598,56 @@ class EncoderDecoder(LM):
         return Cache(layers=(KVCache(bs) for _ in self.decoder),
                      cross=(KVCache(bs) for _ in self.decoder))
 
-    def prefill(self, idx, cache=None):
+    def prefill(self, idx, cache=None, valid=None):
         """The whole history up to the last token of idx (B, n) is the source; the decoder starts
         from that last token, as in training (source x[:s], decoder from x[s]). A bidirectional
-        encoder's states change when its source grows, so each turn re-encodes everything."""
-        history = idx if cache is None else torch.cat([cache.tokens, idx], dim=1)
-        return self.start(history[:, :-1], history[:, -1:])
+        encoder's states change when its source grows, so each turn re-encodes everything.
+        valid (B, n) bool marks left padding (False); the last column is real in every row."""
+        history, valid = (idx, valid) if cache is None else joined(cache.columns(0), (idx, valid))
+        return self.start(history[:, :-1], history[:, -1:], None if valid is None else valid[:, :-1])
 
-    def start(self, source, dec_start):
+    def start(self, source, dec_start, source_valid=None):
         """Encode source (B, Te) and run the decoder over dec_start (B, n): a fresh cache.
+        source_valid (B, Te) bool marks padding in the source (anywhere; a row may have no real
+        token); dec_start is real in every row.
         (Span-corruption models start from [prompt, sentinel] and [eot, sentinel]; see sample.py.)"""
         cache = self.new_cache()
-        memory = self.encode(source)
+        enc_mask = enc_rope = None
+        if source_valid is not None:
+            enc_mask, cache.cross_mask = padded_source_masks(source_valid)
+            enc_rope = self.rotary.at(positions(source_valid, source.shape[1]))
+            has_source = source_valid.any(1)
+            cache.source_rows = None if bool(has_source.all()) else has_source[:, None, None]
+        memory = self.encode(source, enc_mask, enc_rope)
         n = dec_start.shape[1]
-        rope = self.rotary(0, n)
-        mask = causal_mask(n, dec_start.device) if n > 1 else None
+        rope, mask = self.rope_and_mask(0, n, device=dec_start.device)
         h = self.embed(dec_start)
         for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
-            h = block(h, rope, mask, memory, None, self_cache, cross_cache)
-        cache.feed(torch.cat([source, dec_start], dim=1))
+            h = block(h, rope, mask, memory, cache.cross_mask, self_cache, cross_cache,
+                      cache.source_rows)
+        cache.feed(source, source_valid)
+        cache.feed(dec_start)
         cache.pos, cache.encoded = n, source.shape[1]
         return self.next_logits(h), cache
 
-    def decode(self, idx_next, cache):
-        """Feed one token per row to the decoder; the source's cross K/V are read from the cache."""
+    def decode(self, idx_next, cache, valid=None):
+        """Feed one token per row to the decoder; the source's cross K/V are read from the cache.
+        valid (B,) bool: False feeds a padding column (a row that has stopped)."""
         idx_next = idx_next.view(idx_next.shape[0], -1)
+        cache.feed(idx_next, _columns(valid, idx_next))
+        dec_valid = None if cache.valid is None else cache.valid[:, cache.encoded:]
+        rope, mask = self.rope_and_mask(cache.pos, 1, dec_valid, idx_next.device)
         h = self.embed(idx_next)
-        rope = self.rotary(cache.pos, 1)
         for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
-            h = block(h, rope, None, None, None, self_cache, cross_cache)
-        cache.feed(idx_next)
+            h = block(h, rope, mask, None, cache.cross_mask, self_cache, cross_cache,
+                      cache.source_rows)
         cache.pos += 1
         return self.next_logits(h), cache
+
+
+def _columns(valid, idx):
+    """valid (B,) or (B, n) shaped like the token columns idx; None stays None (all real)."""
+    return None if valid is None else valid.view(idx.shape[0], -1)
 
 
 MODELS = {"dec": DecoderOnly, "encdec": EncoderDecoder, "bdd": BlockDoubleDecoder}

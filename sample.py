@@ -2,6 +2,7 @@
 KV-cached generation for dec, encdec and bdd; multi-turn sessions; measured cache and compute.
 
     python sample.py --out_dir out/bdd --prompt "ROMEO:" --max_new_tokens 200 --stats
+    python sample.py --out_dir out/bdd --prompts prompts.txt --batch_size 8 --num_samples 2
     printf 'To be\nor not\n' | python sample.py --out_dir out/bdd --chat --stats
 
 The model's prefill/decode (model.py) keep real KV caches; here they are driven turn by turn:
@@ -9,9 +10,12 @@ The model's prefill/decode (model.py) keep real KV caches; here they are driven 
 - bdd starts a new decoder block at each turn's last prompt token: only the tokens since the last
   block (the previous reply and the new text) go through its causal encoder, whose cache is kept;
 - encdec re-encodes the whole history each turn (its encoder is bidirectional).
+A batch of prompts of different lengths is left-padded and each row gets what it would get alone;
+--num_samples prefills a prompt once and copies its cache into each sample's row.
 Cache bytes are read from the cache tensors; FLOPs are counted by torch's FlopCounterMode.
 """
 
+import math
 import os
 import sys
 import time
@@ -23,16 +27,17 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import cli
 from model import ModelConfig, build_model
-from pack import get_tokenizer
+from pack import DataError, get_tokenizer
 
 
 @dataclass
 class Generation:
-    tokens: torch.Tensor    # (B, G) the new tokens, up to and including a stop token
+    tokens: torch.Tensor    # (B, G) the new tokens; a row that stopped early repeats its stop token
     cache: object           # the model's cache after the turn
-    encoded: int            # tokens the turn's prefill ran through the encoder (dec: all layers)
+    encoded: int            # columns the turn's prefill ran through the encoder (dec: all layers)
     prefill_seconds: float
-    decode_seconds: float   # spent in decode steps, len(tokens) - 1 of them
+    decode_seconds: float   # spent in decode steps, G - 1 of them
+    lengths: list           # per row, its new tokens up to and including its stop token
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -47,13 +52,32 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
+def left_pad(rows):
+    """Token rows of any lengths (1-D tensors) -> idx (B, n), valid (B, n) bool (False = padding)
+    or None when no row is padded: each row right-aligned, so that every row's last token sits in
+    the last column (bdd's block boundary is then one column for the whole batch)."""
+    n = max(len(r) for r in rows)
+    if all(len(r) == n for r in rows):
+        return torch.stack(rows), None
+    idx = rows[0].new_zeros(len(rows), n)
+    valid = torch.zeros(len(rows), n, dtype=torch.bool, device=idx.device)
+    for b, r in enumerate(rows):
+        idx[b, n - len(r):] = r
+        valid[b, n - len(r):] = True
+    return idx, valid
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 class Session:
-    """A conversation with one model, one cache across turns.
+    """A conversation with one model, one cache across turns, for one row or a batch of rows.
+
+    A turn's prompts may have different lengths: each turn's new tokens are left-padded (padding
+    may then sit between turns in a row's cache; the model masks it everywhere), and each row gets
+    what it would get alone. A row that writes a stop token feeds padding until the batch is done.
 
     `span_sentinel` (span-corruption encdec checkpoints): such a model was trained to fill a
     sentinel, so each turn is generated T5-style: the encoder reads the history plus the sentinel,
@@ -63,61 +87,108 @@ class Session:
     def __init__(self, model, span_sentinel=None, eot=None):
         self.model, self.span_sentinel, self.eot = model, span_sentinel, eot
         self.cache = None
-        self.pending = None   # (B, 1) the last sampled token, not yet fed to the model
-        self.history = None   # (B, L) every token of the conversation (span models re-read it)
+        self.pending = None   # (B,) each row's last sampled token, not yet fed to the model
+        self.rows = None      # per row, every token of the conversation (1-D tensors)
 
-    def room(self):
-        """Positions left in the model's context."""
-        used = 0 if self.history is None else self.history.shape[1]
-        return self.model.config.block_size - used
+    @property
+    def history(self):
+        """(B, L) every token of the conversation, rows left-padded with zeros."""
+        return None if self.rows is None else left_pad(self.rows)[0]
+
+    def room(self, row=None):
+        """Positions left in the model's context, in one row or in the fullest one. A span model
+        keeps one for the sentinel its encoder reads after the history."""
+        used = 0 if self.rows is None else (max(len(r) for r in self.rows) if row is None
+                                            else len(self.rows[row]))
+        return self.model.config.block_size - used - (self.span_sentinel is not None)
 
     @torch.no_grad()
-    def turn(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             stop_tokens=()):
-        """Feed prompt tokens idx (B, n) as a new turn, then sample up to max_new_tokens."""
-        if idx.shape[1] + max_new_tokens - 1 > self.room():
-            raise ValueError(f"context full: {idx.shape[1]} prompt tokens and "
-                             f"{max_new_tokens} new tokens do not fit in the {self.room()} "
-                             f"positions left of block_size {self.model.config.block_size}")
-        model, device = self.model, idx.device
-        self.history = idx if self.history is None else torch.cat([self.history, idx], 1)
-        fresh = idx if self.pending is None else torch.cat([self.pending, idx], 1)
+    def turn(self, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+             stop_tokens=(), num_samples=1):
+        """Feed a new turn, then sample up to max_new_tokens per row. prompts: a (B, n) tensor or
+        B token sequences of any lengths. num_samples: the turn is prefilled once, then each row's
+        cache is copied into that many rows (B * num_samples rows from then on)."""
+        device = (prompts.device if isinstance(prompts, torch.Tensor)
+                  else next(self.model.parameters()).device)
+        rows = [torch.as_tensor(r, dtype=torch.long).view(-1).to(device) for r in prompts]
+        self._check(rows, max_new_tokens, num_samples)
+        fresh = rows if self.pending is None else [torch.cat([p.view(1), r])
+                                                   for p, r in zip(self.pending, rows)]
+        self.rows = rows if self.rows is None else [torch.cat(h) for h in zip(self.rows, rows)]
         t0 = time.perf_counter()
         if self.span_sentinel is None:
-            logits, self.cache = model.prefill(fresh, self.cache)
+            idx, valid = left_pad(fresh)
+            logits, self.cache = self.model.prefill(idx, self.cache, valid=valid)
         else:
-            B = idx.shape[0]
-            sentinel = torch.full((B, 1), self.span_sentinel, dtype=torch.long, device=device)
-            start = torch.cat([torch.full_like(sentinel, self.eot), sentinel], 1)
-            logits, self.cache = model.start(torch.cat([self.history, sentinel], 1), start)
+            sentinel = torch.tensor([self.span_sentinel], device=device)
+            source, source_valid = left_pad([torch.cat([h, sentinel]) for h in self.rows])
+            start = torch.tensor([[self.eot, self.span_sentinel]], device=device).expand(len(rows), 2)
+            logits, self.cache = self.model.start(source, start, source_valid)
             stop_tokens = (*stop_tokens, self.span_sentinel + 1, self.eot)
+        if num_samples > 1:
+            logits = logits.repeat_interleave(num_samples, 0)
+            self.cache.repeat_rows(num_samples)
+            self.rows = [h for h in self.rows for _ in range(num_samples)]
         _sync(device)
         t1 = time.perf_counter()
+        tokens, lengths = self._sample(logits, max_new_tokens, stop_tokens,
+                                       dict(temperature=temperature, top_k=top_k, generator=generator))
+        _sync(device)
+        t2 = time.perf_counter()
+        self.pending = tokens[:, -1]
+        self.rows = [torch.cat([h, t[:n]]) for h, t, n in zip(self.rows, tokens, lengths)]
+        return Generation(tokens, self.cache, self.cache.encoded, t1 - t0, t2 - t1, lengths)
+
+    def _check(self, rows, max_new_tokens, num_samples):
+        if self.rows is not None and len(rows) != len(self.rows):
+            raise ValueError(f"this session has {len(self.rows)} rows; a turn needs a prompt for "
+                             f"each, got {len(rows)}")
+        if not rows or num_samples < 1:
+            raise ValueError("a turn needs at least one prompt and num_samples >= 1")
+        for b, r in enumerate(rows):
+            if len(r) == 0:
+                raise ValueError(f"prompt {b} is empty")
+            if len(r) + max_new_tokens - 1 > self.room(b):
+                raise ValueError(f"context full: {len(r)} prompt tokens (row {b}) and "
+                                 f"{max_new_tokens} new tokens do not fit in the {self.room(b)} "
+                                 f"positions left of block_size {self.model.config.block_size}")
+
+    def _sample(self, logits, max_new_tokens, stop_tokens, sampling):
+        """Up to max_new_tokens per row from the prefill's logits (B, vocab). A row that has
+        written a stop token feeds padding from then on: its cache stays what it would be alone,
+        its stop token pending. Returns tokens (B, G) and each row's length."""
+        B, device = logits.shape[0], logits.device
         stops = torch.tensor(stop_tokens, dtype=torch.long, device=device)
-        stopped = torch.zeros(idx.shape[0], dtype=torch.bool, device=device)  # (B,)
+        stopped = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, generator)  # (B,)
+            nxt = sample_next(logits, **sampling)  # (B,)
             out.append(nxt)
             if i == max_new_tokens - 1:
                 break
-            if stop_tokens:  # every row has written a stop token
+            valid = None
+            if stop_tokens:
                 stopped |= torch.isin(nxt, stops)
-                if bool(stopped.all()):
+                n_stopped = int(stopped.sum())
+                if n_stopped == B:
                     break
-            logits, self.cache = model.decode(nxt, self.cache)
-        _sync(device)
+                valid = ~stopped if n_stopped else None
+            logits, self.cache = self.model.decode(nxt, self.cache, valid=valid)
         tokens = torch.stack(out, 1)  # (B, G)
-        self.pending = tokens[:, -1:]
-        self.history = torch.cat([self.history, tokens], 1)
-        return Generation(tokens, self.cache, self.cache.encoded, t1 - t0, time.perf_counter() - t1)
+        hit = torch.isin(tokens, stops)
+        lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, tokens.shape[1])
+        last = tokens.gather(1, (lengths - 1)[:, None])
+        after = torch.arange(tokens.shape[1], device=device) >= lengths[:, None]
+        return torch.where(after, last, tokens), lengths.tolist()
 
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             stop_tokens=(), span_sentinel=None, eot=None):
-    """Sample max_new_tokens after the prompt idx (B, P) with a KV cache: a one-turn Session."""
-    return Session(model, span_sentinel, eot).turn(idx, max_new_tokens, temperature, top_k,
-                                                    generator, stop_tokens)
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
+             stop_tokens=(), span_sentinel=None, eot=None, num_samples=1):
+    """Sample max_new_tokens after each prompt (a (B, P) tensor, or B sequences of any lengths)
+    with a KV cache: a one-turn Session. num_samples: continuations per prompt, from one prefill
+    whose cache is copied into each (rows b * num_samples .. b * num_samples + num_samples - 1)."""
+    return Session(model, span_sentinel, eot).turn(prompts, max_new_tokens, temperature, top_k,
+                                                    generator, stop_tokens, num_samples)
 
 
 # -----------------------------------------------------------------------------
@@ -143,10 +214,11 @@ def decode_flops(model, idx_next, cache):
 
 
 @torch.no_grad()
-def measure_decode(model, context_len, n_tokens=16, batch_size=1, seed=0):
-    """Prefill a random prompt so that `context_len` positions are held after n_tokens greedy
-    decode steps, then report the live cache bytes, the ms per decoded token and the FLOPs of one
-    more step. `context_len` counts the positions fed (prompt + decoded), at most block_size - 1."""
+def measure_decode(model, context_len, n_tokens=16, batch_size=1, seed=0, count_flops=True):
+    """Prefill random prompts (batch_size rows) so that `context_len` positions are held after
+    n_tokens greedy decode steps, then report the live cache bytes, the ms per decode step, the
+    decoded tokens per second (all rows) and the FLOPs of one more step (unless count_flops is
+    False). `context_len` counts the positions fed (prompt + decoded), at most block_size - 1."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     P = context_len - n_tokens
@@ -156,10 +228,11 @@ def measure_decode(model, context_len, n_tokens=16, batch_size=1, seed=0):
     prompt = torch.randint(model.config.vocab_size, (batch_size, P), generator=g).to(device)
     gen = generate(model, prompt, n_tokens + 1, temperature=0)
     nbytes = gen.cache.nbytes()
-    flops = decode_flops(model, gen.tokens[:, -1], gen.cache)
+    flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if count_flops else None
     return {"context_len": context_len, "kv_bytes": nbytes["decode"], "prefix_bytes": nbytes["prefix"],
             "allocated_bytes": nbytes["allocated"], "flops": flops,
-            "ms_per_token": 1000 * gen.decode_seconds / n_tokens}
+            "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
+            "tokens_per_sec": batch_size * n_tokens / gen.decode_seconds}
 
 
 # -----------------------------------------------------------------------------
@@ -184,32 +257,81 @@ def load_checkpoint(out_dir, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def read_prompt(text):
-    if text.startswith("FILE:"):
-        path = text[len("FILE:"):]
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read the prompt file {path}: {e}") from None
-    return text
+def read_text(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the {what} {path}: {e}") from None
 
 
-def format_stats(gen, prompt_len):
-    n = gen.tokens.shape[1]
+def read_prompts(args):
+    """[(where, text)] to generate from: --prompts FILE, one prompt per line (its newline not
+    included; an empty line is refused), or the one --prompt (FILE:path reads it)."""
+    if args.prompts is None:
+        text = "\n" if args.prompt is None else args.prompt
+        if text.startswith("FILE:"):
+            text = read_text(text[len("FILE:"):], "prompt file")
+        if not text:
+            raise ValueError("the prompt is empty; give some text with --prompt")
+        return [("the prompt", text)]
+    lines = read_text(args.prompts, "prompts file").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    lines = [line.removesuffix("\r") for line in lines]
+    if not lines:
+        raise ValueError(f"the prompts file {args.prompts} is empty; write one prompt per line")
+    empty = [i + 1 for i, line in enumerate(lines) if not line]
+    if empty:
+        raise ValueError(f"line {empty[0]} of {args.prompts} is empty ({len(empty)} empty lines in "
+                         f"all); every line is a prompt: remove the empty ones")
+    return [(f"line {i + 1} of {args.prompts}", line) for i, line in enumerate(lines)]
+
+
+def fit_prompt(ids, fit, where, args, block_size):
+    """A prompt's token ids, left-truncated to `fit` with --truncate; refused without it."""
+    if len(ids) <= fit:
+        return ids
+    if not args.truncate:
+        raise ValueError(f"{where} has {len(ids)} tokens but only {fit} fit with --max_new_tokens "
+                         f"{args.max_new_tokens} in block_size {block_size}; shorten it, lower "
+                         f"--max_new_tokens, or pass --truncate to keep its last {fit} tokens")
+    return ids[-fit:]
+
+
+def format_stats(gen, prompt_lens):
+    B = len(gen.lengths)
+    lens = sorted(set(prompt_lens))
+    decoded = sum(gen.lengths) - B  # the first new token of each row comes from the prefill
     b = gen.cache.nbytes()
-    rate = (n - 1) / gen.decode_seconds if n > 1 and gen.decode_seconds > 0 else float("nan")
-    return (f"prompt {prompt_len} tokens, encoded {gen.encoded}, generated {n} | "
+    rate = decoded / gen.decode_seconds if decoded and gen.decode_seconds > 0 else float("nan")
+    return (f"{f'{B} rows, ' if B > 1 else ''}prompt "
+            f"{lens[0] if len(lens) == 1 else f'{lens[0]} to {lens[-1]}'} tokens, "
+            f"encoded {gen.encoded}, generated {sum(gen.lengths)} | "
             f"prefill {1000 * gen.prefill_seconds:.1f} ms, decode {rate:.1f} tokens/s | "
             f"KV cache: decode {b['decode']:,} B, prefix {b['prefix']:,} B, "
             f"allocated {b['allocated']:,} B")
 
 
-def main(argv=None):
+# flag: (allowed, what it must be)
+FLAG_RULES = {
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "num_samples": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def parse_args(argv):
     p = cli.Parser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--out_dir", default="out/bdd", help="folder with ckpt.pt from train.py")
-    p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it")
-    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--prompt", help="prompt text, or FILE:path to read it (default: a newline)")
+    p.add_argument("--prompts", help="a file of prompts, one per line (empty lines refused), "
+                   "generated in batches of --batch_size, printed in input order")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per batch with --prompts")
+    p.add_argument("--num_samples", type=int, default=1, help="continuations per prompt, from "
+                   "one prefill copied into each")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=200)
@@ -220,16 +342,21 @@ def main(argv=None):
     p.add_argument("--stats", action="store_true", help="print token counts, speed, cache bytes "
                    "and FLOPs per decoded token")
     p.add_argument("--chat", action="store_true", help="multi-turn: one user turn per stdin line")
-    p.add_argument("--truncate", action="store_true", help="left-truncate a prompt that does not "
-                   "fit instead of refusing it")
+    p.add_argument("--truncate", action="store_true", help="left-truncate a prompt (or chat "
+                   "turn) that does not fit instead of refusing it")
     args = p.parse_args(argv)
+    for name, (allowed, what) in FLAG_RULES.items():
+        if not allowed(getattr(args, name)):
+            cli.fail(f"--{name} must be {what}, got {getattr(args, name)}")
+    if args.chat and (args.prompts or args.num_samples > 1):
+        cli.fail("--chat continues one conversation: drop --prompts and --num_samples")
+    if args.prompts is not None and args.prompt is not None:
+        cli.fail("give --prompt or --prompts, not both")
+    return args
 
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        cli.fail("--max_new_tokens and --num_samples must be at least 1")
-    if args.temperature < 0:
-        cli.fail(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k < 1:
-        cli.fail(f"--top_k must be at least 1, got {args.top_k}")
+
+def open_model(args):
+    """(device, model, checkpoint, tokenizer), or a one-line error."""
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -237,76 +364,120 @@ def main(argv=None):
         cli.fail(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
     try:
         model, ckpt = load_checkpoint(args.out_dir, device)
-        prompt = read_prompt(args.prompt)
-    except ValueError as e:
-        cli.fail(str(e))
-    enc = get_tokenizer(ckpt["tokenizer"])
+        enc = get_tokenizer(ckpt.get("tokenizer"))
+    except ValueError as e:  # pack.DataError included: a tokenizer this version does not know
+        cli.fail(f"{args.out_dir}: {e}" if isinstance(e, DataError) else str(e))
+    return device, model, ckpt, enc
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:  # every line printed so far is whole; nothing else is written
+        cli.fail("interrupted (Ctrl-C)", code=130)
+
+
+def run(args):
+    device, model, ckpt, enc = open_model(args)
     span = ckpt["arch"] == "encdec" and ckpt.get("objective") == "span"
     span_args = dict(span_sentinel=enc.n_vocab, eot=enc.eot_token) if span else {}
-    block_size = model.config.block_size
-    if args.max_new_tokens > block_size:
+    room = Session(model, **span_args).room()
+    if args.max_new_tokens > room:
         cli.fail(f"--max_new_tokens {args.max_new_tokens} runs past the model's context "
-             f"(block_size {block_size}); use at most {block_size}")
+                 f"(block_size {model.config.block_size}); use at most {room}")
+    prompts = []
+    try:
+        for where, text in ([] if args.chat else read_prompts(args)):
+            ids = enc.encode(text, disallowed_special=())
+            prompts.append((text, fit_prompt(ids, room - args.max_new_tokens + 1, where, args,
+                                             model.config.block_size)))
+    except ValueError as e:
+        cli.fail(str(e))
     torch.manual_seed(args.seed)
-    g = torch.Generator(device=device).manual_seed(args.seed)
     ctx = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
            if args.dtype != "float32" else nullcontext())
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, generator=g)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k,
+                    generator=torch.Generator(device=device).manual_seed(args.seed))
     print(f"{ckpt['arch']} model from {args.out_dir} (iter {ckpt.get('iter_num', '?')}, "
           f"{model.num_params() / 1e6:.2f}M non-embedding parameters, {ckpt['tokenizer']} tokens)",
           file=sys.stderr)
 
-    def encode(text):
-        ids = enc.encode(text, disallowed_special=())
-        return torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
-
-    def text_of(tokens):
-        ids = [t for t in tokens.tolist() if t < enc.n_vocab and t != enc.eot_token]
+    def text_of(tokens, n):
+        ids = [t for t in tokens[:n].tolist() if t < enc.n_vocab and t != enc.eot_token]
         return enc.decode(ids)
 
     if args.chat:
-        session = Session(model, **span_args)
-        print("chat: one turn per line; end with Ctrl-D", file=sys.stderr)
-        for n_turn, line in enumerate(sys.stdin, 1):
-            idx = encode(line if line.endswith("\n") else line + "\n")
-            budget = min(args.max_new_tokens, session.room() - idx.shape[1] + 1)
-            if budget < 1:
-                print("the conversation has filled the model's context; start a new one",
-                      file=sys.stderr)
-                break
-            with ctx:
-                gen = session.turn(idx, budget, stop_tokens=(enc.eot_token,), **sampling)
-            print(text_of(gen.tokens[0]), flush=True)
-            if args.stats:
-                print(f"[turn {n_turn}] " + format_stats(gen, idx.shape[1]), file=sys.stderr)
-        return
+        chat(Session(model, **span_args), enc, text_of, args, sampling, ctx)
+    else:
+        for first in range(0, len(prompts), args.batch_size):
+            batch = prompts[first:first + args.batch_size]
+            label = "" if args.prompts is None else (
+                f"[prompts {first + 1}-{first + len(batch)}] " if len(batch) > 1
+                else f"[prompt {first + 1}] ")
+            generate_batch(model, batch, text_of, args, sampling, span_args, ctx, label)
 
-    if not prompt:
-        cli.fail("the prompt is empty; give some text with --prompt")
-    idx = encode(prompt)
-    room = block_size - args.max_new_tokens + 1
-    if idx.shape[1] > room:
-        if not args.truncate:
-            cli.fail(f"the prompt has {idx.shape[1]} tokens but only {room} fit with "
-                 f"--max_new_tokens {args.max_new_tokens} in block_size {block_size}; shorten it, "
-                 f"lower --max_new_tokens, or pass --truncate to keep its last {room} tokens")
-        idx = idx[:, -room:]
+
+def generate_batch(model, batch, text_of, args, sampling, span_args, ctx, label):
+    """Generate for a batch of (text, ids) prompts, print each row after its prompt."""
+    n = args.num_samples
     with ctx:
-        gen = generate(model, idx, args.max_new_tokens, **sampling, **span_args)
+        gen = generate(model, [ids for _, ids in batch], args.max_new_tokens, **sampling,
+                       **span_args, num_samples=n)
         # one more decode step, counted; it needs one more free position in the context
-        measurable = args.stats and idx.shape[1] + gen.tokens.shape[1] <= block_size
+        longest = max(len(ids) for _, ids in batch)
+        measurable = args.stats and longest + gen.tokens.shape[1] <= model.config.block_size
         flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if measurable else None
-    for row in gen.tokens:
-        print(prompt + text_of(row))
-        print("---------------")
+    for row, (tokens, length) in enumerate(zip(gen.tokens, gen.lengths)):
+        print(batch[row // n][0] + text_of(tokens, length))
+        print("---------------", flush=True)
     if args.stats:
-        print(format_stats(gen, idx.shape[1]))
+        print(label + format_stats(gen, [len(ids) for _, ids in batch]))
         if flops is None:
             print("FLOPs per decoded token: not counted, the context has no free position for one "
                   "more step (lower --max_new_tokens by one)")
         else:
-            print(f"FLOPs per decoded token (batch {args.num_samples}): layers "
+            print(f"FLOPs per decoded token (batch {gen.tokens.shape[0]}): layers "
                   f"{flops['layers']:,}, LM head {flops['head']:,}")
+
+
+def chat(session, enc, text_of, args, sampling, ctx):
+    """One turn per stdin line. A turn whose reply does not fit in the context left gets a shorter
+    one; a turn that does not fit at all ends the chat (exit 2, the lines after it unanswered).
+    With --truncate, the conversation is cut to its last tokens instead (a new cache)."""
+    print("chat: one turn per line; end with Ctrl-D", file=sys.stderr)
+    for n_turn, line in enumerate(stdin_lines(), 1):
+        ids = enc.encode(line if line.endswith("\n") else line + "\n", disallowed_special=())
+        note = ""
+        if len(ids) + args.max_new_tokens - 1 > session.room() and args.truncate:
+            conversation = ([] if session.rows is None else session.rows[0].tolist()) + ids
+            session = Session(session.model, session.span_sentinel, session.eot)
+            ids = conversation[-(session.room() - args.max_new_tokens + 1):]
+            note = f" (--truncate: the conversation cut to its last {len(ids)} tokens)"
+        elif len(ids) > session.room():
+            cli.fail(f"turn {n_turn} has {len(ids)} tokens but only {max(0, session.room())} "
+                     f"positions are left in the context (block_size "
+                     f"{session.model.config.block_size}); it and the lines after it were not "
+                     f"answered: shorten it, or pass --truncate to cut the conversation")
+        with ctx:
+            gen = session.turn([ids], min(args.max_new_tokens, session.room() - len(ids) + 1),
+                               stop_tokens=(enc.eot_token,), **sampling)
+        print(text_of(gen.tokens[0], gen.lengths[0]), flush=True)
+        if args.stats:
+            print(f"[turn {n_turn}] " + format_stats(gen, [len(ids)]) + note, file=sys.stderr)
+
+
+def stdin_lines():
+    """stdin's lines, decoded as strict UTF-8 whatever the locale (a bad line: exit 2)."""
+    if not hasattr(sys.stdin, "buffer"):  # a text stream put in its place
+        yield from sys.stdin
+        return
+    for n, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            cli.fail(f"line {n} of stdin is not UTF-8 text ({e.reason} at byte {e.start}); it and "
+                     f"the lines after it were not answered: --chat reads UTF-8 lines, one turn each")
 
 
 if __name__ == "__main__":

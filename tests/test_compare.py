@@ -17,7 +17,8 @@ KEYS = ("non_embedding_params", "train_tokens", "supervised_fraction", "padding_
         "decode_flops_per_token", "decode_ms_per_token", "train_step_ms",
         "train_step_tokens_per_sec")
 TINY = ["--n_layer", "3", "--n_dec_layer", "1", "--n_head", "2", "--n_embd", "32",
-        "--block_size", "32", "--batch_size", "4", "--eval_iters", "1", "--repeats", "1"]
+        "--block_size", "32", "--batch_size", "4", "--eval_iters", "1", "--repeats", "1",
+        "--kv_budget_mb", "0.05", "--serving_max_batch", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_plot_draws_the_results(tiny_run, tmp_path):
     out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     fig = compare.plot(results, str(tmp_path / "compare.png"))
-    loss_ax, kv_ax, flops_ax, ms_ax = fig.axes
+    loss_ax, kv_ax, flops_ax, ms_ax = fig.axes[:4]  # the serving panel comes after them
     lines = {ax: {line.get_label(): line for line in ax.get_lines()} for ax in fig.axes}
     for arch, r in results["archs"].items():
         for label, key in (("continuation (val)", "val_loss"), ("own objective (train)",
@@ -234,3 +235,34 @@ def test_ctrl_c_exits_130_with_one_line(corpus, tmp_path, capsys, monkeypatch):
         len(err.splitlines()) == 1
     assert (tmp_path / "dec" / "ckpt.pt").exists() and not (tmp_path / "bdd" / "ckpt.pt").exists()
     assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "results.json").exists()
+
+
+def test_serving_section_table_and_panel(tmp_path, capsys, monkeypatch):
+    """Throughput by batch and at a KV budget: the largest batch each arch holds follows from
+    DESIGN.md section 3's bytes per sequence; the figure gets a fourth panel, after the others."""
+    from matplotlib.figure import Figure
+    titles = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (
+        titles.extend(ax.get_title() for ax in fig.axes), real(fig, *a, **k))[1])
+    compare.main(["--skip_train", "--archs", "dec,bdd", "--out_dir", str(tmp_path),
+                  "--n_layer", "6", "--n_dec_layer", "2", *TINY[4:]])
+    results = json.loads((tmp_path / "results.json").read_text())
+    serving = results["serving"]
+    assert serving["batches"] == [1, 2, 4] and serving["context_len"] == 16
+    per_position = 2 * 32 * 4  # K and V, n_embd 32, float32
+    for arch, layers in (("dec", 6), ("bdd", 2)):
+        s = results["archs"][arch]["serving"]
+        assert s["bytes_per_sequence"] == layers * 16 * per_position
+        assert s["budget_batch"] == 50_000 // s["bytes_per_sequence"]
+        assert s["budget_kv_bytes"] == s["budget_batch"] * s["bytes_per_sequence"] <= 50_000
+        assert len(s["tokens_per_sec"]) == 3 and min(s["tokens_per_sec"]) > 0
+    budget = {a: results["archs"][a]["serving"]["budget_batch"] for a in ("dec", "bdd")}
+    assert budget == {"dec": 2, "bdd": 6}  # a third of the bytes: three times the sequences
+    printed = capsys.readouterr().out
+    for row in ("decode tokens/s, batch 1", "decode tokens/s, batch 4", "sequences in 0.05 MB of KV cache",
+                "decode tokens/s there (equal memory)", "bdd/dec decode time per token, by batch"):
+        assert row in printed
+    assert len(titles) == 5 and titles[4].startswith("Serving at context 16")
+    assert titles[:3] == ["Continuation loss, same held-out targets",
+                          "KV cache measured from live tensors", "Decode cost per token at context 16"]

@@ -4,6 +4,7 @@ forward over the whole conversation, cache bytes follow DESIGN.md section 3, the
 import io
 import os
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -14,6 +15,7 @@ import torch
 
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
+from pack import N_SENTINELS
 from sample import Session, generate, main, measure_decode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -256,15 +258,24 @@ def test_generation_stops_when_every_row_has_written_a_stop_token():
 # command line, on a checkpoint written here in train.py's format
 
 
+def write_checkpoint(folder, arch="bdd", objective="prefix_lm", tokenizer="byte"):
+    vocab = 257 + (N_SENTINELS if objective == "span" else 0)
+    cfg = ModelConfig(vocab_size=vocab, block_size=64, n_layer=3, n_dec_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = build_model(arch, cfg)
+    torch.save({"model": model.state_dict(), "arch": arch, "model_config": asdict(cfg),
+                "tokenizer": tokenizer, "objective": objective, "iter_num": 0}, folder / "ckpt.pt")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def ckpt_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    cfg = ModelConfig(vocab_size=257, block_size=64, n_layer=3, n_dec_layer=1, n_head=2, n_embd=16)
-    torch.manual_seed(0)
-    model = build_model("bdd", cfg)
-    torch.save({"model": model.state_dict(), "arch": "bdd", "model_config": asdict(cfg),
-                "tokenizer": "byte", "objective": "prefix_lm", "iter_num": 0}, d / "ckpt.pt")
-    return d
+    return write_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def span_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("span"), "encdec", "span")
 
 
 def run_cli(*args, stdin=None):
@@ -275,12 +286,15 @@ def run_cli(*args, stdin=None):
 
 def run_main(capsys, monkeypatch, *args, stdin=""):
     """sample.main in this process (fast): returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else
+                        io.TextIOWrapper(io.BytesIO(stdin)))  # bytes: a real stdin's layers
     code = 0
     try:
         main([str(a) for a in args])
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped sample.main")
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -308,7 +322,13 @@ def test_cli_chat_reads_piped_turns(ckpt_dir, capsys, monkeypatch):
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "x" * 80], "only 45 fit"),
     (["--max_new_tokens", 100], "runs past the model's context"),
-    (["--temperature", -1], "--temperature must be >= 0"),
+    (["--temperature", -1], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--chat", "--num_samples", 2], "--chat continues one conversation"),
+    (["--prompt", "a", "--prompts", "p.txt"], "give --prompt or --prompts, not both"),
+    (["--prompts", "/no/such/file"], "cannot read the prompts file"),
+    (["--batch_size", 0], "--batch_size must be at least 1"),
     (["--top_k", 0], "--top_k must be at least 1"),
     (["--prompt", "FILE:/no/such/file"], "cannot read the prompt file"),
     (["--device", "bogus"], "is not usable here"),
@@ -320,6 +340,81 @@ def test_cli_bad_input_exits_2_with_one_line(ckpt_dir, capsys, monkeypatch, args
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1
+    assert "model from" not in err  # the error is the only line
+
+
+def test_cli_unknown_tokenizer_in_checkpoint(tmp_path, capsys, monkeypatch):
+    write_checkpoint(tmp_path, tokenizer="klingon")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
+    assert code == 2 and "unknown tokenizer 'klingon'" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_ctrl_c_exits_130_with_one_line(ckpt_dir, capsys, monkeypatch, chat):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Session, "turn", interrupted)
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--max_new_tokens", 5,
+                              *(["--chat"] if chat else []), stdin="hello\n")
+    assert code == 130 and out == ""
+    assert err.splitlines()[-1] == "error: interrupted (Ctrl-C)" and "Traceback" not in err
+
+
+def test_cli_sigint_while_chat_waits_for_a_line(ckpt_dir):
+    """A real Ctrl-C (SIGINT) in a real process, while chat waits for its next line."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir",
+                          str(ckpt_dir), "--chat", "--max_new_tokens", "5"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        while "chat: one turn per line" not in p.stderr.readline():
+            assert p.poll() is None, "sample.py ended before chat started"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and out == ""
+    assert err.strip() == "error: interrupted (Ctrl-C)"
+
+
+def test_cli_chat_refuses_non_utf8_stdin(ckpt_dir, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--chat",
+                              "--max_new_tokens", 3, stdin=b"hi\n\xff\xfe\nho\n")
+    assert code == 2 and out  # turn 1 answered, then one error line
+    assert "error: line 2 of stdin is not UTF-8 text" in err and "Traceback" not in err
+
+
+LONG = "x" * 80 + "\n"
+
+
+def test_cli_chat_turn_longer_than_the_context(ckpt_dir, capsys, monkeypatch):
+    """Without --truncate: a clear line, exit 2, nothing answered (no silent dropping of the
+    following lines); with it: every line answered, the conversation cut to its last tokens."""
+    flags = ["--out_dir", ckpt_dir, "--chat", "--max_new_tokens", 10, "--temperature", 0, "--stats"]
+    code, out, err = run_main(capsys, monkeypatch, *flags, stdin=LONG + "hello\n")
+    assert code == 2 and out == ""
+    assert "error: turn 1 has 81 tokens but only 64 positions are left" in err
+    assert "the lines after it were not answered" in err
+    code, out, err = run_main(capsys, monkeypatch, *flags, "--truncate", stdin=LONG + "hello\n")
+    assert code == 0, err
+    assert err.count("[turn ") == 2
+    assert "[turn 1] prompt 55 tokens" in err and "cut to its last 55 tokens" in err
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    ([], 2, "the prompt has 64 tokens but only 63 fit"),
+    (["--truncate"], 0, "prompt 63 tokens, encoded 64"),
+    (["--chat"], 2, "turn 1 has 64 tokens but only 63 positions are left"),
+    (["--chat", "--truncate"], 0, "[turn 1] prompt 63 tokens, encoded 64"),
+])
+def test_cli_span_model_counts_its_sentinel(span_dir, capsys, monkeypatch, flags, code, message):
+    """A span model's encoder reads the prompt plus a sentinel: a prompt of block_size tokens
+    does not fit (it used to fail deep inside the model, at position 64)."""
+    prompt = [] if "--chat" in flags else ["--prompt", "x" * 64]
+    got, out, err = run_main(capsys, monkeypatch, "--out_dir", span_dir, "--max_new_tokens", 1,
+                             "--stats", *prompt, *flags, stdin="x" * 63 + "\n")
+    assert got == code, err
+    assert message in out + err and "Traceback" not in err
 
 
 def test_cli_truncate_keeps_the_end_of_a_long_prompt(ckpt_dir, capsys, monkeypatch):
@@ -349,3 +444,53 @@ def test_span_model_fills_a_sentinel_t5_style():
         logits = model({"enc_x": torch.cat([prompt, sentinel], 1), "dec_x": dec_x})[0]
     assert torch.equal(logits[:, 1:].argmax(-1), gen.tokens)
     assert gen.encoded == 8
+
+
+def test_cli_prompts_file_prints_each_prompt_in_input_order(ckpt_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    """Batches of different lengths print what each prompt prints alone (greedy)."""
+    lines = ["To be", "or not to be, that is", "Q", "x" * 30]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines) + "\n")
+    flags = ["--out_dir", ckpt_dir, "--max_new_tokens", 12, "--temperature", 0]
+    code, out, err = run_main(capsys, monkeypatch, *flags, "--prompts", tmp_path / "prompts.txt",
+                              "--batch_size", 3, "--stats")
+    assert code == 0, err
+    alone = "".join(run_main(capsys, monkeypatch, *flags, "--prompt", line)[1] for line in lines)
+    printed = [l for l in out.splitlines() if not l.startswith(("[prompt", "FLOPs"))]
+    assert printed == alone.splitlines()
+    assert "[prompts 1-3] 3 rows, prompt 1 to 21 tokens" in out and "[prompt 4] prompt 30" in out
+
+
+def test_cli_num_samples_prefill_once(ckpt_dir, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--prompt", "ROMEO:",
+                              "--max_new_tokens", 10, "--temperature", 0, "--num_samples", 3,
+                              "--stats")
+    assert code == 0, err
+    samples = out.split("---------------\n")[:3]
+    assert len(set(samples)) == 1 and samples[0].startswith("ROMEO:")
+    assert "3 rows, prompt 6 tokens, encoded 5, generated 30" in out
+
+
+@pytest.mark.parametrize("text, flags, message", [
+    ("", [], "the prompts file {} is empty"),
+    ("\n", [], "line 1 of {} is empty (1 empty lines in all)"),
+    ("a\n\nb\n\n", [], "line 2 of {} is empty (2 empty lines in all)"),
+    ("a\n" + "y" * 60 + "\n", [], "line 2 of {} has 60 tokens but only 45 fit"),
+])
+def test_cli_bad_prompts_file_exits_2(ckpt_dir, tmp_path, capsys, monkeypatch, text, flags,
+                                      message):
+    path = tmp_path / "prompts.txt"
+    path.write_text(text)
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--max_new_tokens", 20,
+                              "--prompts", path, *flags)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {message.format(path)}")
+    assert err.count("\n") == 1 and "model from" not in err
+
+
+def test_cli_prompts_file_truncates_long_lines(ckpt_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "p.txt").write_text("a\n" + "y" * 60 + "\n")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--max_new_tokens", 20,
+                              "--prompts", tmp_path / "p.txt", "--truncate", "--stats")
+    assert code == 0, err
+    assert "2 rows, prompt 1 to 45 tokens" in out

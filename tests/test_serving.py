@@ -1,0 +1,155 @@
+"""Serving: a batch of prompts of different lengths gives each row what it gets alone (tokens and
+logits, one turn and two), --num_samples shares one prefill, cache bytes follow DESIGN.md
+section 3 for batches, and sample.py's --prompts is safe."""
+
+import pytest
+import torch
+
+import sample
+from model import ARCHS, ModelConfig, build_model
+from sample import Session, generate
+
+V = 41
+SPAN = V - 5  # span models: the last ids play the sentinels, eot just before them
+CASES = [(arch, None) for arch in ARCHS] + [("encdec", "span")]
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=V, block_size=40, n_layer=4, n_dec_layer=1, n_head=2, n_embd=16, bias=True)
+    return ModelConfig(**{**cfg, **kw})
+
+
+def model_of(arch, **kw):
+    """A tiny random model with weights larger than the init's (a fresh model repeats its last
+    token, so rows would all stop alike) and non-zero biases (a row without any source must get
+    nothing from encdec's cross-attention, not its output bias)."""
+    torch.manual_seed(0)
+    model = build_model(arch, tiny(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.1)
+            elif p.dim() == 2:
+                p.normal_(std=0.3)
+    return model
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SPAN - 1, (n,), generator=g) for n in lengths]
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """Every logits tensor sample_next is given, in order."""
+    seen = []
+    real = sample.sample_next
+    monkeypatch.setattr(sample, "sample_next", lambda logits, *a, **k: (
+        seen.append(logits.clone()), real(logits, *a, **k))[1])
+    return seen
+
+
+def turn_and_logits(session, prompts, logged, **kw):
+    """session.turn, and the logits each of its steps sampled from (steps, B, V)."""
+    logged.clear()
+    gen = session.turn(prompts, temperature=0, **kw)
+    return gen, torch.stack(logged)
+
+
+def assert_rows_equal_alone(batched, alone):
+    """batched: (gen, logits) of the batch; alone: one (gen, logits) per row."""
+    gen, logits = batched
+    for b, (g1, l1) in enumerate(alone):
+        n = g1.lengths[0]
+        assert gen.lengths[b] == n, b
+        assert torch.equal(gen.tokens[b, :n], g1.tokens[0, :n]), b
+        assert (logits[:n, b] - l1[:n, 0]).abs().max() < 1e-5, b
+
+
+def stops_for(model, prompts, span):
+    """A stop token that some rows write (then feed padding while the others go on) and some do
+    not."""
+    alone = [generate(model, [p], 8, temperature=0, **span).tokens[0].tolist() for p in prompts]
+    for t in sorted({t for row in alone for t in row}):
+        if any(t in row[:-1] for row in alone) and not all(t in row for row in alone):
+            return (t,)
+    raise AssertionError(f"no token stops some rows and not others in {alone}")
+
+
+@pytest.mark.parametrize("arch, objective", CASES)
+def test_batch_of_different_lengths_equals_each_alone(arch, objective, logged):
+    model = model_of(arch)
+    span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
+    prompts = prompts_of([5, 1, 9, 3])
+    stops = stops_for(model, prompts, span)
+    batched = turn_and_logits(Session(model, **span), prompts, logged, max_new_tokens=8,
+                              stop_tokens=stops)
+    alone = [turn_and_logits(Session(model, **span), [p], logged, max_new_tokens=8,
+                             stop_tokens=stops) for p in prompts]
+    assert_rows_equal_alone(batched, alone)
+    assert min(batched[0].lengths) < 8 == max(batched[0].lengths)  # some rows stopped early
+
+
+@pytest.mark.parametrize("arch, objective", CASES)
+def test_two_turn_batched_session_equals_per_row_sessions(arch, objective, logged):
+    """Left padding of the second turn sits in the middle of the rows; the rows' columns run past
+    block_size (the cache grows) while each row's positions stay inside it."""
+    model = model_of(arch, block_size=20)
+    span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
+    first, second = prompts_of([8, 1, 4]), prompts_of([1, 8, 3], seed=2)
+    stops = stops_for(model, first, span)
+    batch = Session(model, **span)
+    batch.turn(first, 4, temperature=0, stop_tokens=stops)
+    batched = turn_and_logits(batch, second, logged, max_new_tokens=4, stop_tokens=stops)
+    alone = []
+    for p, q in zip(first, second):
+        s = Session(model, **span)
+        s.turn([p], 4, temperature=0, stop_tokens=stops)
+        alone.append(turn_and_logits(s, [q], logged, max_new_tokens=4, stop_tokens=stops))
+    assert_rows_equal_alone(batched, alone)
+    if objective is None and arch != "encdec":  # dec and bdd keep one cache across the turns
+        assert batch.cache.tokens.shape[1] > 20 and batch.cache.layers[0].capacity > 20
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_tensor_batch_takes_the_unpadded_path(arch):
+    """Equal lengths (a (B, P) tensor, or a list of equal rows) need no padding mask at all."""
+    model = model_of(arch)
+    gen = generate(model, torch.stack(prompts_of([6, 6])), 5, temperature=0)
+    assert gen.cache.valid is None
+    assert generate(model, prompts_of([6, 3]), 5, temperature=0).cache.valid is not None
+
+
+def positions_held(arch, cfg, P, G):
+    """DESIGN.md section 3, one row: positions x layers held after prefill(P) and G decode steps."""
+    return cfg.n_layer * (P + G) if arch == "dec" else cfg.n_dec_layer * ((P - 1) + (1 + G))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_num_samples_share_one_prefill(arch, logged):
+    model = model_of(arch)
+    prompt = prompts_of([7])
+    greedy = generate(model, prompt, 6, temperature=0, num_samples=3)
+    assert len(logged) == 6 and logged[0].shape[0] == 3  # one prefill, copied into 3 rows
+    assert all(torch.equal(row, greedy.tokens[0]) for row in greedy.tokens)
+    assert torch.equal(greedy.tokens[:1], generate(model, prompt, 6, temperature=0).tokens)
+    seeded = [generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(3),
+                       num_samples=4).tokens for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])
+    assert len({tuple(r.tolist()) for r in seeded[0]}) > 1  # independent samples
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_bytes_of_a_padded_batch_follow_the_formula(arch):
+    """DESIGN.md section 3 for a batch: every row holds the longest prompt's columns (padding is
+    held memory), and num_samples copies are held too: rows x the one-row formula."""
+    cfg = tiny()
+    model = model_of(arch)
+    per_position = 2 * cfg.n_embd * 4  # K and V, float32
+    for lengths, n in (([4, 9, 1], 1), ([4, 9], 3), ([6], 5)):
+        gen = generate(model, prompts_of(lengths), 5, temperature=0, num_samples=n)
+        rows, P, G = len(lengths) * n, max(lengths), 4  # 5 new tokens: 4 decode steps
+        nbytes = gen.cache.nbytes()
+        assert nbytes["decode"] == rows * positions_held(arch, cfg, P, G) * per_position
+        prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
+        assert nbytes["prefix"] == rows * prefix * per_position
