@@ -51,6 +51,7 @@ PRESETS = {
 # budget (MB = 1e6 bytes) that sets how many sequences each arch holds at the benchmark's context.
 SERVING = {"cpu": dict(kv_budget_mb=16.0, max_batch=64),
            "gpu": dict(kv_budget_mb=4096.0, max_batch=256)}
+MAX_BUDGET_BATCHES = 4  # the budget may hold at most this many times the largest measured batch
 
 
 def decode_tokens(block_size):
@@ -103,17 +104,37 @@ def check_measurable(block_size):
                  f"use a larger --block_size")
 
 
-def measure_serving(models, block_size, kv_budget_mb, max_batch, repeats):
+def budget_batches(configs, kv_budget_mb, max_batch):
+    """Before any training: the decode-time KV bytes one sequence holds at the serving context
+    (measured on a fresh model of each arch; weights do not change them) and the largest batch
+    each arch fits in kv_budget_mb. Refuses a budget that holds no sequence, or so many that the
+    benchmark would decode batches far beyond the largest one it measures (a tiny model under
+    the GPU preset's budget would try thousands of rows at once)."""
+    per_sequence, in_budget = {}, {}
+    for arch, config in configs.items():
+        torch.manual_seed(config.seed)
+        model = build_model(arch, train.model_config(config)).to(config.device).eval()
+        per_sequence[arch] = measure_decode(model, config.block_size // 2,
+                                            decode_tokens(config.block_size),
+                                            count_flops=False)["kv_bytes"]
+        in_budget[arch] = int(kv_budget_mb * 1e6 // per_sequence[arch])
+        if not 1 <= in_budget[arch] <= MAX_BUDGET_BATCHES * max_batch:
+            cli.fail(f"--kv_budget_mb {kv_budget_mb:g} holds {in_budget[arch]:,} {arch} "
+                     f"sequences of {per_sequence[arch] / 1e6:.3g} MB at context "
+                     f"{config.block_size // 2}: choose a budget that holds 1 to "
+                     f"{MAX_BUDGET_BATCHES * max_batch} (--serving_max_batch {max_batch} "
+                     f"x {MAX_BUDGET_BATCHES})")
+    return per_sequence, in_budget
+
+
+def measure_serving(models, block_size, per_sequence, in_budget, max_batch, repeats):
     """Decode throughput (tokens/s over all rows) at context block_size // 2 for batches 1, 2, 4,
-    ... up to max_batch, and at the largest batch whose decode-time KV cache fits in kv_budget_mb
-    (from the bytes one sequence holds there, measured). Timing rounds alternate between the
-    archs at each batch; the median round counts. Small batches decode for a few milliseconds,
-    so they get more rounds (8x at batch 1). Returns (settings, {arch: figures})."""
+    ... up to max_batch, and at each arch's largest batch in the KV budget (budget_batches).
+    Timing rounds alternate between the archs at each batch; the median round counts. Small
+    batches decode for a few milliseconds, so they get more rounds (8x at batch 1). Returns
+    (settings, {arch: figures})."""
     context, n_tokens = block_size // 2, decode_tokens(block_size)
     batches = sorted({2 ** i for i in range(max_batch.bit_length())} | {max_batch})
-    per_sequence = {arch: measure_decode(model, context, n_tokens, count_flops=False)["kv_bytes"]
-                    for arch, model in models.items()}
-    in_budget = {arch: int(kv_budget_mb * 1e6 // b) for arch, b in per_sequence.items()}
 
     def throughput(batch_of):  # {arch: batch} -> {arch: (median tokens/s, KV bytes)}
         runs = {arch: [] for arch in models}
@@ -133,7 +154,7 @@ def measure_serving(models, block_size, kv_budget_mb, max_batch, repeats):
         "budget_batch": in_budget[arch], "budget_tokens_per_sec": at_budget[arch][0],
         "budget_kv_bytes": at_budget[arch][1]}} for arch in models}
     return {"context_len": context, "decode_tokens": n_tokens, "batches": batches,
-            "kv_budget_mb": kv_budget_mb, "repeats": repeats}, out
+            "repeats": repeats}, out
 
 
 def measure_training(configs, repeats):
@@ -402,6 +423,8 @@ def run(argv=None):
             cli.fail(str(e))
     first = configs[archs[0]]
     check_measurable(first.block_size)
+    kv_budget_mb, max_batch = serving
+    per_sequence, in_budget = budget_batches(configs, kv_budget_mb, max_batch)
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
 
@@ -427,7 +450,9 @@ def run(argv=None):
     inference = measure_inference(models, first.block_size, args.repeats)
     steps = measure_training(configs, args.repeats)
     print("== measuring serving: decode throughput by batch and at a KV budget ==", flush=True)
-    serving_setup, served = measure_serving(models, first.block_size, *serving, args.repeats)
+    serving_setup, served = measure_serving(models, first.block_size, per_sequence, in_budget,
+                                            max_batch, args.repeats)
+    serving_setup["kv_budget_mb"] = kv_budget_mb
 
     results = {"config": {k: v for k, v in vars(first).items() if k not in ("arch", "out_dir")},
                "preset": args.preset, "device": first.device, "torch": torch.__version__,

@@ -174,12 +174,24 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     (["--block_size", "2"], "--block_size 2 is too small for the decode measurements"),
     (["--arch", "bdd"], "--arch is set by compare.py per arch"),
     (["--n_dec_layer", "6"], "--n_dec_layer 6 must be at least 1 and smaller than --n_layer 6"),
+    (["--kv_budget_mb", "0.1"], "--kv_budget_mb 0.1 holds 0 dec sequences"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         compare.main(["--skip_train", "--out_dir", str(tmp_path), *argv])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_oversized_kv_budget_fails_before_any_training(corpus, capsys):
+    """The GPU preset's 4 GB budget on a tiny model would decode thousands of rows at once: it
+    is refused up front, before a step is trained."""
+    out = corpus / "budget"
+    with pytest.raises(SystemExit) as e:
+        compare.main(["--preset", "cpu", "--out_dir", str(out), "--data", str(corpus / "tiny.txt"),
+                      "--data_root", str(corpus / "data"), *TINY[:-4], "--kv_budget_mb", "4096"])
+    assert e.value.code == 2
+    assert "sequences of" in capsys.readouterr().err and not out.exists()
 
 
 def test_archs_accept_spaces_around_names():

@@ -68,7 +68,8 @@ def compare_gpu_preset(corpus, *flags):
         compare.main(["--preset", "gpu", "--device", "cpu", "--out_dir", str(out),
                       "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
                       "--max_iters", "2", "--eval_interval", "2", "--warmup_iters", "1",
-                      "--gradient_accumulation_steps", "2", "--repeats", "1", *flags,
+                      "--gradient_accumulation_steps", "2", "--repeats", "1",
+                      "--kv_budget_mb", "0.05", "--serving_max_batch", "4", *flags,
                       *[f"--{k}={v}" for k, v in TINY.items()
                         if k in ("n_layer", "n_dec_layer", "n_head", "n_embd", "block_size",
                                  "batch_size", "eval_iters")]])
