@@ -16,7 +16,7 @@ BlockMask (on GPU, where skipping the masked tiles pays):
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
     right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
   Every row allows its own diagonal, so no row is empty. See DESIGN.md section 2.
-  When one layout is shared by the whole batch (training batches), BlockLayout keeps the same
+  For the layout of one row, or one shared by a group of rows, BlockLayout keeps the same
   mask as its blocks, each a causal mask over [encoder states before the block | the block], so
   that attention skips the masked half instead of computing it.
 
@@ -184,7 +184,7 @@ def padded_source_masks(valid):
 
 
 class BlockLayout:
-    """The doubly-causal mask of one block layout shared by every row of a batch, kept as its
+    """The doubly-causal mask of one block layout (of a row, or shared by several), kept as its
     blocks. Block (s, e) sees the encoder states at positions < s and its own stream causally: over
     the keys [encoder[:s] | stream[s:e]] that is a causal mask with s keys in front, the mask a
     KV-cached prefill uses. model.attention() runs each block's queries against only those keys,
@@ -194,7 +194,8 @@ class BlockLayout:
     def __init__(self, ids):
         check_block_ids(ids)
         if ids.dim() != 1:
-            raise ValueError(f"a shared block layout has ids of shape (T,), got {tuple(ids.shape)}")
+            raise ValueError(f"a BlockLayout takes one layout's ids, shape (T,), got "
+                             f"{tuple(ids.shape)}")
         T = ids.shape[0]
         starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).view(-1) + 1).tolist()
         self.spans = list(zip(starts, starts[1:] + [T]))  # [(s, e)] of every block
@@ -203,9 +204,9 @@ class BlockLayout:
 
 
 def bdd_block_masks(ids):
-    """BDD masks for one layout shared by the batch, ids (T,): (encoder mask (Tm, Tm) causal over
-    the Tm = memory_len positions any decoder block reads, BlockLayout). The encoder states of the
-    last block are never attended, so the encoder need not compute them."""
+    """BDD masks for one layout, ids (T,): (encoder mask (Tm, Tm) causal over the Tm = memory_len
+    positions any decoder block reads, BlockLayout). The encoder states of the last block are
+    never attended, so the encoder need not compute them."""
     layout = BlockLayout(ids)
     return causal_mask(layout.memory_len, ids.device), layout
 

@@ -488,7 +488,8 @@ class DecoderOnly(LM):
 
 
 class BlockDoubleDecoder(LM):
-    """batch: x (B, T), y (B, T) or None, block_ids (B, T) or (T,)."""
+    """batch: x (B, T), y (B, T) or None, block_ids (G, T): G block layouts, each shared by B/G
+    consecutive rows ((T,) for one layout, (B, T) for one per row)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -499,19 +500,30 @@ class BlockDoubleDecoder(LM):
 
     def forward(self, batch):
         x, ids = batch["x"], batch["block_ids"]
-        T = x.shape[1]
+        B, T = x.shape
         self._check_length(T)
-        if ids.shape[-1] != T:
-            raise ValueError(f"block_ids has length {ids.shape[-1]}, x has length {T}")
-        ids = ids.to(x.device)
-        # One layout for the batch: block by block. Its loop has data-dependent shapes that a
-        # compiled graph would recompile for at every new layout, so compiled code takes the mask.
-        if ids.dim() == 1 and not self.config.flex and not torch.compiler.is_compiling():
-            enc_mask, dec_mask = bdd_block_masks(ids)
-            Tm = dec_mask.memory_len  # the last block's encoder states are never read
-        else:  # a layout per row: the dense T x 2T mask (or flex's tile-skipping BlockMask)
-            enc_mask, dec_mask = bdd_masks(ids, self.config.flex)
-            Tm = T
+        layouts = ids.to(x.device).view(-1, ids.shape[-1])  # (G, T): each for B/G rows in a row
+        G = layouts.shape[0]
+        if layouts.shape[1] != T or B % G:
+            raise ValueError(f"block_ids {tuple(ids.shape)} does not fit x {tuple(x.shape)}: give "
+                             f"(T,), (B, T), or (G, T) with G dividing B")
+        # Block by block, each group of rows with its own layout. The loop has data-dependent
+        # shapes that a compiled graph would recompile for at every layout, so compiled code (and
+        # flex, whose block mask skips the masked tiles itself) takes the mask instead.
+        if self.config.flex or torch.compiler.is_compiling():
+            per_row = layouts[0] if G == 1 else layouts.repeat_interleave(B // G, dim=0)
+            h = self.stream(x, *bdd_masks(per_row, self.config.flex), T)
+        else:
+            h = torch.cat([self.stream(rows, *bdd_block_masks(layout))
+                           for rows, layout in zip(x.split(B // G), layouts)])
+        return self.head(h, batch.get("y"))
+
+    def stream(self, x, enc_mask, dec_mask, Tm=None):
+        """The decoder stream's final states (B, T, C) of rows x under the masks; the encoder runs
+        over the first Tm positions (default: the block layout's memory_len, as no block reads
+        the encoder states of the last one)."""
+        T = x.shape[1]
+        Tm = dec_mask.memory_len if Tm is None else Tm
         rope, memory_rope = self.rotary(0, T), self.rotary(0, Tm)
         e = self.embed(x[:, :Tm])  # encoder stream (B, Tm, C)
         for block in self.encoder:
@@ -520,7 +532,7 @@ class BlockDoubleDecoder(LM):
         h = self.embed(x)  # decoder stream (B, T, C)
         for block in self.decoder:
             h = block(h, rope, dec_mask, memory=memory, memory_rope=memory_rope)
-        return self.head(h, batch.get("y"))
+        return h
 
     def new_cache(self):
         bs = self.config.block_size

@@ -16,8 +16,8 @@
 
 Batch contract (all int64 except enc_mask; y == -1 means no loss):
     dec:    x (B,T), y (B,T)
-    bdd:    x (B,T), y (B,T), block_ids (T,) non-decreasing, starting at 0: one block layout
-            shared by the batch's rows (the model also takes (B,T), a layout per row)
+    bdd:    x (B,T), y (B,T), block_ids (B,T) non-decreasing per row, starting at 0: a layout
+            per row (the model also takes (T,), one layout for every row, as the evaluation uses)
     encdec: enc_x (B,Te), enc_mask (B,Te) bool, True = real token (right-padded),
             dec_x (B,Td), y (B,Td); decoder padding at the right end, dec_x = eot and y = -1 there
 
@@ -675,18 +675,18 @@ def lm_batch(w):
     return {"x": w[:, :-1].contiguous(), "y": w[:, 1:].contiguous()}  # (B,T), (B,T)
 
 
-def random_boundaries(T, max_blocks, gen):
-    """1..max_blocks-1 block starts (count uniform) at distinct uniform positions in (0, T), sorted."""
-    n = min(int(torch.randint(1, max_blocks, (1,), generator=gen)), T - 1)
-    return sorted((torch.randperm(T - 1, generator=gen)[:n] + 1).tolist())
+def random_boundaries(B, T, max_blocks, gen):
+    """Per row, 1..max_blocks-1 block starts (count uniform) at distinct positions in (0, T)."""
+    n = torch.randint(1, max_blocks, (B, 1), generator=gen).clamp(max=T - 1)  # (B,1)
+    # the ranks of i.i.d. uniforms are a random permutation; the n smallest are a uniform n-subset
+    rank = torch.rand(B, T - 1, generator=gen).argsort(dim=1).argsort(dim=1)  # (B,T-1)
+    return [(row.nonzero().view(-1) + 1).tolist() for row in rank < n]  # sorted, in 1..T-1
 
 
 def bdd_batch(w, max_blocks, gen):
-    """bdd: every position predicts the next token; one random block layout for the whole batch,
-    drawn afresh for every batch (as the paper authors' collator does), so that the model can
-    attend block by block instead of through a dense per-row mask."""
-    T = w.shape[1] - 1
-    return {**lm_batch(w), "block_ids": block_ids(T, random_boundaries(T, max_blocks, gen))}
+    """bdd: every position predicts the next token; a random block layout per row."""
+    B, T = w.shape[0], w.shape[1] - 1
+    return {**lm_batch(w), "block_ids": block_ids(T, random_boundaries(B, T, max_blocks, gen))}
 
 
 def prefix_lm_batch(w, eot, gen):

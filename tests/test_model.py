@@ -80,26 +80,43 @@ def test_leak_check_catches_a_wrong_mask(monkeypatch):
         assert leaked_position("bdd", model, random.Random(0), per_row=per_row) is not None
 
 
-def test_shared_layout_block_by_block_equals_the_dense_mask():
-    """A layout shared by the batch runs each block against only the keys it may see, and skips
-    the last block's encoder states: logits and every gradient equal the dense T x 2T mask's."""
+def dense_logits(model, x, per_row_ids):
+    """The bdd forward through the dense T x 2T mask (the path of flex and compiled code)."""
+    h = model.stream(x, *bdd_masks(per_row_ids), x.shape[1])
+    return model.lm_head(model.ln_f(h))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_block_by_block_equals_the_dense_mask(groups):
+    """Each group of rows runs block by block against only the keys its layout lets it see, and
+    skips the last block's encoder states: logits and every gradient equal the dense mask's.
+    groups: 1 layout for the batch ((T,) ids), 2 (each for 2 rows), 4 (one per row)."""
     torch.manual_seed(0)
     model = build_model("bdd", tiny(n_layer=4, n_dec_layer=2))
-    rng = random.Random(0)
+    rng = random.Random(groups)
     for T in (1, 2, 9, 20, 32):
-        for bounds in ([], random_bounds(rng, T), list(range(1, T))):
-            x, y = torch.randint(0, V, (3, T)), torch.randint(0, V, (3, T))
-            ids = block_ids(T, bounds)
-            results = []
-            for layout in (ids, ids.expand(3, T)):  # shared: block by block; per row: dense
-                model.zero_grad()
-                logits, loss = model({"x": x, "y": y, "block_ids": layout})
-                loss.backward()
-                grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
-                results.append((logits.detach(), grads))
-            (a, ga), (b, gb) = results
-            assert (a - b).abs().max() < 1e-5, (T, bounds)
-            assert max((g - h).abs().max() for g, h in zip(ga, gb)) < 1e-5, (T, bounds)
+        layouts = [[], list(range(1, T))] + [random_bounds(rng, T) for _ in range(groups - 2)]
+        ids = block_ids(T, layouts[:groups]) if groups > 1 else block_ids(T, random_bounds(rng, T))
+        per_row = ids.view(-1, T).repeat_interleave(4 // groups, dim=0)
+        x, y = torch.randint(0, V, (4, T)), torch.randint(0, V, (4, T))
+        results = []
+        for forward in (lambda: model({"x": x, "y": y, "block_ids": ids}),
+                        lambda: (logits := dense_logits(model, x, per_row),
+                                 F.cross_entropy(logits.view(-1, V), y.view(-1)))):
+            model.zero_grad()
+            logits, loss = forward()
+            loss.backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+            results.append((logits.detach(), grads))
+        (a, ga), (b, gb) = results
+        assert (a - b).abs().max() < 1e-5, (T, layouts)
+        assert max((g - h).abs().max() for g, h in zip(ga, gb)) < 1e-5, (T, layouts)
+
+
+def test_block_ids_must_fit_the_rows():
+    model = build_model("bdd", tiny())
+    with pytest.raises(ValueError, match="does not fit x"):
+        model({"x": torch.zeros(4, 8, dtype=torch.long), "block_ids": torch.zeros(3, 8).long()})
 
 
 def two_attention_reference(q, k_enc, v_enc, k_dec, v_dec, ids, sink=False):

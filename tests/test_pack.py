@@ -519,22 +519,20 @@ def test_dec_batch(corpus):
 
 
 def test_bdd_block_ids(corpus):
-    """One block layout per batch, shared by its rows, drawn afresh for every batch: the count
-    uniform in 1..max_blocks-1 and the positions a uniform subset of 1..T-1."""
-    batches = pack.Batches(corpus, "bdd", T, 4, max_blocks=8)
-    layouts = []
-    for _ in range(300):
-        batch = batches.get_batch("train")
-        assert set(batch) == {"x", "y", "block_ids"}
-        assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
-        ids = batch["block_ids"]
-        assert ids.shape == (T,) and ids.dtype == torch.long and ids[0] == 0
-        steps = ids.diff()
-        assert ((steps == 0) | (steps == 1)).all()  # distinct boundaries: ids rise by one at each
-        layouts.append(tuple((steps.nonzero().view(-1) + 1).tolist()))
+    """A random layout per row: the count uniform in 1..max_blocks-1 and the positions a uniform
+    subset of 1..T-1, drawn for each row on its own."""
+    batch = pack.Batches(corpus, "bdd", T, 256, max_blocks=8).get_batch("train")
+    assert set(batch) == {"x", "y", "block_ids"}
+    ids = batch["block_ids"]
+    assert ids.shape == (256, T) and ids.dtype == torch.long
+    assert torch.equal(batch["x"][:, 1:], batch["y"][:, :-1])
+    assert (ids[:, 0] == 0).all()
+    steps = ids.diff(dim=1)
+    assert ((steps == 0) | (steps == 1)).all()  # distinct boundaries, so ids rise by one at each
+    layouts = [tuple((row.nonzero().view(-1) + 1).tolist()) for row in steps]
     assert sorted({len(b) for b in layouts}) == list(range(1, 8))
-    # not one fixed ordering of positions cut at different counts: the layouts of one count
-    # differ, and across batches every position of 1..T-1 starts a block at some point
+    # not one random ordering of positions shared by the rows and cut at different counts:
+    # rows with the same count differ, and every position of 1..T-1 starts a block in some row
     for n in range(1, 8):
         same_count = [b for b in layouts if len(b) == n]
         assert len(set(same_count)) > len(same_count) // 2, n
@@ -653,7 +651,7 @@ def test_default_corpus(shakespeare):
     assert (train == shakespeare["eot"]).sum() == 38
     assert bytes(train[:25].astype(np.uint8)) == b"ALL'S WELL THAT ENDS WELL"
     batches = pack.Batches(shakespeare, "bdd", 256, 4)
-    assert batches.get_batch("train")["block_ids"].shape == (256,)
+    assert batches.get_batch("train")["block_ids"].shape == (4, 256)
 
 
 def test_default_corpus_gpt2(shakespeare):
