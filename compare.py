@@ -4,6 +4,7 @@ The headline experiment: train dec, encdec and bdd side by side, then measure th
     python compare.py                       # --preset cpu without a GPU: about 13 minutes on 2 cores
     python compare.py --skip_train          # inference only, freshly initialised models (fast)
     python compare.py --preset cpu --max_iters 300 --archs dec,bdd   # any train.py flag overrides
+    python compare.py --sweep               # the scaling sweep, and --splits: see sweep.py
 
 Every arch gets the same width, heads, depth, data, tokens, optimiser and seed, trained by
 train.py's train() (no copied loop); decoding is sample.py's KV-cached generation (no copied
@@ -15,19 +16,21 @@ generation). Written to --out_dir (default out/compare):
 and a table with the ratios bdd/dec and encdec/dec is printed at the end.
 """
 
-import json
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 import cli
 import pack
+import sweep
 import train
 from model import ARCHS, build_model
 from sample import load_checkpoint, measure_decode
+from sweep import ARCH_COLORS, format_table, pyplot, save_figure, write_json
 
 # Presets are ordinary train.py flags; any flag given on the command line wins.
 PRESETS = {
@@ -192,11 +195,9 @@ def measure_training(configs, repeats):
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     archs = results["archs"]
-    colors = {"dec": "tab:blue", "encdec": "tab:green", "bdd": "tab:red"}
+    colors = ARCH_COLORS
     panels = 4 if "serving" in results else 3  # the serving panel comes after the other three
     fig = plt.figure(figsize=(5.7 * panels, 5))
     ax1, ax2, ax3 = (fig.add_subplot(1, panels, i) for i in (1, 2, 3))
@@ -258,10 +259,7 @@ def plot(results, path):
     fig.suptitle(f"nanoBDD: dec vs encdec vs bdd ({results['device']}, "
                  f"{results['config']['n_layer']} layers, n_embd {results['config']['n_embd']})")
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return fig  # closed, but its artists can still be read (the tests check the plotted values)
 
 
@@ -342,9 +340,7 @@ def table(results):
             ok = comparable and vals[a] is not None and vals["dec"]
             cells.append(f"{vals[a] / vals['dec']:.3f}" if ok else "-")
         lines.append(cells)
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
+    return format_table(lines)
 
 
 def add_serving_flags(p):
@@ -364,13 +360,6 @@ def serving_settings(args):
     if max_batch < 1:
         cli.fail(f"--serving_max_batch must be at least 1, got {max_batch}")
     return budget, max_batch
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def parse_archs(text):
@@ -402,6 +391,9 @@ def run(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms and "
                    "training steps")
     add_serving_flags(p)
+    p.add_argument("--sweep", action="store_true", help="the scaling sweep instead (sweep.py; "
+                   "compare.py --sweep --help lists its flags)")
+    p.add_argument("--splits", action="store_true", help="bdd's split trade-off (sweep.py)")
     args, rest = p.parse_known_args(argv)
     flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
 
@@ -480,6 +472,9 @@ def run(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sweep" in argv or "--splits" in argv:  # the scaling experiment lives in sweep.py
+        return sweep.main(argv)
     try:
         run(argv)
     except KeyboardInterrupt:

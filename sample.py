@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import cli
 from model import ModelConfig, build_model
@@ -194,18 +194,25 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, genera
 # -----------------------------------------------------------------------------
 # measuring a decode step
 
-# torch's FlopCounterMode has no formula for the CPU flash-attention kernel SDPA uses; give it
-# the same formula as for the GPU kernels, so attention is counted on every device.
+# torch's FlopCounterMode has no formula for the CPU flash-attention kernels SDPA uses; give them
+# the same formulas as for the GPU kernels, so attention is counted on every device.
 _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+             lambda grad, q, k, v, *args, out_shape=None, **kwargs:
+             sdpa_backward_flop_count(grad, q, k, v)}
+
+
+def flop_counter():
+    """A FlopCounterMode that counts attention on the CPU too (use: with flop_counter() as c)."""
+    return FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
 
 
 @torch.no_grad()
 def decode_flops(model, idx_next, cache):
     """FLOPs of one decode step, split into the layers and the LM head (the head costs the same
     for every arch). Feeds idx_next into the cache like an ordinary decode step."""
-    counter = FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
-    with counter:
+    with flop_counter() as counter:
         model.decode(idx_next, cache)
     total = counter.get_total_flops()
     # Counts are keyed by module path; the only Linear called outside a block is the LM head.

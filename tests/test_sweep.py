@@ -1,0 +1,219 @@
+"""sweep.py: a tiny sweep runs end to end and writes every field; a second run trains nothing; a
+killed run resumes where it stopped; --splits reuses the sweep's runs; the fit recovers a known
+law; bad input gets one line and exit 2."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import compare
+import sample
+import sweep
+import train
+
+RUN_KEYS = {"name", "size", "arch", "seed", "n_layer", "n_dec_layer", "n_embd", "n_head",
+            "out_dir", "status", "iters", "val_loss", "non_embedding_params", "params",
+            "train_tokens", "train_flops_per_token", "train_flops", "kv_bytes_per_position",
+            "decode_context_len", "decode_layer_flops_per_token", "decode_head_flops_per_token",
+            "wall_time", "curve"}
+POINT_KEYS = {"size", "arch", "n_layer", "n_dec_layer", "n_embd", "non_embedding_params",
+              "train_tokens", "train_flops", "kv_bytes_per_position",
+              "decode_layer_flops_per_token", "loss", "loss_std", "seeds"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_preset(folder):
+    text = "\n".join(" ".join(random.Random(i).choice("to be or not that is the question "
+                                                       "whether tis nobler".split())
+                              for _ in range(8)) for i in range(300))
+    (folder / "tiny.txt").write_text(text + "\n")
+    return sweep.Preset(
+        recipe=dict(device="cpu", tokenizer="byte", n_layer=6, n_dec_layer=2, block_size=32,
+                    batch_size=4, max_iters=4, eval_interval=2, eval_iters=1, warmup_iters=1,
+                    log_interval=2, always_save_checkpoint=True, data=str(folder / "tiny.txt"),
+                    data_root=str(folder / "data")),
+        sizes={"a": dict(n_embd=16, n_head=2), "b": dict(n_embd=32, n_head=2)}, split_size="b")
+
+
+class Calls:
+    """Wraps train.train and train.train_step, counting calls; train_step can die at a call."""
+
+    def __init__(self, monkeypatch, die_at=None):
+        self.configs, self.steps, self.die_at = [], 0, die_at
+        real_train, real_step = train.train, train.train_step
+
+        def counted_train(config, **kw):
+            self.configs.append(config)
+            return real_train(config, **kw)
+
+        def counted_step(*args, **kw):
+            self.steps += 1
+            if self.steps == self.die_at:
+                raise KeyboardInterrupt  # as a Ctrl-C or a kill would stop the sweep
+            return real_step(*args, **kw)
+
+        monkeypatch.setattr(train, "train", counted_train)
+        monkeypatch.setattr(train, "train_step", counted_step)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny preset installed, and a first sweep of it (2 sizes x 3 archs) already run."""
+    folder = tmp_path_factory.mktemp("sweep")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sweep.PRESETS, "tiny", tiny_preset(folder))
+        calls = Calls(mp)
+        compare.main(["--sweep", "--preset", "tiny", "--out_dir", str(folder / "out")])
+        yield folder, calls
+    torch.set_num_threads(threads)
+
+
+def sweep_json(folder):
+    return json.loads((folder / "out" / "sweep.json").read_text())
+
+
+def test_tiny_sweep_writes_every_field(tiny):
+    folder, calls = tiny
+    assert len(calls.configs) == 6 and calls.steps == 6 * 4
+    doc = sweep_json(folder)["sweep"]
+    assert {"preset", "device", "torch", "recipe", "sizes", "seeds", "wall_time", "runs",
+            "points", "fits", "multipliers"} <= set(doc)
+    assert [r["name"] for r in doc["runs"]] == ["a/dec_s1337", "a/encdec_4+2_s1337",
+                                                "a/bdd_4+2_s1337", "b/dec_s1337",
+                                                "b/encdec_4+2_s1337", "b/bdd_4+2_s1337"]
+    for r in doc["runs"]:
+        assert RUN_KEYS <= set(r), r["name"]
+        assert r["status"] == "trained" and r["train_tokens"] == 4 * 4 * 32
+        assert r["val_loss"] == r["curve"][-1][1] and [p[0] for p in r["curve"]] == [0, 256, 512]
+        assert r["train_flops"] == r["train_flops_per_token"] * r["train_tokens"]
+        if r["arch"] == "dec":  # every product counted: 6 per weight (forward and backward) of
+            L, d, T = r["n_layer"], r["n_embd"], 32  # the layers and LM head, 4 + 10 per layer,
+            embedding = r["params"] - r["non_embedding_params"]  # query and key of attention
+            assert r["train_flops_per_token"] == 6 * (12 * d * d * L + embedding) + 14 * L * T * d
+    by = {r["name"]: r for r in doc["runs"]}
+    dec, bdd = by["b/dec_s1337"], by["b/bdd_4+2_s1337"]
+    assert bdd["kv_bytes_per_position"] * 3 == dec["kv_bytes_per_position"] == 6 * 2 * 32 * 4
+    assert bdd["train_flops_per_token"] != dec["train_flops_per_token"]  # its own step counted
+    assert len(doc["points"]) == 6 and all(POINT_KEYS <= set(p) for p in doc["points"])
+    for arch, fit in doc["fits"].items():  # 2 sizes: the 2-parameter law, exact through them
+        assert fit["form"] == "A*N^-alpha" and fit["rms"] < 1e-9, arch
+    assert set(doc["multipliers"]) == {"encdec", "bdd"}
+    assert all(m["multiplier"] > 0 for m in doc["multipliers"]["bdd"])
+    assert (folder / "out" / "sweep.png").read_bytes()[:8] == PNG
+    assert not list((folder / "out").glob("*.tmp"))
+
+
+def test_second_run_trains_nothing(tiny, monkeypatch, capsys):
+    folder, _ = tiny
+    before = sweep_json(folder)["sweep"]
+    calls = Calls(monkeypatch)
+    sweep.main(["--preset", "tiny", "--out_dir", str(folder / "out")])
+    assert calls.configs == [] and calls.steps == 0
+    assert "6 runs: 6 finished, 0 to resume, 0 new" in capsys.readouterr().out
+    after = sweep_json(folder)["sweep"]
+    assert {r["status"] for r in after["runs"]} == {"finished before"}
+    assert [r["val_loss"] for r in after["runs"]] == [r["val_loss"] for r in before["runs"]]
+
+
+def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch, capsys):
+    folder, _ = tiny
+    argv = ["--sweep", "--preset", "tiny", "--sizes", "a", "--out_dir", str(tmp_path)]
+    Calls(monkeypatch, die_at=3)  # dec dies in its third step; its checkpoint holds iter 2
+    with pytest.raises(SystemExit) as e:
+        compare.main(argv)
+    assert e.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    assert torch.load(tmp_path / "a" / "dec_s1337" / "ckpt.pt")["iter_num"] == 2
+    calls = Calls(monkeypatch)
+    compare.main(argv)
+    assert [c.init_from for c in calls.configs] == ["resume", "scratch", "scratch"]
+    assert calls.steps == 2 + 4 + 4  # dec went on from iter 2, not from the start
+    runs = json.loads((tmp_path / "sweep.json").read_text())["sweep"]["runs"]
+    first = {r["name"]: r for r in sweep_json(folder)["sweep"]["runs"]}
+    assert runs[0]["status"] == "resumed"
+    for r in runs:  # the same losses as the uninterrupted sweep: train.py's exact resume
+        assert r["val_loss"] == first[r["name"]]["val_loss"], r["name"]
+
+
+def test_splits_reuse_the_sweeps_runs(tiny, monkeypatch):
+    folder, _ = tiny
+    calls = Calls(monkeypatch)
+    sweep.main(["--splits", "--preset", "tiny", "--out_dir", str(folder / "out")])
+    assert [(c.arch, c.n_dec_layer) for c in calls.configs] == [("bdd", 1), ("bdd", 3)]
+    doc = sweep_json(folder)
+    assert "sweep" in doc  # kept beside the new section
+    points = {p["split"]: p for p in doc["splits"]["points"]}
+    assert set(points) == {"dec", "5:1", "4:2", "3:3"}
+    assert [points[s]["kv_fraction"] for s in ("5:1", "4:2", "3:3", "dec")] == [1 / 6, 2 / 6,
+                                                                                3 / 6, 1.0]
+    assert points["dec"]["loss_vs_dec"] == 1.0
+    assert (folder / "out" / "splits.png").read_bytes()[:8] == PNG
+
+
+def test_counted_step_includes_attention_backward():
+    """The training FLOPs count attention forward (2 products) and backward (5) on the CPU."""
+    B, h, T, d = 2, 3, 8, 4
+    q = torch.randn(B, h, T, d, requires_grad=True)
+    mask = torch.ones(T, 2 * T, dtype=torch.bool).tril(T)  # T queries over 2T keys, as bdd's
+    kv = torch.randn(B, h, 2 * T, d)
+    with sample.flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask).sum().backward()
+    assert counter.get_total_flops() == (2 + 5) * 2 * B * h * T * (2 * T) * d
+
+
+def test_fit_recovers_a_known_law():
+    n = np.geomspace(1e5, 3e7, 6)
+    fit = sweep.fit_power_law(n, 1.7 + 40 * n ** -0.3)
+    assert fit["form"] == "E + A*N^-alpha"
+    assert fit["E"] == pytest.approx(1.7, rel=1e-6) and fit["A"] == pytest.approx(40, rel=1e-5)
+    assert fit["alpha"] == pytest.approx(0.3, rel=1e-6)
+    pure = sweep.fit_power_law(n[:2], 12 * n[:2] ** -0.1, offset=False)
+    assert pure["A"] == pytest.approx(12) and pure["alpha"] == pytest.approx(0.1)
+    # auto: E is pinned by a law with an offset, not by one without
+    assert sweep.choose_fit(n, 1.7 + 40 * n ** -0.3)["form"] == "E + A*N^-alpha"
+    assert sweep.choose_fit(n, 12 * n ** -0.1)["form"] == "A*N^-alpha"
+    assert sweep.params_for_loss(fit, 1.7 + 40 * 1e6 ** -0.3) == pytest.approx(1e6)
+    assert sweep.params_for_loss(fit, 1.6) is None  # below E: never reached
+
+
+def test_multiplier_of_a_law_shifted_in_size():
+    """bdd's law equals dec's at 1.5x the parameters: the multiplier is 1.5 at every loss."""
+    n = np.geomspace(1e5, 1e7, 5)
+    dec = sweep.fit_power_law(n, 2 + 30 * n ** -0.25)
+    bdd = sweep.fit_power_law(n, 2 + 30 * (n / 1.5) ** -0.25)
+    out = sweep.multipliers({"dec": dec, "bdd": bdd}, {"dec": (1e5, 1e7), "bdd": (1e5, 1e7)})
+    assert [m["multiplier"] for m in out["bdd"]] == pytest.approx([1.5] * 3, rel=1e-5)
+    assert not out["bdd"][0]["extrapolated"]
+
+
+@pytest.mark.parametrize("n_points, offset", [(2, True), (1, False)])
+def test_fit_refuses_too_few_points(n_points, offset):
+    n = np.geomspace(1e5, 1e6, n_points)
+    with pytest.raises(ValueError, match=f"{n_points} distinct sizes cannot fit"):
+        sweep.fit_power_law(n, 3 * n ** -0.1, offset=offset)
+    assert "error" in sweep.choose_fit(list(n), list(3 * n ** -0.1), "power" if not offset
+                                       else "offset")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "--sizes", "a,q"],
+     "--sizes 'a,q': unknown size(s) q; the tiny preset has a, b"),
+    (["--sweep", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--sweep", "--skip_train"], "--skip_train does not apply to --sweep or --splits"),
+    (["--sweep", "--splits"], "--sweep and --splits run separately"),
+    (["--sweep", "--n_embd", "64"], "--n_embd: set per run by the sweep"),
+    (["--splits", "--sizes", "a,b"], "--splits trains at one size"),
+    (["--splits", "--n_layer", "8"], "--splits needs --n_layer divisible by 6"),
+    (["--sweep", "--learning_rate", "0.01"],  # the folders hold runs of another recipe
+     "holds a run trained with learning_rate 0.001 (this sweep: 0.01)"),
+])
+def test_bad_input_exits_2_with_one_line(tiny, argv, message, capsys):
+    folder, _ = tiny
+    with pytest.raises(SystemExit) as e:
+        compare.main([*argv, "--preset", "tiny", "--out_dir", str(folder / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1, err
