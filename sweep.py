@@ -53,13 +53,13 @@ class Preset:
 
 PRESETS = {
     # 6 layers (4 + 2) of width 32 to 112 (heads of 16): 74k to 0.90M non-embedding parameters,
-    # each run 350 steps of 16 x 256 bytes (1.43M tokens, 31% of the corpus). The same tokens
-    # for every size (19 down to 1.6 per parameter): a laptop-scale trend, about 20 minutes of
-    # single-core compute for the 12 runs.
+    # each run 300 steps of 16 x 256 bytes (1.2M tokens, a quarter of the corpus) as compare.py.
+    # The same tokens for every size (17 down to 1.4 per parameter): a laptop-scale trend, about
+    # 20 minutes of single-core compute for the 12 runs.
     "cpu": Preset(
         recipe=dict(device="cpu", tokenizer="byte", n_layer=6, n_dec_layer=2, block_size=256,
-                    dropout=0.0, batch_size=16, gradient_accumulation_steps=1, max_iters=350,
-                    learning_rate=1e-3, min_lr=1e-4, warmup_iters=35, eval_interval=100,
+                    dropout=0.0, batch_size=16, gradient_accumulation_steps=1, max_iters=300,
+                    learning_rate=1e-3, min_lr=1e-4, warmup_iters=30, eval_interval=100,
                     eval_iters=4, log_interval=50, dtype="float32", compile=False, flex=False,
                     always_save_checkpoint=True),
         sizes={"xs": dict(n_embd=32, n_head=2), "s": dict(n_embd=48, n_head=3),
