@@ -170,7 +170,7 @@ def measure_training(configs, repeats):
         g = torch.Generator().manual_seed(config.seed)
         w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=g)
         batch = pack.build_batch(arch, w, g, config.objective, config.max_blocks, enc.n_vocab,
-                                 enc.eot_token)
+                                 enc.eot_token, config.block_layouts)
         torch.manual_seed(config.seed)
         model = build_model(arch, train.model_config(config)).to(config.device).train()
         steps[arch] = (model, {k: v.to(config.device) for k, v in batch.items()}, config)

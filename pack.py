@@ -16,8 +16,9 @@
 
 Batch contract (all int64 except enc_mask; y == -1 means no loss):
     dec:    x (B,T), y (B,T)
-    bdd:    x (B,T), y (B,T), block_ids (B,T) non-decreasing per row, starting at 0: a layout
-            per row (the model also takes (T,), one layout for every row, as the evaluation uses)
+    bdd:    x (B,T), y (B,T), block_ids (G,T) non-decreasing per row, starting at 0: G block
+            layouts, each shared by B/G consecutive rows (G = B: one per row; the evaluation
+            gives (T,), one layout for every row)
     encdec: enc_x (B,Te), enc_mask (B,Te) bool, True = real token (right-padded),
             dec_x (B,Td), y (B,Td); decoder padding at the right end, dec_x = eot and y = -1 there
 
@@ -676,17 +677,27 @@ def lm_batch(w):
 
 
 def random_boundaries(B, T, max_blocks, gen):
-    """Per row, 1..max_blocks-1 block starts (count uniform) at distinct positions in (0, T)."""
+    """B layouts, each 1..max_blocks-1 block starts (count uniform) at distinct positions in
+    (0, T)."""
     n = torch.randint(1, max_blocks, (B, 1), generator=gen).clamp(max=T - 1)  # (B,1)
     # the ranks of i.i.d. uniforms are a random permutation; the n smallest are a uniform n-subset
     rank = torch.rand(B, T - 1, generator=gen).argsort(dim=1).argsort(dim=1)  # (B,T-1)
     return [(row.nonzero().view(-1) + 1).tolist() for row in rank < n]  # sorted, in 1..T-1
 
 
-def bdd_batch(w, max_blocks, gen):
-    """bdd: every position predicts the next token; a random block layout per row."""
+def layout_groups(rows, layouts):
+    """How many block layouts `rows` rows get: the most, up to `layouts`, that share them out
+    evenly (16 rows, 4 layouts: 4 of 4 rows each; 6 rows, 4 layouts: 3 of 2 rows each)."""
+    return max(g for g in range(1, min(rows, layouts) + 1) if rows % g == 0)
+
+
+def bdd_batch(w, max_blocks, gen, layouts=None):
+    """bdd: every position predicts the next token. G = layout_groups(B, layouts) random block
+    layouts, each shared by B / G consecutive rows (layouts None: one per row); block_ids (G, T).
+    Rows that share a layout run block by block together (model.py): fewer, larger kernel calls."""
     B, T = w.shape[0], w.shape[1] - 1
-    return {**lm_batch(w), "block_ids": block_ids(T, random_boundaries(B, T, max_blocks, gen))}
+    G = B if layouts is None else layout_groups(B, layouts)
+    return {**lm_batch(w), "block_ids": block_ids(T, random_boundaries(G, T, max_blocks, gen))}
 
 
 def prefix_lm_batch(w, eot, gen):
@@ -788,12 +799,12 @@ def continuation_batch(arch, windows, s=None):
     return {k: v.contiguous() for k, v in batch.items()}
 
 
-def build_batch(arch, w, gen, objective, max_blocks, n_vocab, eot):
+def build_batch(arch, w, gen, objective, max_blocks, n_vocab, eot, layouts=None):
     """The training batch of `arch` (and, for encdec, `objective`) from windows w (B, T+1)."""
     if arch == "dec":
         return lm_batch(w)
     if arch == "bdd":
-        return bdd_batch(w, max_blocks, gen)
+        return bdd_batch(w, max_blocks, gen, layouts)
     if objective == "prefix_lm":
         return prefix_lm_batch(w, eot, gen)
     return span_batch(w, n_vocab, eot, gen)
@@ -831,7 +842,7 @@ class Batches:
     """
 
     def __init__(self, meta, arch, block_size, batch_size, objective="prefix_lm", max_blocks=8,
-                 seed=0, device="cpu"):
+                 seed=0, device="cpu", layouts=None):
         self.meta = meta if isinstance(meta, dict) else load_meta(meta)
         if arch not in ARCHS:
             raise DataError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -843,6 +854,7 @@ class Batches:
         if arch == "bdd" and max_blocks < 2:
             raise DataError(f"max_blocks {max_blocks} allows no block boundary; use at least 2")
         self.arch, self.objective, self.max_blocks = arch, objective, max_blocks
+        self.layouts = layouts
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.n_vocab, self.eot = self.meta["n_vocab"], self.meta["eot"]
         self.data = {}
@@ -864,7 +876,7 @@ class Batches:
     def build(self, w, gen):
         """The arch's own training batch from windows (B, T+1)."""
         return build_batch(self.arch, w, gen, self.objective, self.max_blocks, self.n_vocab,
-                           self.eot)
+                           self.eot, self.layouts)
 
     def to_device(self, batch):
         return {k: v.to(self.device) for k, v in batch.items()}

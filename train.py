@@ -43,7 +43,8 @@ class TrainConfig:
     # what to train
     arch: str = "bdd"
     objective: str = "prefix_lm"  # encdec pretraining objective; dec and bdd predict every token
-    max_blocks: int = 8  # bdd: 1 to max_blocks - 1 random block boundaries per row
+    max_blocks: int = 8  # bdd: 1 to max_blocks - 1 random block boundaries per layout
+    block_layouts: int = 4  # bdd: random block layouts per batch (pack.layout_groups)
     # data and output
     data: str = None  # text or jsonl file, folder of them, glob, nanoGPT folder; None: Shakespeare
     data_root: str = None  # where prepared datasets are cached; None: data/ in the repository
@@ -93,7 +94,7 @@ class TrainConfig:
 # The allowed values of every numeric field, checked by check_config in one loop: "[" and "]"
 # include the bound, "(" and ")" exclude it. nan lies in no interval.
 RANGES = {
-    "max_blocks": "[2, inf)", "n_layer": "[2, inf)", "n_dec_layer": "[1, inf)",
+    "max_blocks": "[2, inf)", "block_layouts": "[1, inf)", "n_layer": "[2, inf)", "n_dec_layer": "[1, inf)",
     "n_head": "[1, inf)", "n_embd": "[2, inf)", "block_size": "[2, inf)", "dropout": "[0, 1)",
     "batch_size": "[1, inf)", "gradient_accumulation_steps": "[1, inf)", "max_iters": "[0, inf)",
     "learning_rate": "(0, inf)", "min_lr": "[0, inf)", "warmup_iters": "[0, inf)",
@@ -550,6 +551,7 @@ def load_batches(config, rank, world):
     # built on the CPU: supervision_stats there needs no device sync, and to_device overlaps copies
     return pack.Batches(meta, config.arch, config.block_size, config.batch_size,
                         objective=config.objective, max_blocks=config.max_blocks,
+                        layouts=config.block_layouts,
                         seed=config.seed + rank, device="cpu")
 
 
@@ -700,7 +702,9 @@ def run(config, rank, world, device, log, t_start):
 
 HELP = {
     "arch": "architecture", "objective": "encdec pretraining objective",
-    "max_blocks": "bdd: up to max_blocks - 1 random block boundaries per row",
+    "max_blocks": "bdd: up to max_blocks - 1 random block boundaries per layout",
+    "block_layouts": "bdd: random block layouts per batch, each shared by an equal group of its "
+                     "rows (at most this many; batch_size: one per row)",
     "data": "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT folder with "
             "train.bin and val.bin (default: Shakespeare)",
     "data_root": "folder of prepared datasets (default: data/)", "tokenizer": "tokenizer",

@@ -541,6 +541,22 @@ def test_bdd_block_ids(corpus):
     assert min(first) < T // 4 and max(first) > 3 * T // 4
 
 
+def test_bdd_layouts_shared_by_groups_of_rows(corpus):
+    """block_layouts: G layouts per batch, each for B/G consecutive rows, drawn afresh per batch;
+    as many as share the rows out evenly."""
+    batches = pack.Batches(corpus, "bdd", T, 16, max_blocks=8, layouts=4)
+    seen = set()
+    for _ in range(20):
+        ids = batches.get_batch("train")["block_ids"]
+        assert ids.shape == (4, T) and (ids[:, 0] == 0).all()
+        seen |= {tuple(row.tolist()) for row in ids}
+    assert len(seen) > 60  # 80 layouts drawn, hardly any twice
+    assert [pack.layout_groups(rows, 4) for rows in (1, 2, 3, 4, 6, 8, 16, 7)] == \
+        [1, 2, 3, 4, 3, 4, 4, 1]
+    assert pack.Batches(corpus, "bdd", T, 6, layouts=4).get_batch("train")["block_ids"].shape == \
+        (3, T)
+
+
 def test_prefix_lm_batch(corpus):
     haystack = joined(stream(corpus, "train").tolist())
     batch = pack.Batches(corpus, "encdec", T, 64, objective="prefix_lm").get_batch("train")
