@@ -161,33 +161,34 @@ def measure_serving(models, block_size, per_sequence, in_budget, max_batch, repe
 
 
 def measure_training(configs, repeats):
-    """ms of one training step (forward and backward) per arch on the same random windows, cut
-    into each arch's own batch, timed in rounds that alternate between the archs: a tokens/s
-    ratio that the machine's drift between the separate training runs does not blur."""
-    steps = {}
+    """ms of one training step (forward and backward) per arch, timed in rounds that alternate
+    between the archs: a tokens/s ratio that the machine's drift between the separate training
+    runs does not blur. Each round draws fresh random windows, cut into each arch's own batch
+    with a fresh draw of its randomness (bdd's block layouts, encdec's split points), as training
+    does: a step's cost depends on them. 4 x repeats rounds after a warm-up round; the median."""
+    models = {}
     for arch, config in configs.items():
-        enc = pack.get_tokenizer(config.tokenizer)
-        g = torch.Generator().manual_seed(config.seed)
-        w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=g)
-        batch = pack.build_batch(arch, w, g, config.objective, config.max_blocks, enc.n_vocab,
-                                 enc.eot_token, config.block_layouts)
         torch.manual_seed(config.seed)
-        model = build_model(arch, train.model_config(config)).to(config.device).train()
-        steps[arch] = (model, {k: v.to(config.device) for k, v in batch.items()}, config)
+        models[arch] = build_model(arch, train.model_config(config)).to(config.device).train()
     times = {arch: [] for arch in configs}
-    for _ in range(repeats + 1):  # the first round warms up
-        for arch, (model, batch, config) in steps.items():
-            device = torch.device(config.device)
+    for r in range(4 * repeats + 1):  # round 0 warms up
+        for arch, config in configs.items():
+            enc = pack.get_tokenizer(config.tokenizer)
+            g = torch.Generator().manual_seed(config.seed + r)
+            w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=g)
+            batch = pack.build_batch(arch, w, g, config.objective, config.max_blocks,
+                                     enc.n_vocab, enc.eot_token, config.block_layouts)
+            batch = {k: v.to(config.device) for k, v in batch.items()}
             t0 = time.perf_counter()
             with train.autocast(config):
-                loss = model(batch)[1]
+                loss = models[arch](batch)[1]
             loss.backward()
-            if device.type == "cuda":
+            if torch.device(config.device).type == "cuda":
                 torch.cuda.synchronize()
             times[arch].append(time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
+            models[arch].zero_grad(set_to_none=True)
     out = {}
-    for arch, (model, batch, config) in steps.items():
+    for arch, config in configs.items():
         seconds = statistics.median(times[arch][1:])
         out[arch] = {"train_step_ms": 1000 * seconds,
                      "train_step_tokens_per_sec": config.batch_size * config.block_size / seconds}
@@ -198,9 +199,10 @@ def plot(results, path):
     plt = pyplot()
     archs = results["archs"]
     colors = ARCH_COLORS
-    panels = 4 if "serving" in results else 3  # the serving panel comes after the other three
-    fig = plt.figure(figsize=(5.7 * panels, 5))
-    ax1, ax2, ax3 = (fig.add_subplot(1, panels, i) for i in (1, 2, 3))
+    serving = "serving" in results  # its panel comes after the other three, in a 2 x 2 grid
+    rows, cols = (2, 2) if serving else (1, 3)
+    fig = plt.figure(figsize=(6.5 * cols, 5 * rows))
+    ax1, ax2, ax3 = (fig.add_subplot(rows, cols, i) for i in (1, 2, 3))
     for arch, r in archs.items():
         if r["curve"]:
             tokens = [p["tokens"] / 1e6 for p in r["curve"]]
@@ -254,8 +256,8 @@ def plot(results, path):
     ax3b.set_ylim(0, 1.3 * max(ms))
     ax3.legend(loc="upper left", fontsize=8)
     ax3b.legend(loc="upper right", fontsize=8)
-    if panels == 4:
-        plot_serving(fig.add_subplot(1, 4, 4), results, colors)
+    if serving:
+        plot_serving(fig.add_subplot(rows, cols, 4), results, colors)
     fig.suptitle(f"nanoBDD: dec vs encdec vs bdd ({results['device']}, "
                  f"{results['config']['n_layer']} layers, n_embd {results['config']['n_embd']})")
     fig.tight_layout()
@@ -398,6 +400,8 @@ def run(argv=None):
     flags = vars(train.parser().parse_args(rest))  # exits 2 on an unknown flag
 
     archs = parse_archs(args.archs)
+    if not args.out_dir:
+        cli.fail("--out_dir is empty; give a folder, or leave --out_dir out for out/compare")
     for clash in ("arch", "out_dir", "init_from"):
         if clash in flags:
             cli.fail(f"--{clash} is set by compare.py per arch; use --archs and --out_dir instead")

@@ -623,6 +623,9 @@ def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=Fa
     memory does not grow with the corpus. A nanoGPT folder (train.bin, val.bin) is used in place.
     """
     check_tokenizer(tokenizer)
+    if data is not None and not str(data):  # Path("") would be the current folder
+        raise DataError("--data is empty; give a file, folder or glob, or leave --data out for "
+                        "the Shakespeare corpus")
     if is_nanogpt(data):
         return nanogpt_meta(data, tokenizer)
     files = None if data is None else source_files(data)

@@ -136,10 +136,13 @@ def cpu_seconds():
 
 def throughput(folder, size_mb, repeats, workers):
     """{path: (MB/s, cores used)} of encode_ordinary on one thread and of pack.encode_chunks:
-    median wall and CPU times of alternating runs on the same chunks."""
-    with open(folder / "part0.txt", encoding="utf-8") as f:
-        text = f.read(int(size_mb * 1e6))
-    doc = pack.Document("text", len(text.encode()), text=text)
+    median wall and CPU times of alternating runs on the same chunks. The text is the first
+    size_mb of a corpus file (to a line break), read as prepare() reads a file: in pieces, cut
+    into chunks of about pack.CHUNK_BYTES."""
+    path = folder / "part0.txt"
+    with open(path, "rb") as f:
+        head = f.read(int(size_mb * 1e6))
+    doc = pack.Document(str(path), head.rindex(b"\n") + 1, path=path)
     chunks = list(pack.chunks([("train", doc)]))
     enc = pack.get_tokenizer("gpt2")
 

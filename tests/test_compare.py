@@ -175,6 +175,7 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     (["--arch", "bdd"], "--arch is set by compare.py per arch"),
     (["--n_dec_layer", "6"], "--n_dec_layer 6 must be at least 1 and smaller than --n_layer 6"),
     (["--kv_budget_mb", "0.1"], "--kv_budget_mb 0.1 holds 0 dec sequences"),
+    (["--out_dir="], "--out_dir is empty"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

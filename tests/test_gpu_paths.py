@@ -117,8 +117,8 @@ def test_compiled_training_equals_eager(corpus, arch, device):
 
 
 def tiny_model(arch, **kw):
-    cfg = ModelConfig(vocab_size=97, block_size=256, n_layer=3, n_dec_layer=1, n_head=4,
-                      n_embd=64, **kw)
+    cfg = ModelConfig(**{**dict(vocab_size=97, block_size=256, n_layer=3, n_dec_layer=1,
+                                n_head=4, n_embd=64), **kw})
     torch.manual_seed(0)
     return build_model(arch, cfg).cuda()
 
@@ -129,9 +129,9 @@ def tiny_model(arch, **kw):
 def test_cached_equals_uncached_on_cuda(arch, dtype, tol):
     """Prefill + decode on the GPU give the training forward's logits (bdd with its boundary at the
     prompt's last token), under the dtype's autocast."""
-    from test_sample import forward_logits, run_session
-    model = tiny_model(arch).eval()
-    full = torch.randint(0, 41, (2, 60), device="cuda")
+    from test_sample import V, forward_logits, run_session
+    model = tiny_model(arch, vocab_size=V).eval()
+    full = torch.randint(0, V, (2, 60), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         cached, starts, _ = run_session(model, full, [(40, 19)])
         ref = forward_logits(arch, model, full, starts)

@@ -216,13 +216,18 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, corpus):
         assert "\n" not in str(e.value)
 
 
-def test_cli_exits_2_on_bad_input(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["pack.py", "--data", str(tmp_path / "missing")])
+@pytest.mark.parametrize("data, message", [("{tmp}/missing", "error: --data"),
+                                           ("", "error: --data is empty")])
+def test_cli_exits_2_on_bad_input(tmp_path, monkeypatch, capsys, data, message):
+    """Also an empty --data, which Path("") would read as the current folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("a file that must not be taken for the corpus\n")
+    monkeypatch.setattr(sys, "argv", ["pack.py", "--data", data.format(tmp=tmp_path)])
     with pytest.raises(SystemExit) as e:
         pack.main()
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --data") and err.count("\n") == 1
+    assert err.startswith(message) and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------------------------

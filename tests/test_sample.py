@@ -43,7 +43,7 @@ def forward_logits(arch, model, full, turn_starts):
     ends = turn_starts[1:] + [T]
     parts = [model({"enc_x": full[:, :s], "dec_x": full[:, s:e]})[0]
              for s, e in zip(turn_starts, ends)]
-    before = torch.zeros(full.shape[0], turn_starts[0], V, dtype=parts[0].dtype)
+    before = torch.zeros(full.shape[0], turn_starts[0], V, dtype=parts[0].dtype, device=full.device)
     return torch.cat([before, *parts], dim=1)
 
 
@@ -51,7 +51,7 @@ def run_session(model, full, turns):
     """Teacher-forced session over `full` (B, T): turns = [(prompt_len, decoded_len), ...]. Returns
     logits (B, T, V) at every position the session predicted from (zeros elsewhere) and turn starts."""
     B, T = full.shape
-    out = torch.zeros(B, T, V, dtype=next(model.parameters()).dtype)
+    out = torch.zeros(B, T, V, dtype=next(model.parameters()).dtype, device=full.device)
     cache, pos, starts = None, 0, []
     pending = None
     for n_prompt, n_decode in turns:
