@@ -4,8 +4,8 @@ How every nanoBDD script tells its user that something went wrong: one line on s
 - bad input (a flag, a file, a checkpoint): `error: <what is wrong and how to fix it>`, exit 2;
 - argparse's own errors follow the same rule: its usage block is replaced by a pointer to --help.
 
-It sits in the bottom row of the imports (it imports nothing of the project), so every script can
-use it, mask.py included.
+It is the bottom row of the imports, below mask.py (it imports nothing of the project), so every
+script can use it, mask.py included.
 """
 
 import argparse
