@@ -379,6 +379,27 @@ def parse_archs(text):
     return archs
 
 
+def train_all(configs, skip_train):
+    """({arch: history}, {arch: model in eval mode}): each arch trained by train.train() and
+    loaded back from its checkpoint, or (skip_train) freshly initialised and untrained."""
+    histories, models = {}, {}
+    for i, (arch, config) in enumerate(configs.items()):
+        if skip_train:
+            torch.manual_seed(config.seed)
+            models[arch] = build_model(arch, train.model_config(config)).to(config.device).eval()
+            continue
+        print(f"== training {arch} ({i + 1}/{len(configs)}) ==", flush=True)
+        try:
+            histories[arch] = train.train(config, log=lambda s, a=arch: print(f"[{a}] {s}",
+                                                                                 flush=True))
+        except (train.ConfigError, ValueError) as e:
+            cli.fail(str(e))
+        except train.LossNotFinite as e:
+            cli.fail(f"{arch}: {e}", code=1)
+        models[arch] = load_checkpoint(config.out_dir, config.device)[0]
+    return histories, models
+
+
 def run(argv=None):
     p = cli.Parser(description="Train dec, encdec and bdd side by side and measure "
                    "their inference. Any train.py flag overrides the preset.",
@@ -424,23 +445,7 @@ def run(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     t_start = time.time()
 
-    histories, models = {}, {}
-    for i, arch in enumerate(archs):
-        config = configs[arch]
-        if args.skip_train:
-            torch.manual_seed(config.seed)
-            models[arch] = build_model(arch, train.model_config(config)).to(config.device).eval()
-            continue
-        print(f"== training {arch} ({i + 1}/{len(archs)}) ==", flush=True)
-        try:
-            histories[arch] = train.train(config, log=lambda s, a=arch: print(f"[{a}] {s}",
-                                                                                 flush=True))
-        except (train.ConfigError, ValueError) as e:
-            cli.fail(str(e))
-        except train.LossNotFinite as e:
-            cli.fail(f"{arch}: {e}", code=1)
-        models[arch] = load_checkpoint(config.out_dir, config.device)[0]
-
+    histories, models = train_all(configs, args.skip_train)
     print("== measuring inference (KV cache, FLOPs, decode speed) and training steps ==",
           flush=True)
     inference = measure_inference(models, first.block_size, args.repeats)
