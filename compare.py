@@ -1,7 +1,7 @@
 """
 The headline experiment: train dec, encdec and bdd side by side, then measure their inference.
 
-    python compare.py                       # --preset cpu without a GPU: about 13 minutes on 2 cores
+    python compare.py                       # --preset cpu without a GPU: 5 to 12 minutes on 2 cores
     python compare.py --skip_train          # inference only, freshly initialised models (fast)
     python compare.py --preset cpu --max_iters 300 --archs dec,bdd   # any train.py flag overrides
     python compare.py --sweep               # the scaling sweep, and --splits: see sweep.py

@@ -23,8 +23,6 @@ BlockMask (on GPU, where skipping the masked tiles pays):
 render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
 """
 
-import os
-
 import torch
 
 import cli
@@ -296,7 +294,7 @@ def parse_boundaries(text):
 
 
 def save_png(dec, bounds, T, path):
-    """Draw the decoder mask to path (a temporary file renamed into place: never half a PNG)."""
+    """Draw the decoder mask to path, written whole."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -307,14 +305,11 @@ def save_png(dec, bounds, T, path):
                 f"= decoder stream, at positions 0..{T - 1}",
          ylabel="query position")
     fig.tight_layout()
-    tmp = f"{path}.tmp"
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        with cli.written_whole(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None):

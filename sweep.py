@@ -91,11 +91,9 @@ NOT_COMPARED = (*train.MACHINE_FIELDS, "max_iters", "log_interval", "eval_interv
 
 
 def write_json(obj, path):
-    """Write JSON to a temporary file, then rename it: never a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """obj as JSON in path, written whole."""
+    with cli.written_whole(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def pyplot():
@@ -105,12 +103,13 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path):
-    """Save a matplotlib figure as PNG through a temporary file, and close it."""
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=110, format="png")
-    pyplot().close(fig)
-    os.replace(tmp, path)
+def save_figure(fig, path, dpi=110):
+    """Save a matplotlib figure as PNG, written whole, and close it."""
+    try:
+        with cli.written_whole(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        pyplot().close(fig)
 
 
 def format_table(lines):

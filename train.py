@@ -307,18 +307,12 @@ def check_resumable(ckpt, config, mconfig, path):
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename it over ckpt.pt: os.replace is
-    atomic, so a crash or kill at any moment leaves the previous checkpoint whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Written whole (cli.written_whole) and synced to disk before the rename, so a crash or kill
+    at any moment leaves the previous checkpoint whole."""
+    with cli.written_whole(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def rng_state(batches):
@@ -470,9 +464,8 @@ def start_log(config, iter_num):
     elif log_file.exists():
         kept = [line for line in log_file.read_text().splitlines()
                 if logged_iter(line) <= iter_num]
-    tmp = log_file.with_name(log_file.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_file)
+    with cli.written_whole(log_file) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in kept))
 
 
 def logged_iter(line):

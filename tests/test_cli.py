@@ -1,10 +1,12 @@
 """Every script answers argparse's own errors (unknown flag, missing or mistyped value) with one
-line on stderr and exit 2, like its other bad input: cli.Parser, not argparse's usage block."""
+line on stderr and exit 2, like its other bad input: cli.Parser, not argparse's usage block.
+And cli.written_whole leaves a file whole: new, or as it was."""
 
 import sys
 
 import pytest
 
+import cli
 import compare
 import mask
 import pack
@@ -35,3 +37,16 @@ def test_argparse_errors_are_one_line(script, kind, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and err.rstrip().endswith("--help)"), err
+
+
+def test_written_whole_replaces_or_leaves_the_file_as_it_was(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(OSError):
+        with cli.written_whole(path) as tmp:
+            open(tmp, "w").write("half")
+            raise OSError("disk full")
+    assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+    with cli.written_whole(path) as tmp:
+        open(tmp, "w").write("new")
+    assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
