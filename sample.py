@@ -90,6 +90,11 @@ class Session:
         self.pending = None   # (B,) each row's last sampled token, not yet fed to the model
         self.rows = None      # per row, every token of the conversation (1-D tensors)
 
+    @property
+    def history(self):
+        """(B, L) every token of the conversation, rows left-padded with zeros."""
+        return None if self.rows is None else left_pad(self.rows)[0]
+
     def room(self, row=None):
         """Positions left in the model's context, in one row or in the fullest one. A span model
         keeps one for the sentinel its encoder reads after the history."""
