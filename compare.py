@@ -25,6 +25,7 @@ import time
 import torch
 
 import cli
+import corpus
 import pack
 import sweep
 import train
@@ -173,7 +174,7 @@ def measure_training(configs, repeats):
     times = {arch: [] for arch in configs}
     for r in range(4 * repeats + 1):  # round 0 warms up
         for arch, config in configs.items():
-            enc = pack.get_tokenizer(config.tokenizer)
+            enc = corpus.get_tokenizer(config.tokenizer)
             g = torch.Generator().manual_seed(config.seed + r)
             w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=g)
             batch = pack.build_batch(arch, w, g, config.objective, config.max_blocks,

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import cli
 from model import ModelConfig, build_model
-from pack import DataError, get_tokenizer
+from corpus import DataError, get_tokenizer
 
 
 @dataclass
@@ -372,7 +372,7 @@ def open_model(args):
     try:
         model, ckpt = load_checkpoint(args.out_dir, device)
         enc = get_tokenizer(ckpt.get("tokenizer"))
-    except ValueError as e:  # pack.DataError included: a tokenizer this version does not know
+    except ValueError as e:  # corpus.DataError included: a tokenizer this version does not know
         cli.fail(f"{args.out_dir}: {e}" if isinstance(e, DataError) else str(e))
     return device, model, ckpt, enc
 

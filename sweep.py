@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import cli
-import pack
+import corpus
 import train
 from model import ARCHS, build_model
 from sample import flop_counter, load_checkpoint, measure_decode
@@ -672,7 +672,7 @@ def main(argv=None):
         runs = plan(args, flags, preset, sizes)
         os.makedirs(args.out_dir, exist_ok=True)
         rows = execute(runs)
-    except (train.ConfigError, pack.DataError) as e:
+    except (train.ConfigError, corpus.DataError) as e:
         cli.fail(str(e))
     except train.LossNotFinite as e:
         cli.fail(str(e), code=1)

@@ -30,11 +30,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
+import corpus
 import pack
 from model import ARCHS, ModelConfig, build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHOICES = {"arch": ARCHS, "objective": pack.OBJECTIVES, "tokenizer": pack.TOKENIZERS,
+CHOICES = {"arch": ARCHS, "objective": pack.OBJECTIVES, "tokenizer": corpus.TOKENIZERS,
            "init_from": ("scratch", "resume"), "dtype": tuple(DTYPES)}
 
 
@@ -209,7 +210,7 @@ def check_folders(config):
     """Before any data is prepared or model built: out_dir and data_root must be folders this
     process can write (or create), and a fresh run must not silently replace another run."""
     writable_folder(config.out_dir, "out_dir")
-    writable_folder(config.data_root or pack.DATA, "data_root")
+    writable_folder(config.data_root or corpus.DATA, "data_root")
     path = checkpoint_path(config.out_dir)
     if config.init_from == "scratch" and not config.overwrite and path.exists():
         raise ConfigError(f"{path} already holds a run: continue it with --init_from resume, "
@@ -518,7 +519,7 @@ def train(config, log=print):
     train_time and train_tokens_per_sec (training only, no evaluation), wall_time, curve (one
     {iter, tokens, train_loss, val_loss, cont_loss} per evaluation), val_loss (the last
     continuation loss), iter_losses (training loss of every iteration), and under DDP "ddp".
-    Raises ConfigError or pack.DataError for bad input, LossNotFinite if training diverges.
+    Raises ConfigError or corpus.DataError for bad input, LossNotFinite if training diverges.
     """
     t_start = time.time()
     check_config(config)
@@ -535,12 +536,12 @@ def load_batches(config, rank, world):
     find it ready. Every rank draws its own training batches (seed + rank)."""
     root = {} if config.data_root is None else {"root": config.data_root}
     if rank == 0:
-        meta = pack.prepare(config.data, config.tokenizer, text_field=config.text_field,
+        meta = corpus.prepare(config.data, config.tokenizer, text_field=config.text_field,
                             rehash=config.rehash, **root)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        meta = pack.prepare(config.data, config.tokenizer, text_field=config.text_field, **root)
+        meta = corpus.prepare(config.data, config.tokenizer, text_field=config.text_field, **root)
     # built on the CPU: supervision_stats there needs no device sync, and to_device overlaps copies
     return pack.Batches(meta, config.arch, config.block_size, config.batch_size,
                         objective=config.objective, max_blocks=config.max_blocks,
@@ -755,7 +756,7 @@ def main(argv=None):
     flags = vars(parser().parse_args(argv))
     try:
         train(make_config(**flags))
-    except (ConfigError, pack.DataError) as e:
+    except (ConfigError, corpus.DataError) as e:
         cli.fail(str(e))
     except LossNotFinite as e:
         cli.fail(str(e), code=1)

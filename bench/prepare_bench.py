@@ -1,5 +1,5 @@
 """
-Benchmark of pack.prepare() at scale: the three goals of preparing a large corpus.
+Benchmark of corpus.prepare() at scale: the three goals of preparing a large corpus.
 
     python bench/prepare_bench.py                 # 1 GB synthetic corpus, 2 cores (minutes)
     python bench/prepare_bench.py --size_mb 30    # a quick check that it runs
@@ -7,12 +7,12 @@ Benchmark of pack.prepare() at scale: the three goals of preparing a large corpu
 1. Peak resident memory of preparing a synthetic corpus (Shakespeare's lines in random order:
    four text files of size/8 each, and a .jsonl file of about 4 KB documents for the other
    half), for the byte and the gpt2 tokenizer. The prepare runs in a fresh child process that
-   first imports pack (numpy, tiktoken, torch): its memory then is the baseline. Reported: the
+   first imports corpus (numpy, tiktoken): its memory then is the baseline. Reported: the
    main process's peak RSS above its baseline, and (Linux) the peak of the summed proportional
    set size (PSS) of the main process and its tokenizer workers, sampled 20 times a second,
    above the main process's PSS at the baseline. PSS splits shared pages between the processes
    that share them, so the sum is what the whole prepare holds.
-2. gpt2 tokenization throughput of pack's parallel path (encode_chunks, one process per core)
+2. gpt2 tokenization throughput of corpus.py's parallel path (encode_chunks, one process per core)
    against tiktoken's single-threaded encode_ordinary, on the same text in the same chunks, with
    a warm tokenizer: median of --repeats alternating runs, and their ratio.
 3. The time to open the already prepared dataset: prepare() again, in a fresh process.
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402  (after the path to the repository)
-import pack  # noqa: E402
+import corpus  # noqa: E402
 
 
 
@@ -66,7 +66,7 @@ def tree_pss():
 
 def child(data, root, tokenizer):
     """Prepare once, in this fresh interpreter, and print what it cost as one JSON line. The
-    baselines are taken after the imports (pack: numpy, tiktoken, torch) and before prepare."""
+    baselines are taken after the imports (corpus: numpy, tiktoken) and before prepare."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KB on Linux
     has_proc = os.path.exists("/proc/self/smaps_rollup")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
@@ -81,7 +81,7 @@ def child(data, root, tokenizer):
     if has_proc:
         sampler.start()
     start = time.perf_counter()
-    meta = pack.prepare(data, tokenizer, root=root)
+    meta = corpus.prepare(data, tokenizer, root=root)
     seconds = time.perf_counter() - start
     done.set()
     print(json.dumps({
@@ -93,14 +93,14 @@ def child(data, root, tokenizer):
 def pin(cores):
     """Run this process and its children on `cores` cores; returns how many it got."""
     if not hasattr(os, "sched_setaffinity"):
-        return pack.cpu_count()
+        return corpus.cpu_count()
     allowed = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, allowed[:cores])
     return len(os.sched_getaffinity(0))
 
 
 def shakespeare_lines():
-    return [line for _, text in pack.shakespeare_documents()
+    return [line for _, text in corpus.shakespeare_documents()
             for line in text.decode().splitlines() if line.strip()]
 
 
@@ -135,23 +135,23 @@ def cpu_seconds():
 
 
 def throughput(folder, size_mb, repeats, workers):
-    """{path: (MB/s, cores used)} of encode_ordinary on one thread and of pack.encode_chunks:
+    """{path: (MB/s, cores used)} of encode_ordinary on one thread and of corpus.encode_chunks:
     median wall and CPU times of alternating runs on the same chunks. The text is the first
     size_mb of a corpus file (to a line break), read as prepare() reads a file: in pieces, cut
-    into chunks of about pack.CHUNK_BYTES."""
+    into chunks of about corpus.CHUNK_BYTES."""
     path = folder / "part0.txt"
     with open(path, "rb") as f:
         head = f.read(int(size_mb * 1e6))
-    doc = pack.Document(str(path), head.rindex(b"\n") + 1, path=path)
-    chunks = list(pack.chunks([("train", doc)]))
-    enc = pack.get_tokenizer("gpt2")
+    doc = corpus.Document(str(path), head.rindex(b"\n") + 1, path=path)
+    chunks = list(corpus.chunks([("train", doc)]))
+    enc = corpus.get_tokenizer("gpt2")
 
     def single():
         return [t for chunk in chunks for segment, _ in chunk.segments
                 for t in enc.encode_ordinary(segment)]
 
     def parallel():
-        return [ids for _, ids in pack.encode_chunks("gpt2", chunks, workers)]
+        return [ids for _, ids in corpus.encode_chunks("gpt2", chunks, workers)]
 
     reference = single()  # warm both paths once, and check that they agree
     tokens = [int(t) for ids in parallel() for t in ids]
@@ -167,7 +167,7 @@ def throughput(folder, size_mb, repeats, workers):
 
 
 def main():
-    parser = cli.Parser(description="Measure pack.prepare() on a large synthetic corpus.")
+    parser = cli.Parser(description="Measure corpus.prepare() on a large synthetic corpus.")
     parser.add_argument("--size_mb", type=int, default=1024, help="corpus size (default 1024)")
     parser.add_argument("--throughput_mb", type=float, default=64,
                         help="text of the throughput measurement (default 64, at most size/8)")
@@ -187,7 +187,7 @@ def main():
         write_corpus(tmp / "corpus", args.size_mb)
         mb = sum(f.stat().st_size for f in (tmp / "corpus").iterdir()) / 1e6
         results = {}
-        for tokenizer in pack.TOKENIZERS:
+        for tokenizer in corpus.TOKENIZERS:
             first = run_prepare(tmp / "corpus", tmp / "data", tokenizer)
             results[tokenizer] = (first, run_prepare(tmp / "corpus", tmp / "data", tokenizer))
         speed = throughput(tmp / "corpus", min(args.throughput_mb, args.size_mb / 8),
@@ -199,7 +199,7 @@ def main():
 
 def report(results, mb, cores, speed):
     def row(label, value, goal=""):
-        cells = " | ".join(value(*results[t]) for t in pack.TOKENIZERS)
+        cells = " | ".join(value(*results[t]) for t in corpus.TOKENIZERS)
         print(f"| {label} | {cells} | {goal} |")
 
     def megabytes(value):
@@ -218,7 +218,7 @@ def report(results, mb, cores, speed):
         "< 1 s")
     (single, single_cores), (parallel, parallel_cores) = speed["single"], speed["parallel"]
     print(f"\ngpt2 throughput on the same text: tiktoken encode_ordinary, 1 thread "
-          f"{single:.1f} MB/s; pack.encode_chunks, {cores} processes {parallel:.1f} MB/s; "
+          f"{single:.1f} MB/s; corpus.encode_chunks, {cores} processes {parallel:.1f} MB/s; "
           f"ratio {parallel / single:.2f} (goal >= 1.6 on 2 cores)")
     print(f"cores busy (CPU time / wall time): {single_cores:.2f} and {parallel_cores:.2f}" +
           ("; under 0.9 per process: other work shared the cores, rerun on a quiet machine"

