@@ -69,26 +69,19 @@ def context_lengths(block_size, n=6):
     return sorted({round(lo + (block_size - 1 - lo) * i / (n - 1)) for i in range(n)})
 
 
-def measure_inference(models, block_size, repeats):
-    """KV bytes at several context lengths, FLOPs of one decode step and ms per decoded token at
-    half the context, batch 1. Timing rounds alternate between the archs so that the machine's
-    noise falls on all of them alike; the median round counts."""
+def measure_inference(models, block_size):
+    """KV bytes at several context lengths and the FLOPs of one decode step at half the context,
+    batch 1. (The time per decoded token there is the serving benchmark's batch 1.)"""
     out = {arch: {"kv_bytes": [], "prefix_cache_bytes": []} for arch in models}
     for n in context_lengths(block_size):
         for arch, model in models.items():
-            m = measure_decode(model, n, n_tokens=decode_tokens(block_size))
+            m = measure_decode(model, n, n_tokens=decode_tokens(block_size), count_flops=False)
             out[arch]["kv_bytes"].append({"context_len": n, "bytes": m["kv_bytes"]})
             out[arch]["prefix_cache_bytes"].append({"context_len": n, "bytes": m["prefix_bytes"]})
     half = block_size // 2
-    times = {arch: [] for arch in models}
-    for _ in range(repeats):
-        for arch, model in models.items():
-            m = measure_decode(model, half, n_tokens=decode_tokens(block_size))
-            times[arch].append(m["ms_per_token"])
-            out[arch]["decode_flops_per_token"] = m["flops"]
-    for arch in models:
-        out[arch]["decode_ms_per_token"] = statistics.median(times[arch])
-        out[arch]["decode_context_len"] = half
+    for arch, model in models.items():
+        m = measure_decode(model, half, n_tokens=decode_tokens(block_size))
+        out[arch].update(decode_flops_per_token=m["flops"], decode_context_len=half)
     return out
 
 
@@ -412,8 +405,8 @@ def run(argv=None):
     p.add_argument("--skip_train", action="store_true", help="measure inference only, on "
                    "freshly initialised models")
     p.add_argument("--out_dir", default=os.path.join("out", "compare"))
-    p.add_argument("--repeats", type=int, default=5, help="timing rounds for decode ms and "
-                   "training steps")
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds: of the serving "
+                   "benchmark (8x at batch 1) and of the training steps (4x)")
     add_serving_flags(p)
     p.add_argument("--sweep", action="store_true", help="the scaling sweep instead (sweep.py; "
                    "compare.py --sweep --help lists its flags)")
@@ -449,7 +442,7 @@ def run(argv=None):
     histories, models = train_all(configs, args.skip_train)
     print("== measuring inference (KV cache, FLOPs, decode speed) and training steps ==",
           flush=True)
-    inference = measure_inference(models, first.block_size, args.repeats)
+    inference = measure_inference(models, first.block_size)
     steps = measure_training(configs, args.repeats)
     print("== measuring serving: decode throughput by batch and at a KV budget ==", flush=True)
     serving_setup, served = measure_serving(models, first.block_size, per_sequence, in_budget,
@@ -471,6 +464,7 @@ def run(argv=None):
             "padding_fraction": h.get("padding_fraction"),
             "train_tokens_per_sec": h.get("train_tokens_per_sec"),
             "curve": curve, "val_loss": h.get("val_loss"), **steps[arch], **inference[arch],
+            "decode_ms_per_token": 1000 / served[arch]["serving"]["tokens_per_sec"][0],  # batch 1
             **served[arch]}
     results["wall_time"] = time.time() - t_start
     write_json(results, os.path.join(args.out_dir, "results.json"))

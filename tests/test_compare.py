@@ -206,7 +206,7 @@ def test_check_measurable_agrees_with_the_measurements(block_size):
                                             n_dec_layer=1, n_head=1, n_embd=8)).eval()
               for a in ARCHS}
     try:
-        compare.measure_inference(models, block_size, repeats=1)
+        compare.measure_inference(models, block_size)
         runs = True
     except ValueError:
         runs = False
