@@ -1,19 +1,37 @@
 """
-The promises every nanoBDD script keeps to its user when something goes wrong:
+The promises every nanoBDD script keeps to its user when something goes wrong: one line on
+stderr, `error: <what is wrong and how to fix it>`, and an exit code that says which kind:
 
-- bad input (a flag, a file, a checkpoint): one line on stderr, `error: <what is wrong and how to
-  fix it>`, exit 2; argparse's own errors too (its usage block becomes a pointer to --help);
-- never a half-written file: checkpoints, logs, results and figures are written to a temporary
-  name beside their place and renamed over it once whole (written_whole).
+    2    bad input: a flag, a file, a folder, a checkpoint (argparse's own errors too: its
+         usage block becomes a pointer to --help)
+    1    training diverged (the loss became nan or inf)
+    3    a file could not be written (a full disk, a lost permission); what was whole stays whole
+    130  interrupted (Ctrl-C)
 
-It is the bottom row of the imports, below mask.py (it imports nothing of the project), so every
-script can use it, mask.py included.
+The library raises a Stop (BadInput, or a subclass with its own code); an entry point runs its
+work under `guard`, which turns a Stop into its line and code. Nothing else is caught: any other
+exception is a bug, and its traceback is what a bug report needs.
+
+It is the bottom row of the imports: it imports nothing of the project.
 """
 
 import argparse
-import os
 import sys
 from contextlib import contextmanager
+
+
+class Stop(Exception):
+    """A reason to stop that the user can act on; its message says what to do."""
+    code = 2
+
+
+class BadInput(Stop, ValueError):
+    """A bad flag, file, folder or checkpoint."""
+
+
+class CannotWrite(Stop):
+    """A file could not be written (disk full, permissions); the previous version is whole."""
+    code = 3
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,14 +48,12 @@ def fail(message, code=2):
 
 
 @contextmanager
-def written_whole(path):
-    """Yield a temporary name beside `path` to write to; once the block ends it is renamed over
-    path (os.replace is atomic), and if the block fails it is removed: path is then untouched,
-    whole as before, or absent as before."""
-    tmp = f"{path}.tmp"
+def guard(interrupted="interrupted (Ctrl-C)"):
+    """Run an entry point's work: a Stop exits with its line and code, Ctrl-C with 130 and the
+    line `interrupted` (a string, or a function that returns one, asked only then)."""
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        yield
+    except Stop as e:
+        fail(str(e), e.code)
+    except KeyboardInterrupt:
+        fail(interrupted() if callable(interrupted) else interrupted, code=130)

@@ -73,7 +73,7 @@ SAFE_CUT = re.compile(r"\S[ \t\n\r]")
 FORMAT = 1  # bump when the prepared layout or split rule changes: old caches are then re-prepared
 
 
-class DataError(ValueError):
+class DataError(cli.BadInput):
     """Bad input data or settings; the message is one line saying what is wrong and what to do."""
 
 

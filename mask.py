@@ -26,6 +26,7 @@ render() draws a mask as text, plot() as a matplotlib picture (used by the noteb
 import torch
 
 import cli
+import files
 
 # -----------------------------------------------------------------------------
 # block ids
@@ -306,7 +307,7 @@ def save_png(dec, bounds, T, path):
          ylabel="query position")
     fig.tight_layout()
     try:
-        with cli.written_whole(path) as tmp:
+        with files.written_whole(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
@@ -333,9 +334,8 @@ def main(argv=None):
     if args.png:
         try:
             save_png(dec, bounds, args.T, args.png)
-        except OSError as e:
-            cli.fail(f"--png {args.png}: cannot write it ({e.strerror}); give a path in an "
-                     f"existing, writable folder")
+        except cli.CannotWrite as e:
+            cli.fail(f"--png {args.png}: {e}; give a path in an existing, writable folder")
         print(f"saved {args.png}")
 
 

@@ -16,18 +16,17 @@ Cache bytes are read from the cache tensors; FLOPs are counted by torch's FlopCo
 """
 
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import cli
-from model import ModelConfig, build_model
-from corpus import DataError, get_tokenizer
+import config as cfg
+from corpus import get_tokenizer
+from flops import decode_flops
 
 
 @dataclass
@@ -192,76 +191,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, genera
 
 
 # -----------------------------------------------------------------------------
-# measuring a decode step
-
-# torch's FlopCounterMode has no formula for the CPU flash-attention kernels SDPA uses; give them
-# the same formulas as for the GPU kernels, so attention is counted on every device.
-_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-             lambda grad, q, k, v, *args, out_shape=None, **kwargs:
-             sdpa_backward_flop_count(grad, q, k, v)}
-
-
-def flop_counter():
-    """A FlopCounterMode that counts attention on the CPU too (use: with flop_counter() as c)."""
-    return FlopCounterMode(display=False, custom_mapping=_CPU_SDPA)
-
-
-@torch.no_grad()
-def decode_flops(model, idx_next, cache):
-    """FLOPs of one decode step, split into the layers and the LM head (the head costs the same
-    for every arch). Feeds idx_next into the cache like an ordinary decode step."""
-    with flop_counter() as counter:
-        model.decode(idx_next, cache)
-    total = counter.get_total_flops()
-    # Counts are keyed by module path; the only Linear called outside a block is the LM head.
-    head = sum(counter.get_flop_counts().get("Linear", {}).values())
-    return {"layers": total - head, "head": head}
-
-
-@torch.no_grad()
-def measure_decode(model, context_len, n_tokens=16, batch_size=1, seed=0, count_flops=True):
-    """Prefill random prompts (batch_size rows) so that `context_len` positions are held after
-    n_tokens greedy decode steps, then report the live cache bytes, the ms per decode step, the
-    decoded tokens per second (all rows) and the FLOPs of one more step (unless count_flops is
-    False). `context_len` counts the positions fed (prompt + decoded), at most block_size - 1."""
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    P = context_len - n_tokens
-    if P < 1 or context_len >= model.config.block_size:
-        raise ValueError(f"context_len {context_len} must lie in ({n_tokens}, "
-                         f"{model.config.block_size})")
-    prompt = torch.randint(model.config.vocab_size, (batch_size, P), generator=g).to(device)
-    gen = generate(model, prompt, n_tokens + 1, temperature=0)
-    nbytes = gen.cache.nbytes()
-    flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if count_flops else None
-    return {"context_len": context_len, "kv_bytes": nbytes["decode"], "prefix_bytes": nbytes["prefix"],
-            "allocated_bytes": nbytes["allocated"], "flops": flops,
-            "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
-            "tokens_per_sec": batch_size * n_tokens / gen.decode_seconds}
-
-
-# -----------------------------------------------------------------------------
 # command line
-
-
-def load_checkpoint(out_dir, device="cpu"):
-    """(model in eval mode, checkpoint dict without weights) from out_dir/ckpt.pt."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}; train one first (python train.py --out_dir "
-                         f"{out_dir}) or pass --out_dir of a trained run")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        model = build_model(ckpt["arch"], ModelConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable nanoBDD checkpoint ({type(e).__name__}); "
-                         f"retrain or restore it") from None
-    ckpt.pop("model")
-    ckpt.pop("optimizer", None)
-    return model.to(device).eval(), ckpt
 
 
 def read_text(path, what):
@@ -370,22 +300,20 @@ def open_model(args):
     except (RuntimeError, AssertionError) as e:
         cli.fail(f"device {args.device!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
     try:
-        model, ckpt = load_checkpoint(args.out_dir, device)
-        enc = get_tokenizer(ckpt.get("tokenizer"))
-    except ValueError as e:  # corpus.DataError included: a tokenizer this version does not know
-        cli.fail(f"{args.out_dir}: {e}" if isinstance(e, DataError) else str(e))
+        model, ckpt = cfg.load_model(args.out_dir, device)
+    except cli.BadInput as e:
+        cli.fail(str(e))
+    enc = get_tokenizer(ckpt["tokenizer"])
     return device, model, ckpt, enc
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:  # every line printed so far is whole; nothing else is written
-        cli.fail("interrupted (Ctrl-C)", code=130)
+    with cli.guard():  # Ctrl-C: every line printed so far is whole; nothing else is written
+        sample(args)
 
 
-def run(args):
+def sample(args):
     device, model, ckpt, enc = open_model(args)
     span = ckpt["arch"] == "encdec" and ckpt.get("objective") == "span"
     span_args = dict(span_sentinel=enc.n_vocab, eot=enc.eot_token) if span else {}

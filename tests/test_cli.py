@@ -1,22 +1,29 @@
 """Every script answers argparse's own errors (unknown flag, missing or mistyped value) with one
 line on stderr and exit 2, like its other bad input: cli.Parser, not argparse's usage block.
-And cli.written_whole leaves a file whole: new, or as it was."""
+files.written_whole leaves a file whole: new, or as it was; files.holding lets one process at a
+time hold a folder."""
 
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import cli
 import compare
 import corpus
+import files
 import mask
 import sample
+import sweep
 import train
 
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
-           "mask.py": mask.main, "corpus.py": corpus.main}
+           "sweep.py": sweep.main, "mask.py": mask.main, "corpus.py": corpus.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
-       "compare.py": ["--repeats", "x"], "mask.py": ["--T", "1.5"], "corpus.py": ["--tokenizer"]}
+       "compare.py": ["--repeats", "x"], "sweep.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
+       "corpus.py": ["--tokenizer"]}
 
 
 def call(script, argv, monkeypatch):
@@ -40,11 +47,40 @@ def test_argparse_errors_are_one_line(script, kind, monkeypatch, capsys):
 def test_written_whole_replaces_or_leaves_the_file_as_it_was(tmp_path):
     path = tmp_path / "results.json"
     path.write_text("old")
-    with pytest.raises(OSError):
-        with cli.written_whole(path) as tmp:
+    with pytest.raises(cli.CannotWrite, match="disk full.*the previous version is kept"):
+        with files.written_whole(path) as tmp:
             open(tmp, "w").write("half")
             raise OSError("disk full")
     assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
-    with cli.written_whole(path) as tmp:
+    with files.written_whole(path) as tmp:
         open(tmp, "w").write("new")
     assert path.read_text() == "new" and list(tmp_path.iterdir()) == [path]
+
+
+def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    with files.written_whole(path) as a, files.written_whole(path) as b:
+        assert a != b
+        open(a, "w").write("a")
+        open(b, "w").write("b")
+    assert path.read_text() == "a"  # the outer block ends last: its file is the one that stays
+
+
+def test_a_held_folder_is_refused_to_another_process_and_freed_by_its_death(tmp_path):
+    """The lock is the kernel's: held while the holder lives, free once it is gone, whatever
+    the way it went (here a kill -9)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import files, time, sys\n"
+                               f"with files.holding({str(tmp_path)!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(cli.BadInput, match=f"in use by another run \\(process {holder.pid}\\)"):
+            with files.holding(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with files.holding(tmp_path):  # a stale lock file is not a lock
+        pass

@@ -10,12 +10,15 @@ from contextlib import redirect_stdout
 import pytest
 
 import compare
+import config as cfg
+import files
+import measure
 from model import ARCHS, ModelConfig, build_model
 
 KEYS = ("non_embedding_params", "train_tokens", "supervised_fraction", "padding_fraction",
-        "train_tokens_per_sec", "curve", "val_loss", "kv_bytes", "prefix_cache_bytes",
+        "train_tokens_per_sec", "curve", "cont_loss", "kv_bytes", "train_flops_per_token",
         "decode_flops_per_token", "decode_ms_per_token", "train_step_ms",
-        "train_step_tokens_per_sec")
+        "train_step_tokens_per_sec", "serving")
 TINY = ["--n_layer", "3", "--n_dec_layer", "1", "--n_head", "2", "--n_embd", "32",
         "--block_size", "32", "--batch_size", "4", "--eval_iters", "1", "--repeats", "1",
         "--kv_budget_mb", "0.05", "--serving_max_batch", "4"]
@@ -35,8 +38,6 @@ def corpus(tmp_path_factory):
 def tiny_run(corpus):
     """(out_dir, what was printed) of a side-by-side run of the three archs, 6 iterations each."""
     out, printed = corpus / "out", io.StringIO()
-    (out / "dec").mkdir(parents=True)
-    (out / "dec" / "ckpt.pt").write_bytes(b"an earlier run")  # compare replaces its own runs
     with redirect_stdout(printed):
         compare.main(["--preset", "cpu", "--archs", "dec,bdd,encdec", "--out_dir", str(out),
                       "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
@@ -46,7 +47,7 @@ def tiny_run(corpus):
 
 def test_tiny_run_writes_results_and_figure(tiny_run):
     out, printed = tiny_run
-    for line in ("== training dec (1/3) ==", "== training encdec (3/3) ==", "bdd/dec", "encdec/dec"):
+    for line in ("== [1/3] dec (training)", "== [3/3] encdec (training)", "bdd/dec", "encdec/dec"):
         assert line in printed
     results = json.loads((out / "results.json").read_text())
     assert {"config", "device", "torch", "wall_time"} <= set(results)
@@ -54,14 +55,14 @@ def test_tiny_run_writes_results_and_figure(tiny_run):
     for arch, r in results["archs"].items():
         assert set(KEYS) <= set(r), arch
         assert [p["tokens"] for p in r["curve"]] == [0, 3 * 4 * 32, 6 * 4 * 32]
-        assert set(r["curve"][0]) >= {"tokens", "train_loss", "val_loss"}
-        assert r["train_tokens"] == 6 * 4 * 32 and r["val_loss"] == r["curve"][-1]["val_loss"]
+        assert set(r["curve"][0]) == {"iter", "tokens", "train_loss", "val_loss", "cont_loss"}
+        assert r["train_tokens"] == 6 * 4 * 32 and r["cont_loss"] == r["curve"][-1]["cont_loss"]
         assert r["decode_ms_per_token"] > 0 and r["decode_flops_per_token"]["layers"] > 0
     assert results["archs"]["dec"]["supervised_fraction"] == 1.0
     assert 0.2 < results["archs"]["encdec"]["supervised_fraction"] < 0.8
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob("*.tmp"))
+    assert not files.leftovers(out)
 
 
 def printed_table(printed, archs):
@@ -95,9 +96,11 @@ def test_printed_table_matches_results_json(tiny_run):
     longest = archs["dec"]["kv_bytes"][-1]["context_len"]
     values = {  # metric: value of an arch's results
         "non-embedding params": lambda r: r["non_embedding_params"],
-        "val (continuation) loss": lambda r: r["val_loss"],
+        "continuation loss": lambda r: r["cont_loss"],
         "train tokens/s, interleaved steps": lambda r: r["train_step_tokens_per_sec"],
-        f"KV bytes at context {longest}": lambda r: r["kv_bytes"][-1]["bytes"],
+        f"K/V bytes at context {longest}": lambda r: r["kv_bytes"][-1]["kv_bytes"],
+        "cache bytes held there": lambda r: r["kv_bytes"][-1]["held_bytes"],
+        "decode tokens/s, batch 1": lambda r: r["serving"]["tokens_per_sec"][0],
         "layer FLOPs per token": lambda r: r["decode_flops_per_token"]["layers"],
         "decode ms per token": lambda r: r["decode_ms_per_token"],
     }
@@ -107,34 +110,35 @@ def test_printed_table_matches_results_json(tiny_run):
             assert printed_as(cell, value(archs[arch])), (metric, arch, cell)
         for a, cell in zip(("bdd", "encdec"), cells[len(names):]):
             assert printed_as(cell, value(archs[a]) / value(archs["dec"])), (metric, a, cell)
-    prefix = dict(zip(names, rows["prefix cache bytes there"]))
-    assert prefix["dec"] == prefix["encdec"] == "0" and int(prefix["bdd"].replace(",", "")) > 0
     assert rows["prefix cache bytes there"][len(names):] == ["-", "-"]
+    # the time per token is the serving benchmark's at batch 1, not another measurement
+    for arch in names:
+        assert archs[arch]["decode_ms_per_token"] == 1000 / archs[arch]["serving"]["tokens_per_sec"][0]
 
 
 def test_plot_draws_the_results(tiny_run, tmp_path):
-    """The figure's lines and bars carry results.json's numbers; the reference line is dec's KV
-    bytes times n_dec / n_layer, which is bdd's at any split (DESIGN.md section 3)."""
+    """The figure's lines and bars carry results.json's numbers; the reference line is dec's
+    held bytes times n_dec / n_layer (DESIGN.md section 3)."""
     out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     fig = compare.plot(results, str(tmp_path / "compare.png"))
-    loss_ax, kv_ax, flops_ax, ms_ax = fig.axes[:4]  # the serving panel comes after them
+    loss_ax, kv_ax, flops_ax, serving_ax, ms_ax = fig.axes  # ms: the twin of the FLOPs panel
     lines = {ax: {line.get_label(): line for line in ax.get_lines()} for ax in fig.axes}
     for arch, r in results["archs"].items():
-        for label, key in (("continuation (val)", "val_loss"), ("own objective (train)",
-                                                                "train_loss")):
+        for label, key in (("continuation (val)", "cont_loss"), ("own objective (train)",
+                                                                 "train_loss")):
             line = lines[loss_ax][f"{arch}: {label}"]
             assert list(line.get_xdata()) == [p["tokens"] / 1e6 for p in r["curve"]]
             assert list(line.get_ydata()) == [p[key] for p in r["curve"]]
         line = lines[kv_ax][arch]
         assert list(line.get_xdata()) == [p["context_len"] for p in r["kv_bytes"]]
-        assert list(line.get_ydata()) == [p["bytes"] / 1e6 for p in r["kv_bytes"]]
+        assert list(line.get_ydata()) == [p["held_bytes"] / 1e6 for p in r["kv_bytes"]]
+        line = lines[serving_ax][arch]
+        assert list(line.get_ydata()) == r["serving"]["tokens_per_sec"]
     [reference] = [line for label, line in lines[kv_ax].items() if label.startswith("dec x")]
-    cfg = results["config"]
-    dec = [p["bytes"] / 1e6 for p in results["archs"]["dec"]["kv_bytes"]]
-    assert list(reference.get_ydata()) == pytest.approx(
-        [b * cfg["n_dec_layer"] / cfg["n_layer"] for b in dec])
-    assert list(reference.get_ydata()) == pytest.approx(list(lines[kv_ax]["bdd"].get_ydata()))
+    ratio = results["archs"]["bdd"]["n_dec_layer"] / results["config"]["n_layer"]
+    dec = [p["held_bytes"] / 1e6 for p in results["archs"]["dec"]["kv_bytes"]]
+    assert list(reference.get_ydata()) == pytest.approx([b * ratio for b in dec])
     flops = [r["decode_flops_per_token"] for r in results["archs"].values()]
     heights = [bar.get_height() for bar in flops_ax.patches]
     assert heights == pytest.approx([f["layers"] / 1e6 for f in flops] +
@@ -147,18 +151,15 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     compare.main(["--skip_train", "--out_dir", str(tmp_path), "--n_layer", "6",
                   "--n_dec_layer", "2", *TINY[4:]])
     archs = json.loads((tmp_path / "results.json").read_text())["archs"]
-    n_embd, n_enc, n_dec, n_layer = 32, 4, 2, 6
+    n_embd, n_dec, n_layer = 32, 2, 6
     for i, point in enumerate(archs["dec"]["kv_bytes"]):
         L = point["context_len"]  # positions fed: prompt P plus decoded tokens
         per_position = 2 * n_embd * 4  # K and V, float32, batch 1
-        assert point["bytes"] == n_layer * L * per_position
-        assert archs["bdd"]["kv_bytes"][i]["bytes"] == n_dec * L * per_position
-        assert archs["encdec"]["kv_bytes"][i]["bytes"] == n_dec * L * per_position
-        P = L - compare.decode_tokens(32)
-        assert archs["bdd"]["prefix_cache_bytes"][i]["bytes"] == n_enc * (P - 1) * per_position
-        # only bdd keeps its encoder's cache for prefix reuse
-        assert archs["dec"]["prefix_cache_bytes"][i]["bytes"] == 0
-        assert archs["encdec"]["prefix_cache_bytes"][i]["bytes"] == 0
+        assert point["kv_bytes"] == n_layer * L * per_position
+        assert archs["bdd"]["kv_bytes"][i]["kv_bytes"] == n_dec * L * per_position
+        assert archs["encdec"]["kv_bytes"][i]["kv_bytes"] == n_dec * L * per_position
+        for arch in ARCHS:
+            assert archs[arch]["kv_bytes"][i]["held_bytes"] >= archs[arch]["kv_bytes"][i]["kv_bytes"]
     ratio = archs["bdd"]["decode_flops_per_token"]["layers"] / archs["dec"]["decode_flops_per_token"]["layers"]
     assert ratio <= 0.34
 
@@ -172,8 +173,10 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     (["--archs", ","], "--archs ',' names no arch"),
     (["--block_size", "3"], "--block_size 3 is too small for the decode measurements"),
     (["--block_size", "2"], "--block_size 2 is too small for the decode measurements"),
-    (["--arch", "bdd"], "--arch is set by compare.py per arch"),
-    (["--n_dec_layer", "6"], "--n_dec_layer 6 must be at least 1 and smaller than --n_layer 6"),
+    (["--arch", "bdd"], "--arch is set per run here; use --archs"),
+    (["--init_from", "resume"], "--init_from is set per run here"),
+    (["--n_dec_layer", "6"], "--n_dec_layer 6 must be smaller than --n_layer 6"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
     (["--kv_budget_mb", "0.1"], "--kv_budget_mb 0.1 holds 0 dec sequences"),
     (["--out_dir="], "--out_dir is empty"),
 ])
@@ -181,7 +184,8 @@ def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         compare.main(["--skip_train", "--out_dir", str(tmp_path), *argv])
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_oversized_kv_budget_fails_before_any_training(corpus, capsys):
@@ -196,30 +200,71 @@ def test_oversized_kv_budget_fails_before_any_training(corpus, capsys):
 
 
 def test_archs_accept_spaces_around_names():
-    assert compare.parse_archs(" dec, bdd ,") == ["dec", "bdd"]
+    assert compare.ex.parse_archs(" dec, bdd ,") == ["dec", "bdd"]
 
 
-@pytest.mark.parametrize("block_size", [2, 3, 4, 5])
+@pytest.mark.parametrize("block_size", [4, 7, 8, 9, 12])
 def test_check_measurable_agrees_with_the_measurements(block_size):
     """check_measurable refuses exactly the block sizes the measurements cannot run at."""
     models = {a: build_model(a, ModelConfig(vocab_size=11, block_size=block_size, n_layer=2,
                                             n_dec_layer=1, n_head=1, n_embd=8)).eval()
               for a in ARCHS}
     try:
-        compare.measure_inference(models, block_size)
+        measure.kv_by_context(models, block_size)
+        for model in models.values():
+            measure.measure_decode(model, block_size // 2)
         runs = True
-    except ValueError:
+    except (AssertionError, ValueError):
         runs = False
     try:
-        compare.check_measurable(block_size)
+        measure.check_measurable(block_size)
         accepted = True
-    except SystemExit:
+    except cfg.ConfigError:
         accepted = False
     assert accepted == runs
 
 
+def test_a_finished_compare_is_measured_again_without_training(tiny_run, monkeypatch, capsys):
+    """Run again, the same command trains nothing: its runs are finished (as in the sweep)."""
+    out, _ = tiny_run
+    corpus = out.parent
+    monkeypatch.setattr(compare.ex.train, "train", lambda *a, **k: pytest.fail("trained"))
+    compare.main(["--preset", "cpu", "--archs", "dec,bdd,encdec", "--out_dir", str(out),
+                  "--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
+                  "--max_iters", "6", "--eval_interval", "3", "--warmup_iters", "2", *TINY])
+    assert "3 runs: 3 finished, 0 to resume, 0 new" in capsys.readouterr().out
+
+
+def test_a_train_run_in_the_folder_is_not_replaced_silently(corpus, tmp_path, capsys):
+    """A folder holding a run of other settings (here train.py's, of another width) is refused
+    with one line unless --overwrite is given, the same rule as train.py's."""
+    import train
+    base = ["--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data")]
+    train.main([*base, "--arch", "bdd", "--out_dir", str(tmp_path / "bdd"), "--max_iters", "2",
+                "--warmup_iters", "1", "--n_layer", "3", "--n_embd", "16", "--n_head", "2",
+                "--block_size", "32", "--batch_size", "2"])
+    capsys.readouterr()
+    before = (tmp_path / "bdd" / "ckpt.pt").read_bytes()
+    argv = ["--archs", "bdd", "--out_dir", str(tmp_path), *base, "--max_iters", "2",
+            "--warmup_iters", "1", *TINY]
+    with pytest.raises(SystemExit) as e:
+        compare.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds a run trained with" in err and "--overwrite" in err
+    assert (tmp_path / "bdd" / "ckpt.pt").read_bytes() == before
+    compare.main([*argv, "--overwrite"])
+    assert (tmp_path / "bdd" / "ckpt.pt").read_bytes() != before
+
+
+def test_a_second_experiment_into_a_held_folder_is_refused(tmp_path, capsys):
+    with files.holding(tmp_path, "experiment"):
+        with pytest.raises(SystemExit) as e:
+            compare.main(["--skip_train", "--out_dir", str(tmp_path), *TINY[4:]])
+    assert e.value.code == 2 and "is in use by another experiment" in capsys.readouterr().err
+
+
 def test_bad_block_size_fails_before_any_training(corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compare.train, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(compare.ex.train, "train", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(SystemExit) as e:
         compare.main(["--out_dir", str(tmp_path), "--data", str(corpus / "tiny.txt"),
                       "--data_root", str(corpus / "data"), *TINY[:8], "--block_size", "3"])
@@ -236,23 +281,23 @@ def test_ctrl_c_exits_130_with_one_line(corpus, tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return step_for_real(*args)
 
-    step_for_real = compare.train.train_step
-    monkeypatch.setattr(compare.train, "train_step", step)
+    step_for_real = compare.ex.train.train_step
+    monkeypatch.setattr(compare.ex.train, "train_step", step)
     with pytest.raises(SystemExit) as e:
         compare.main(["--archs", "dec,bdd", "--out_dir", str(tmp_path), "--data",
                       str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
-                      "--max_iters", "2", *TINY])
+                      "--max_iters", "2", "--warmup_iters", "1", *TINY])
     assert e.value.code == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: interrupted (Ctrl-C); nothing is half-written") and \
         len(err.splitlines()) == 1
     assert (tmp_path / "dec" / "ckpt.pt").exists() and not (tmp_path / "bdd" / "ckpt.pt").exists()
-    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "results.json").exists()
+    assert not list(tmp_path.rglob("*.tmp.*")) and not (tmp_path / "results.json").exists()
 
 
 def test_serving_section_table_and_panel(tmp_path, capsys, monkeypatch):
-    """Throughput by batch and at a KV budget: the largest batch each arch holds follows from
-    DESIGN.md section 3's bytes per sequence; the figure gets a fourth panel, after the others."""
+    """Throughput by batch and at a memory budget: the largest batch each arch holds is the
+    budget over the bytes one of its sequences holds; the figure's fourth panel shows it."""
     from matplotlib.figure import Figure
     titles = []
     real = Figure.savefig
@@ -263,19 +308,25 @@ def test_serving_section_table_and_panel(tmp_path, capsys, monkeypatch):
     results = json.loads((tmp_path / "results.json").read_text())
     serving = results["serving"]
     assert serving["batches"] == [1, 2, 4] and serving["context_len"] == 16
-    per_position = 2 * 32 * 4  # K and V, n_embd 32, float32
-    for arch, layers in (("dec", 6), ("bdd", 2)):
+    assert serving["budget_bytes"] == 50_000 and serving["budget_given"]
+    for arch in ("dec", "bdd"):
         s = results["archs"][arch]["serving"]
-        assert s["bytes_per_sequence"] == layers * 16 * per_position
         assert s["budget_batch"] == 50_000 // s["bytes_per_sequence"]
-        assert s["budget_kv_bytes"] == s["budget_batch"] * s["bytes_per_sequence"] <= 50_000
         assert len(s["tokens_per_sec"]) == 3 and min(s["tokens_per_sec"]) > 0
-    budget = {a: results["archs"][a]["serving"]["budget_batch"] for a in ("dec", "bdd")}
-    assert budget == {"dec": 2, "bdd": 6}  # a third of the bytes: three times the sequences
     printed = capsys.readouterr().out
-    for row in ("decode tokens/s, batch 1", "decode tokens/s, batch 4", "sequences in 0.05 MB of KV cache",
+    for row in ("decode tokens/s, batch 1", "decode tokens/s, batch 4", "sequences in 0.05 MB held",
                 "decode tokens/s there (equal memory)", "bdd/dec decode time per token, by batch"):
         assert row in printed
-    assert len(titles) == 5 and titles[4].startswith("Serving at context 16")
+    assert len(titles) == 5 and titles[3].startswith("Serving at context 16")
     assert titles[:3] == ["Continuation loss, same held-out targets",
-                          "KV cache measured from live tensors", "Decode cost per token at context 16"]
+                          "Cache held, measured from live tensors", "Decode cost per token at context 16"]
+
+
+def test_the_default_budget_fits_a_tiny_model(tmp_path, capsys):
+    """A budget the user did not give is sized to the model, never refused."""
+    compare.main(["--skip_train", "--out_dir", str(tmp_path), "--n_embd", "16", "--n_head", "2",
+                  "--block_size", "16", "--repeats", "1", "--serving_max_batch", "2"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert not results["serving"]["budget_given"]
+    in_budget = [r["serving"]["budget_batch"] for r in results["archs"].values()]
+    assert 1 <= min(in_budget) and max(in_budget) <= measure.MAX_BUDGET_BATCHES * 2

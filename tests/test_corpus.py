@@ -370,16 +370,17 @@ def nanogpt_folder(folder, n_train=3000, n_val=400):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_nanogpt_folder_trains_in_place(tmp_path, arch):
+    import config as cfg
     import train
     tokenizer_or_skip("gpt2")
     folder = nanogpt_folder(tmp_path / "owt")
-    config = train.TrainConfig(arch=arch, data=str(folder), tokenizer="gpt2",
+    config = cfg.TrainConfig(arch=arch, data=str(folder), tokenizer="gpt2",
                                data_root=str(tmp_path / "data"), out_dir=str(tmp_path / arch),
                                n_layer=2, n_dec_layer=1, n_head=2, n_embd=16, block_size=16,
                                batch_size=2, max_iters=3, warmup_iters=1, eval_interval=3,
                                eval_iters=1, log_interval=1)
     history = train.train(config, log=lambda *a: None)
-    assert history["train_tokens"] > 0 and np.isfinite(history["val_loss"])
+    assert history["train_tokens"] > 0 and np.isfinite(history["cont_loss"])
     meta = corpus.prepare(folder, "gpt2", root=tmp_path / "data")
     assert meta["dir"] == str(folder) and meta["tokens"] == {"train": 3000, "val": 400}
     assert not (tmp_path / "data").exists()  # used in place: nothing copied or written
@@ -387,10 +388,10 @@ def test_nanogpt_folder_trains_in_place(tmp_path, arch):
 
 def test_rehash_is_not_carried_into_a_resumed_run(monkeypatch):
     """--rehash acts once; --text_field, like --data, comes back from the checkpoint."""
-    import train
-    saved = {**vars(train.TrainConfig()), "rehash": True, "text_field": "body"}
-    monkeypatch.setattr(train, "load_checkpoint", lambda path, mmap: {"train_config": saved})
-    config = train.make_config(init_from="resume", out_dir="out/x")
+    import config as cfg
+    saved = {**vars(cfg.TrainConfig()), "rehash": True, "text_field": "body"}
+    monkeypatch.setattr(cfg, "load_checkpoint", lambda path, mmap: {"train_config": saved})
+    config = cfg.make_config(init_from="resume", out_dir="out/x")
     assert config.rehash is False and config.text_field == "body"
 
 

@@ -153,7 +153,7 @@ def grid_lines(ax):
     (["--boundaries", ",,,"], "--boundaries ',,,': entry 0 ('') is not an integer"),
     (["--boundaries", "5,,8"], "--boundaries '5,,8': entry 1 ('') is not an integer"),
     (["--boundaries", "0"], "--boundaries '0': boundary 0 is 0: it must lie in (0, 24)"),
-    (["--png", "/nonexistent/dir/x.png"], "--png /nonexistent/dir/x.png: cannot write it"),
+    (["--png", "/nonexistent/dir/x.png"], "--png /nonexistent/dir/x.png: cannot write /nonexistent/dir/x.png (No such file or directory); nothing was written"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

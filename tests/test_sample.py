@@ -16,7 +16,8 @@ import torch
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
 from pack import N_SENTINELS
-from sample import Session, generate, main, measure_decode
+from measure import measure_decode
+from sample import Session, generate, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 41
@@ -138,9 +139,9 @@ def test_bdd_over_dec_kv_ratio_is_n_dec_over_n_layer():
     cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=6, n_dec_layer=2, n_head=2, n_embd=16)
     torch.manual_seed(0)
     dec, bdd = build_model("dec", cfg).eval(), build_model("bdd", cfg).eval()
-    a, b = measure_decode(dec, 40, n_tokens=8), measure_decode(bdd, 40, n_tokens=8)
+    a, b = measure_decode(dec, 40), measure_decode(bdd, 40)  # 10 of the 40 positions decoded
     assert b["kv_bytes"] * 3 == a["kv_bytes"]
-    assert b["prefix_bytes"] == 4 * (40 - 8 - 1) * 2 * 16 * 4
+    assert b["prefix_bytes"] == 4 * (40 - 10 - 1) * 2 * 16 * 4
     # one more decoded token: bdd runs 2 of the 6 layers, at most a third of dec's layer FLOPs
     assert b["flops"]["layers"] <= a["flops"]["layers"] / 3
     assert b["flops"]["head"] == a["flops"]["head"] == 2 * 16 * V
@@ -149,8 +150,8 @@ def test_bdd_over_dec_kv_ratio_is_n_dec_over_n_layer():
 def test_decode_flops_count_attention():
     cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_dec_layer=1, n_head=2, n_embd=16)
     model = build_model("dec", cfg).eval()
-    short = measure_decode(model, 10, n_tokens=2)["flops"]["layers"]
-    long = measure_decode(model, 50, n_tokens=2)["flops"]["layers"]
+    short = measure_decode(model, 10)["flops"]["layers"]
+    long = measure_decode(model, 50)["flops"]["layers"]
     # attention reads 40 more positions in each of 2 layers: q.k and p.v, 2 FLOPs per multiply-add
     assert long - short == 2 * 40 * 2 * (2 * 16)
 
@@ -264,7 +265,9 @@ def write_checkpoint(folder, arch="bdd", objective="prefix_lm", tokenizer="byte"
     torch.manual_seed(0)
     model = build_model(arch, cfg)
     torch.save({"model": model.state_dict(), "arch": arch, "model_config": asdict(cfg),
-                "tokenizer": tokenizer, "objective": objective, "iter_num": 0}, folder / "ckpt.pt")
+                "tokenizer": tokenizer, "objective": objective, "iter_num": 0, "optimizer": {},
+                "train_config": {}, "best_cont_loss": None, "history": {}, "rng": {}},
+               folder / "ckpt.pt")
     return folder
 
 
@@ -427,7 +430,7 @@ def test_cli_truncate_keeps_the_end_of_a_long_prompt(ckpt_dir, capsys, monkeypat
 def test_cli_corrupt_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
-    assert code == 2 and "not a readable nanoBDD checkpoint" in err
+    assert code == 2 and "ckpt.pt is not a readable checkpoint" in err
 
 
 def test_span_model_fills_a_sentinel_t5_style():

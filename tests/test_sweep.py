@@ -9,33 +9,35 @@ import numpy as np
 import pytest
 import torch
 
-import compare
-import sample
+import flops
 import sweep
 import train
 
 RUN_KEYS = {"name", "size", "arch", "seed", "n_layer", "n_dec_layer", "n_embd", "n_head",
-            "out_dir", "status", "iters", "val_loss", "non_embedding_params", "params",
+            "out_dir", "status", "iters", "cont_loss", "non_embedding_params", "params",
             "train_tokens", "train_flops_per_token", "train_flops", "kv_bytes_per_position",
             "decode_context_len", "decode_layer_flops_per_token", "decode_head_flops_per_token",
-            "wall_time", "curve"}
+            "wall_time", "curve", "held_bytes_per_position"}
 POINT_KEYS = {"size", "arch", "n_layer", "n_dec_layer", "n_embd", "non_embedding_params",
               "train_tokens", "train_flops", "kv_bytes_per_position",
               "decode_layer_flops_per_token", "loss", "loss_std", "seeds"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny_preset(folder):
+def tiny_sizes(folder):
+    """Two tiny sizes in place of the cpu preset's, and the flags of a tiny recipe on a tiny
+    corpus written into folder."""
     text = "\n".join(" ".join(random.Random(i).choice("to be or not that is the question "
                                                        "whether tis nobler".split())
                               for _ in range(8)) for i in range(300))
     (folder / "tiny.txt").write_text(text + "\n")
-    return sweep.Preset(
-        recipe=dict(device="cpu", tokenizer="byte", n_layer=6, n_dec_layer=2, block_size=32,
-                    batch_size=4, max_iters=4, eval_interval=2, eval_iters=1, warmup_iters=1,
-                    log_interval=2, always_save_checkpoint=True, data=str(folder / "tiny.txt"),
-                    data_root=str(folder / "data")),
-        sizes={"a": dict(n_embd=16, n_head=2), "b": dict(n_embd=32, n_head=2)}, split_size="b")
+    sizes = sweep.Sizes(sizes={"a": dict(n_embd=16, n_head=2), "b": dict(n_embd=32, n_head=2)},
+                        split_size="b", overrides={})
+    flags = ["--preset", "cpu", "--block_size", "32", "--batch_size", "4", "--max_iters", "4",
+             "--eval_interval", "2", "--eval_iters", "1", "--warmup_iters", "1",
+             "--log_interval", "2", "--data", str(folder / "tiny.txt"),
+             "--data_root", str(folder / "data")]
+    return sizes, flags
 
 
 class Calls:
@@ -61,16 +63,24 @@ class Calls:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The tiny preset installed, and a first sweep of it (2 sizes x 3 archs) already run."""
+    """(folder, calls, flags): the tiny sizes installed, and a first sweep of them (2 sizes x 3
+    archs) already run into folder/out."""
     folder = tmp_path_factory.mktemp("sweep")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    sizes, flags = tiny_sizes(folder)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sweep.PRESETS, "tiny", tiny_preset(folder))
+        mp.setitem(sweep.SIZES, "cpu", sizes)
         calls = Calls(mp)
-        compare.main(["--sweep", "--preset", "tiny", "--out_dir", str(folder / "out")])
-        yield folder, calls
+        sweep.main([*flags, "--out_dir", str(folder / "out")])
+        yield folder, calls, flags
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sizes(tiny, monkeypatch):
+    """The tiny sizes, installed for one test."""
+    monkeypatch.setitem(sweep.SIZES, "cpu", tiny_sizes(tiny[0])[0])
 
 
 def sweep_json(folder):
@@ -78,7 +88,7 @@ def sweep_json(folder):
 
 
 def test_tiny_sweep_writes_every_field(tiny):
-    folder, calls = tiny
+    folder, calls, _ = tiny
     assert len(calls.configs) == 6 and calls.steps == 6 * 4
     doc = sweep_json(folder)["sweep"]
     assert {"preset", "device", "torch", "recipe", "sizes", "seeds", "wall_time", "runs",
@@ -89,7 +99,7 @@ def test_tiny_sweep_writes_every_field(tiny):
     for r in doc["runs"]:
         assert RUN_KEYS <= set(r), r["name"]
         assert r["status"] == "trained" and r["train_tokens"] == 4 * 4 * 32
-        assert r["val_loss"] == r["curve"][-1][1] and [p[0] for p in r["curve"]] == [0, 256, 512]
+        assert r["cont_loss"] == r["curve"][-1][1] and [p[0] for p in r["curve"]] == [0, 256, 512]
         assert r["train_flops"] == r["train_flops_per_token"] * r["train_tokens"]
         if r["arch"] == "dec":  # every product counted: 6 per weight (forward and backward) of
             L, d, T = r["n_layer"], r["n_embd"], 32  # the layers and LM head, 4 + 10 per layer,
@@ -105,44 +115,44 @@ def test_tiny_sweep_writes_every_field(tiny):
     assert set(doc["multipliers"]) == {"encdec", "bdd"}
     assert all(m["multiplier"] > 0 for m in doc["multipliers"]["bdd"])
     assert (folder / "out" / "sweep.png").read_bytes()[:8] == PNG
-    assert not list((folder / "out").glob("*.tmp"))
+    assert not list((folder / "out").rglob("*.tmp.*"))
 
 
-def test_second_run_trains_nothing(tiny, monkeypatch, capsys):
-    folder, _ = tiny
+def test_second_run_trains_nothing(tiny, sizes, monkeypatch, capsys):
+    folder, _, flags = tiny
     before = sweep_json(folder)["sweep"]
     calls = Calls(monkeypatch)
-    sweep.main(["--preset", "tiny", "--out_dir", str(folder / "out")])
+    sweep.main([*flags, "--out_dir", str(folder / "out")])
     assert calls.configs == [] and calls.steps == 0
     assert "6 runs: 6 finished, 0 to resume, 0 new" in capsys.readouterr().out
     after = sweep_json(folder)["sweep"]
     assert {r["status"] for r in after["runs"]} == {"finished before"}
-    assert [r["val_loss"] for r in after["runs"]] == [r["val_loss"] for r in before["runs"]]
+    assert [r["cont_loss"] for r in after["runs"]] == [r["cont_loss"] for r in before["runs"]]
 
 
-def test_killed_run_resumes_where_it_stopped(tiny, tmp_path, monkeypatch, capsys):
-    folder, _ = tiny
-    argv = ["--sweep", "--preset", "tiny", "--sizes", "a", "--out_dir", str(tmp_path)]
+def test_killed_run_resumes_where_it_stopped(tiny, sizes, tmp_path, monkeypatch, capsys):
+    folder, _, flags = tiny
+    argv = [*flags, "--sizes", "a", "--out_dir", str(tmp_path)]
     Calls(monkeypatch, die_at=3)  # dec dies in its third step; its checkpoint holds iter 2
     with pytest.raises(SystemExit) as e:
-        compare.main(argv)
+        sweep.main(argv)
     assert e.value.code == 130 and "run the same command again" in capsys.readouterr().err
     assert torch.load(tmp_path / "a" / "dec_s1337" / "ckpt.pt")["iter_num"] == 2
     calls = Calls(monkeypatch)
-    compare.main(argv)
+    sweep.main(argv)
     assert [c.init_from for c in calls.configs] == ["resume", "scratch", "scratch"]
     assert calls.steps == 2 + 4 + 4  # dec went on from iter 2, not from the start
     runs = json.loads((tmp_path / "sweep.json").read_text())["sweep"]["runs"]
     first = {r["name"]: r for r in sweep_json(folder)["sweep"]["runs"]}
     assert runs[0]["status"] == "resumed"
     for r in runs:  # the same losses as the uninterrupted sweep: train.py's exact resume
-        assert r["val_loss"] == first[r["name"]]["val_loss"], r["name"]
+        assert r["cont_loss"] == first[r["name"]]["cont_loss"], r["name"]
 
 
-def test_splits_reuse_the_sweeps_runs(tiny, monkeypatch):
-    folder, _ = tiny
+def test_splits_reuse_the_sweeps_runs(tiny, sizes, monkeypatch):
+    folder, _, flags = tiny
     calls = Calls(monkeypatch)
-    sweep.main(["--splits", "--preset", "tiny", "--out_dir", str(folder / "out")])
+    sweep.main([*flags, "--splits", "--out_dir", str(folder / "out")])
     assert [(c.arch, c.n_dec_layer) for c in calls.configs] == [("bdd", 1), ("bdd", 3)]
     doc = sweep_json(folder)
     assert "sweep" in doc  # kept beside the new section
@@ -160,7 +170,7 @@ def test_counted_step_includes_attention_backward():
     q = torch.randn(B, h, T, d, requires_grad=True)
     mask = torch.ones(T, 2 * T, dtype=torch.bool).tril(T)  # T queries over 2T keys, as bdd's
     kv = torch.randn(B, h, 2 * T, d)
-    with sample.flop_counter() as counter:
+    with flops.flop_counter() as counter:
         torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=mask).sum().backward()
     assert counter.get_total_flops() == (2 + 5) * 2 * B * h * T * (2 * T) * d
 
@@ -200,20 +210,22 @@ def test_fit_refuses_too_few_points(n_points, offset):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--sweep", "--sizes", "a,q"],
-     "--sizes 'a,q': unknown size(s) q; the tiny preset has a, b"),
-    (["--sweep", "--seeds", "0"], "--seeds must be at least 1, got 0"),
-    (["--sweep", "--skip_train"], "--skip_train does not apply to --sweep or --splits"),
-    (["--sweep", "--splits"], "--sweep and --splits run separately"),
-    (["--sweep", "--n_embd", "64"], "--n_embd: set per run by the sweep"),
+    (["--sizes", "a,q"], "--sizes 'a,q': unknown size(s) q; the cpu preset has a, b"),
+    (["--seeds", "0"], "--seeds must be 1 to 100, got 0"),
+    (["--seeds", "100000"], "--seeds must be 1 to 100, got 100000"),
+    (["--max_iters", "0"], "--max_iters 0 trains nothing to fit"),
+    (["--skip_train"], "unrecognized arguments: --skip_train"),
+    (["--n_embd", "64"], "--n_embd is set per run here; use --sizes"),
+    (["--arch", "dec"], "--arch is set per run here"),
     (["--splits", "--sizes", "a,b"], "--splits trains at one size"),
     (["--splits", "--n_layer", "8"], "--splits needs --n_layer divisible by 6"),
-    (["--sweep", "--learning_rate", "0.01"],  # the folders hold runs of another recipe
-     "holds a run trained with learning_rate 0.001 (this sweep: 0.01)"),
+    (["--splits", "--n_dec_layer", "2"], "--n_dec_layer is set per run by --splits"),
+    (["--learning_rate", "0.002"],  # the folders hold runs of another recipe
+     "holds a run trained with learning_rate 0.001 (this plan: 0.002)"),
 ])
-def test_bad_input_exits_2_with_one_line(tiny, argv, message, capsys):
-    folder, _ = tiny
+def test_bad_input_exits_2_with_one_line(tiny, sizes, argv, message, capsys):
+    folder, _, flags = tiny
     with pytest.raises(SystemExit) as e:
-        compare.main([*argv, "--preset", "tiny", "--out_dir", str(folder / "out")])
+        sweep.main([*flags, *argv, "--out_dir", str(folder / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err

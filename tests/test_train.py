@@ -2,9 +2,11 @@
 keeps the good checkpoint, bad input exits 2 with one line, a diverging loss exits 1, and DDP keeps
 two ranks in sync. Tiny models on a tiny corpus written here."""
 
+import errno
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
+import config as cfg
 import model as M
 import train
 from model import ModelConfig, build_model
@@ -37,11 +41,11 @@ def corpus(tmp_path_factory):
 
 
 def tiny(corpus, out_dir, **kw):
-    cfg = dict(data=str(corpus / "tiny.txt"), data_root=str(corpus / "data"), out_dir=str(out_dir),
+    config = dict(data=str(corpus / "tiny.txt"), data_root=str(corpus / "data"), out_dir=str(out_dir),
                n_layer=2, n_dec_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=8,
-               max_iters=30, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, eval_interval=10,
+               max_iters=30, learning_rate=3e-3, min_lr=3e-4, warmup_iters=2, eval_interval=10,
                eval_iters=2, log_interval=10, seed=0)
-    return train.TrainConfig(**{**cfg, **kw})
+    return cfg.TrainConfig(**{**config, **kw})
 
 
 def flags(config):
@@ -84,7 +88,7 @@ def test_each_arch_learns(corpus, tmp_path, arch, objective):
     assert [p["iter"] for p in curve] == [0, 10, 20, 30]
     assert curve[-1]["train_loss"] < curve[0]["train_loss"] - 1.0
     assert curve[-1]["cont_loss"] < curve[0]["cont_loss"] - 1.0
-    assert h["val_loss"] == curve[-1]["cont_loss"]
+    assert h["cont_loss"] == curve[-1]["cont_loss"]
     assert h["train_tokens"] == 30 * 8 * 32 == curve[-1]["tokens"]
     assert len(h["iter_losses"]) == 30 and h["train_tokens_per_sec"] > 0
     assert h["wall_time"] >= h["train_time"] > 0
@@ -94,7 +98,7 @@ def test_each_arch_learns(corpus, tmp_path, arch, objective):
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
 
     ckpt = load(tmp_path)  # the contract sample.py reads
-    assert set(ckpt) == set(train.CHECKPOINT_KEYS)
+    assert set(ckpt) == set(cfg.CHECKPOINT_KEYS)
     assert ckpt["arch"] == arch and ckpt["objective"] == objective and ckpt["iter_num"] == 30
     assert ckpt["train_config"] == h["config"] and ckpt["history"]["curve"] == curve
     model = build_model(arch, ModelConfig(**ckpt["model_config"]))
@@ -103,7 +107,7 @@ def test_each_arch_learns(corpus, tmp_path, arch, objective):
 
 
 def test_lr_schedule():
-    config = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
+    config = cfg.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100)
     lrs = [train.get_lr(it, config) for it in range(120)]
     assert lrs[0] < lrs[9] < lrs[10] == 1.0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
@@ -139,7 +143,7 @@ def test_accumulated_gradient_is_the_gradient_of_the_mean_loss():
         def zero_grad(self, set_to_none=True):
             model.zero_grad(set_to_none=set_to_none)
 
-    config = train.TrainConfig(gradient_accumulation_steps=3, grad_clip=0.0)
+    config = cfg.TrainConfig(gradient_accumulation_steps=3, grad_clip=0.0)
     optimizer, history = Recorder(), train.new_history(config, model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss = train.train_step(model, optimizer, scaler, FixedBatches(micro), config, nullcontext(),
@@ -181,14 +185,14 @@ def test_resume_equals_uninterrupted(corpus, tmp_path, arch, stop):
 
 
 def test_resume_takes_unset_flags_from_checkpoint(trained):
-    config = train.make_config(init_from="resume", out_dir=str(trained), max_iters=8)
+    config = cfg.make_config(init_from="resume", out_dir=str(trained), max_iters=8)
     saved = load(trained)["train_config"]
     assert (config.n_embd, config.block_size, config.data) == (32, 32, saved["data"])
     # lr_decay_iters unset stays None: the cosine follows the new max_iters ...
     assert config.max_iters == 8 and config.lr_decay_iters is saved["lr_decay_iters"] is None
     assert train.get_lr(6, config) > config.min_lr
     # ... unless it is given
-    config = train.make_config(init_from="resume", out_dir=str(trained), max_iters=8,
+    config = cfg.make_config(init_from="resume", out_dir=str(trained), max_iters=8,
                                lr_decay_iters=4)
     assert train.get_lr(6, config) == config.min_lr
 
@@ -205,7 +209,7 @@ def test_resume_after_a_kill_during_a_save_equals_uninterrupted(corpus, tmp_path
     --init_from resume, ends with the weights and the log of a run that was never stopped."""
     kw = dict(dropout=0.1, max_iters=20, eval_interval=5, always_save_checkpoint=True)
     train.train(tiny(corpus, tmp_path / "a", **kw), log=quiet)
-    saves, save = [], train.save_checkpoint
+    saves, save = [], cfg.save_checkpoint
 
     def killed_at_the_second_save(path, state):
         saves.append(state["iter_num"])
@@ -213,7 +217,7 @@ def test_resume_after_a_kill_during_a_save_equals_uninterrupted(corpus, tmp_path
             raise KeyboardInterrupt
         save(path, state)
 
-    monkeypatch.setattr(train, "save_checkpoint", killed_at_the_second_save)
+    monkeypatch.setattr(cfg, "save_checkpoint", killed_at_the_second_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny(corpus, tmp_path / "b", **kw), log=quiet)
     monkeypatch.undo()
@@ -249,25 +253,48 @@ def test_resume_with_a_larger_max_iters_decays_to_the_new_end(corpus, tmp_path):
 # failures
 
 
-def test_interrupted_save_keeps_the_good_checkpoint(corpus, tmp_path, monkeypatch):
+def test_a_failed_save_keeps_the_good_checkpoint_and_exits_3(corpus, tmp_path, monkeypatch,
+                                                              capsys):
+    """A checkpoint write that fails (a full disk) stops the run with one line naming the file
+    and the cause, exit 3; ckpt.pt still holds the last whole save. A temporary file that a
+    writer killed mid-write left behind is removed by the next run that holds the folder."""
     train.train(tiny(corpus, tmp_path, max_iters=10), log=quiet)
 
     def dies_halfway(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_halfway)
-    with pytest.raises(OSError, match="disk full"):
-        train.train(tiny(corpus, tmp_path, max_iters=20, init_from="resume",
-                         always_save_checkpoint=True), log=quiet)
-    assert list(tmp_path.glob("ckpt*")) == [tmp_path / "ckpt.pt"]
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--init_from", "resume", "--out_dir", str(tmp_path), "--max_iters", "20",
+                    "--always_save_checkpoint"])
+    assert exit.value.code == 3
+    line = error_line(capsys)
+    assert f"cannot write {tmp_path / 'ckpt.pt'} (No space left on device)" in line
+    assert "the previous version is kept" in line
+    assert sorted(p.name for p in tmp_path.glob("ckpt*")) == ["ckpt.pt"]
     assert load(tmp_path)["iter_num"] == 10
 
-    # a kill -9 mid-write leaves the temporary file behind: it is never read, only overwritten
     monkeypatch.undo()
-    (tmp_path / "ckpt.pt.tmp").write_bytes(b"garbage")
+    leftover = tmp_path / "ckpt.pt.tmp.99999.deadbeef"  # as a kill -9 mid-write leaves it
+    leftover.write_bytes(b"garbage")
     h = train.train(tiny(corpus, tmp_path, max_iters=12, init_from="resume"), log=quiet)
     assert len(h["iter_losses"]) == 12 and load(tmp_path)["iter_num"] == 12
+    assert not leftover.exists()
+
+
+def test_a_full_disk_exits_3_with_one_line(corpus, tmp_path):
+    """The real thing: a file size limit (as ulimit -f sets) that the first checkpoint exceeds."""
+    config = tiny(corpus, tmp_path / "out", max_iters=4, eval_interval=2)
+    limit = 64_000  # bytes: the data and the log fit, a checkpoint (about 400 KB) does not
+    child = subprocess.run(
+        [sys.executable, "train.py", *flags(config)], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert child.returncode == 3, child.stderr
+    assert child.stderr.strip().splitlines() == [child.stderr.strip()]
+    assert child.stderr.startswith(f"error: cannot write {tmp_path / 'out' / 'ckpt.pt'}")
+    assert not list((tmp_path / "out").glob("ckpt*"))
 
 
 def error_line(capsys):
@@ -349,8 +376,9 @@ def placeholder(arg, trained, tmp_path):
 
 
 def test_every_numeric_field_has_a_range():
-    numeric = {f.name for f in fields(train.TrainConfig) if f.type in (int, float)}
-    assert numeric == set(train.RANGES)
+    numeric = {f.name for f in fields(cfg.TrainConfig) if f.type in (int, float)}
+    assert numeric == {f.name for f in fields(cfg.TrainConfig)
+                       if isinstance(f.metadata["allowed"], str)}
 
 
 @pytest.mark.parametrize("argv,message", BAD, ids=[m for _, m in BAD])

@@ -1,0 +1,423 @@
+"""
+The configuration of a nanoBDD run, in one place:
+
+- TrainConfig: every setting of a run. Each field carries its --help text and what it allows
+  (an interval such as "[0, 1)", or a tuple of choices) as metadata: train.py's flags and the
+  checks are made from them, and a TrainConfig checks itself when it is made;
+- AGREE: how fields must agree with each other, checked after each field on its own;
+- PRESETS: the cpu and gpu recipes that train.py, compare.py and sweep.py all start from;
+- model_config(): the model's shape from a run's config, and fresh_model();
+- checkpoints: save, load (one reader, with every check), the model of a checkpoint, and the
+  checks a resumed run must pass.
+
+This is the boundary where input is validated, once: everything below (model, pack, corpus)
+trusts the values it gets. A bad value raises ConfigError (cli.BadInput: one line, exit 2).
+"""
+
+import argparse
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+import cli
+import corpus
+import files
+import pack
+from model import ARCHS, ModelConfig, build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(cli.BadInput):
+    """A bad setting, device, folder or checkpoint; the message says what is wrong and what to do."""
+
+
+def setting(default, help, allowed=None):
+    """A TrainConfig field: its default, its --help, and what it allows (an interval like
+    "[0, 1)", where "[" and "]" include the bound; or a tuple of choices; None: anything)."""
+    return field(default=default, metadata={"help": help, "allowed": allowed})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    arch: str = setting("bdd", "architecture", ARCHS)
+    objective: str = setting("prefix_lm", "encdec pretraining objective (dec and bdd predict "
+                             "every next token)", pack.OBJECTIVES)
+    max_blocks: int = setting(8, "bdd: up to max_blocks - 1 random block boundaries per layout",
+                              "[2, inf)")
+    block_layouts: int = setting(4, "bdd: random block layouts per batch, each shared by an equal "
+                                 "group of its rows (batch_size: one per row)", "[1, inf)")
+    # data and output
+    data: str = setting(None, "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT "
+                        "folder with train.bin and val.bin (default: Shakespeare)")
+    data_root: str = setting(None, "folder of prepared datasets (default: data/)")
+    tokenizer: str = setting("byte", "tokenizer", corpus.TOKENIZERS)
+    text_field: str = setting("text", "the text field of jsonl lines")
+    rehash: bool = setting(False, "re-read the whole source (not only file names, sizes and "
+                           "times) to decide whether its prepared copy is current")
+    out_dir: str = setting(None, "checkpoint and log folder (default: out/<arch>)")
+    init_from: str = setting("scratch", "scratch, or resume from <out_dir>/ckpt.pt (unset flags "
+                             "come from it)", ("scratch", "resume"))
+    overwrite: bool = setting(False, "let a fresh run replace the run already in --out_dir")
+    always_save_checkpoint: bool = setting(False, "save at every evaluation, not only when the "
+                                           "continuation loss improves")
+    # model
+    n_layer: int = setting(6, "total layers (encdec and bdd: encoder + decoder)", "[2, inf)")
+    n_dec_layer: int = setting(None, "decoder layers of encdec and bdd (default: n_layer // 3, "
+                               "the paper's 2:1 split)", "[1, inf)")
+    n_head: int = setting(4, "attention heads", "[1, inf)")
+    n_embd: int = setting(128, "width", "[2, inf)")
+    block_size: int = setting(256, "tokens per row (the context)", "[2, inf)")
+    dropout: float = setting(0.0, "dropout", "[0, 1)")
+    bias: bool = setting(False, "biases in Linear layers")
+    # optimisation: AdamW, linear warmup, cosine decay to min_lr at lr_decay_iters
+    batch_size: int = setting(16, "rows per micro-step and process", "[1, inf)")
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step, on each "
+                                               "process", "[1, inf)")
+    max_iters: int = setting(300, "optimizer steps", "[0, inf)")
+    learning_rate: float = setting(1e-3, "peak learning rate", "(0, inf)")
+    min_lr: float = setting(1e-4, "final learning rate", "[0, inf)")
+    warmup_iters: int = setting(30, "linear warmup steps", "[0, inf)")
+    lr_decay_iters: int = setting(None, "step where the cosine reaches min_lr (default: "
+                                  "max_iters, also a resumed run's new max_iters)", "[0, inf)")
+    weight_decay: float = setting(0.1, "AdamW weight decay of matrices", "[0, inf)")
+    beta1: float = setting(0.9, "AdamW beta1", "[0, 1)")
+    beta2: float = setting(0.99, "AdamW beta2 (0.99 for small batches of tokens)", "[0, 1)")
+    grad_clip: float = setting(1.0, "clip the gradient norm (0: off)", "[0, inf)")
+    # evaluation and logging
+    eval_interval: int = setting(50, "evaluate every this many steps", "[1, inf)")
+    eval_iters: int = setting(4, "batches per evaluation set", "[1, inf)")
+    log_interval: int = setting(10, "log every this many steps", "[1, inf)")
+    # system
+    preset: str = setting(None, "the recipe unset flags come from (default: gpu on a CUDA "
+                          "machine, else cpu)", ("cpu", "gpu"))
+    device: str = setting("cpu", "cpu, cuda or cuda:N (default: cuda if available)")
+    dtype: str = setting("float32", "autocast dtype of the forward", tuple(DTYPES))
+    compile: bool = setting(False, "torch.compile the model")
+    flex: bool = setting(False, "FlexAttention block masks (CUDA; elsewhere the dense masks, "
+                         "the same function)")
+    seed: int = setting(1337, "random seed (rank r uses seed + r)", "[0, 1e18]")
+
+    def __post_init__(self):
+        if self.out_dir is None:
+            self.out_dir = os.path.join("out", self.arch)
+        check(self)
+
+    @property
+    def n_dec(self):
+        """Decoder layers of encdec and bdd (the 2:1 split unless n_dec_layer is set)."""
+        return model_config(self, vocab_size=1).n_dec_layer
+
+
+# The recipes. cpu is TrainConfig's defaults as they stand (a 6-layer model of width 128 on byte
+# Shakespeare: 300 steps of 16 x 256 tokens, about 1.5 minutes per arch on 2 cores). gpu is a
+# GPT-2-small-width run for one GPU: 16 x 1024 tokens x 2 micro-steps = 32k tokens per step,
+# 600 steps = 14 passes over Shakespeare's 1.4M gpt2 tokens, so dropout against overfitting.
+PRESETS = {
+    "cpu": {},
+    "gpu": dict(device="cuda", tokenizer="gpt2", n_layer=12, n_head=12, n_embd=768,
+                block_size=1024, dropout=0.1, gradient_accumulation_steps=2, max_iters=600,
+                learning_rate=6e-4, min_lr=6e-5, warmup_iters=60, beta2=0.95, eval_interval=100,
+                eval_iters=8, log_interval=25, dtype="bfloat16", compile=True, flex=True),
+}
+
+# What a resumed run keeps of the machine it runs on rather than of the checkpoint.
+MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir", "overwrite",
+                  "rehash", "preset")
+# Checkpoint and run must agree on these, or the weights do not fit the model.
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_embd", "bias")
+CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
+                   "train_config", "iter_num", "best_cont_loss", "history", "rng")
+PATH_FIELDS = ("data", "data_root", "out_dir")  # where "" would silently mean this folder
+
+
+def decay_end(c):
+    return c.max_iters if c.lr_decay_iters is None else c.lr_decay_iters
+
+
+# How fields must agree: (holds for config c, the message when it does not).
+AGREE = [
+    (lambda c: c.objective == "prefix_lm" or c.arch == "encdec",
+     "--objective {objective} is an encoder-decoder objective; {arch} always predicts every next "
+     "token: drop --objective or use --arch encdec"),
+    (lambda c: c.n_dec_layer is None or c.n_dec_layer < c.n_layer,
+     "--n_dec_layer {n_dec_layer} must be smaller than --n_layer {n_layer} (the encoder gets the "
+     "other layers); lower --n_dec_layer or raise --n_layer"),
+    (lambda c: c.n_embd % c.n_head == 0 and c.n_embd // c.n_head % 2 == 0,
+     "--n_embd {n_embd} must split into --n_head {n_head} heads of an even size (RoPE rotates "
+     "pairs); e.g. --n_embd {even_width}"),
+    (lambda c: c.min_lr <= c.learning_rate,
+     "--min_lr {min_lr:g} is above --learning_rate {learning_rate:g}: the schedule would rise; "
+     "lower --min_lr"),
+    (lambda c: c.max_iters == 0 or c.warmup_iters <= c.max_iters,
+     "--warmup_iters {warmup_iters} is longer than the run (--max_iters {max_iters}); lower "
+     "--warmup_iters"),
+    (lambda c: decay_end(c) >= c.warmup_iters,
+     "--lr_decay_iters {lr_decay_iters} ends the decay before the warmup ends (--warmup_iters "
+     "{warmup_iters}); raise --lr_decay_iters or leave it out"),
+]
+
+
+def interval_bounds(interval):
+    """"[0, 1)" -> (0.0, True, 1.0, False): lowest, whether included, highest, whether included."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return lo, interval[0] == "[", hi, interval[-1] == "]"
+
+
+def in_interval(value, interval):
+    lo, lo_in, hi, hi_in = interval_bounds(interval)
+    return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+
+
+def describe_interval(interval):
+    """"[0, 1)" -> "at least 0 and below 1"."""
+    lo, lo_in, hi, hi_in = interval_bounds(interval)
+    text = f"{'at least' if lo_in else 'above'} {lo:g}"
+    return text if hi == math.inf else f"{text} and {'at most' if hi_in else 'below'} {hi:g}"
+
+
+def check(config):
+    """Raise ConfigError for the first setting that cannot work: each field against what it
+    allows, the fields against each other (AGREE), then the device."""
+    for f in fields(config):
+        value, allowed = getattr(config, f.name), f.metadata["allowed"]
+        if value == "" and f.name in PATH_FIELDS:
+            raise ConfigError(f"--{f.name} is empty; give a path, or leave --{f.name} out for "
+                              f"its default")
+        if value is None or allowed is None:
+            continue
+        if isinstance(allowed, tuple) and value not in allowed:
+            raise ConfigError(f"--{f.name} {value!r} is unknown; choose one of "
+                              f"{', '.join(allowed)}")
+        if isinstance(allowed, str) and not in_interval(value, allowed):
+            raise ConfigError(f"--{f.name} {value} is out of range: it must be "
+                              f"{describe_interval(allowed)}")
+    for holds, message in AGREE:
+        if not holds(config):
+            raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
+    check_device(config.device)
+
+
+def check_device(device):
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device torch knows; use cpu, cuda or "
+                          f"cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                          f"GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_folders(config):
+    """Before any data is prepared or model built: out_dir and data_root must be folders this
+    process can write (or create), and a fresh run must not silently replace another run."""
+    writable_folder(config.out_dir, "out_dir")
+    writable_folder(config.data_root or corpus.DATA, "data_root")
+    path = checkpoint_path(config.out_dir)
+    if config.init_from == "scratch" and not config.overwrite and path.exists():
+        raise ConfigError(f"{path} already holds a run: continue it with --init_from resume, "
+                          f"train into another --out_dir, or replace it with --overwrite")
+
+
+def writable_folder(path, flag):
+    """ConfigError unless path is a writable folder, or could be created as one."""
+    existing = Path(path).absolute()
+    while not existing.exists():  # the nearest existing folder is where it would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--{flag} {path}: {existing} is a file, not a folder; choose another "
+                          f"--{flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{flag} {path}: {existing} is not writable; choose another --{flag}")
+
+
+# -----------------------------------------------------------------------------
+# making a config: defaults < preset < checkpoint (resume) < the flags given
+
+
+def make_config(**flags):
+    """TrainConfig from the fields a user set. Every other field comes from the preset (given,
+    or gpu when the device is a CUDA GPU, else cpu) and, with init_from="resume", from the run
+    being resumed (so `--init_from resume --max_iters 800` continues a run without repeating
+    its flags)."""
+    cuda = torch.cuda.is_available()
+    device = flags.get("device") or ("cuda" if cuda else "cpu")
+    preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
+    values = {**PRESETS[preset], "preset": preset}
+    if values.get("dtype") == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        values["dtype"] = "float16"
+    if flags.get("init_from") == "resume":
+        path = checkpoint_path(flags.get("out_dir") or default_out_dir(flags))
+        saved = load_checkpoint(path, mmap=True)["train_config"]
+        known = {f.name for f in fields(TrainConfig)}
+        values.update({k: v for k, v in saved.items() if k in known and k not in MACHINE_FIELDS})
+    values.update(flags)
+    return TrainConfig(**values)
+
+
+def default_out_dir(flags):
+    return os.path.join("out", flags.get("arch", TrainConfig.arch))
+
+
+def add_flags(parser, per_run=None, skip=()):
+    """One flag per TrainConfig field, its help and range from the field's metadata. Unset
+    flags stay out of the namespace (SUPPRESS), so make_config can tell them from flags given
+    with their default value. per_run: {field: what to use instead}, fields an experiment sets
+    for each of its runs; giving one of them is refused with that advice. skip: fields left to
+    the caller, who defines a flag of the same name."""
+    per_run = per_run or {}
+    for f in fields(TrainConfig):
+        allowed = f.metadata["allowed"]
+        if f.name in skip:  # the caller's own flag of that name
+            continue
+        if f.name in per_run:
+            parser.add_argument(f"--{f.name}", action=Refused, advice=per_run[f.name],
+                                help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+            continue
+        gpu = f", gpu preset {PRESETS['gpu'][f.name]}" if f.name in PRESETS["gpu"] else ""
+        limits = f", allowed {allowed}" if isinstance(allowed, str) else ""
+        kw = dict(help=f"{f.metadata['help']} (default {f.default}{gpu}{limits})",
+                  default=argparse.SUPPRESS)
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type,
+                                choices=allowed if isinstance(allowed, tuple) else None, **kw)
+    return parser
+
+
+class Refused(argparse.Action):
+    """A flag an experiment sets per run: giving it is an error that says what to use."""
+
+    def __init__(self, option_strings, dest, advice, **kw):
+        super().__init__(option_strings, dest, nargs="?", **kw)
+        self.advice = advice
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is set per run here; {self.advice}")
+
+
+def given_flags(args):
+    """The TrainConfig fields of a parsed namespace that the user gave."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+# -----------------------------------------------------------------------------
+# the model of a config
+
+
+def model_config(config, vocab_size=None):
+    """The model's shape. FlexAttention has no CPU backward, so off CUDA --flex falls back to the
+    dense masks: the same function (tested), only slower on a GPU."""
+    if vocab_size is None:
+        vocab_size = pack.vocab_size(config.tokenizer, config.objective)
+    return ModelConfig(vocab_size=vocab_size, block_size=config.block_size,
+                       n_layer=config.n_layer, n_dec_layer=config.n_dec_layer,
+                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                       bias=config.bias,
+                       flex=config.flex and torch.device(config.device).type == "cuda")
+
+
+def fresh_model(config, device=None, seed=None):
+    """The freshly initialised model a run with this config starts from (seed: config.seed)."""
+    torch.manual_seed(config.seed if seed is None else seed)
+    return build_model(config.arch, model_config(config)).to(device or config.device)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_path(out_dir):
+    return Path(out_dir) / "ckpt.pt"
+
+
+def save_checkpoint(path, state):
+    """Written whole (files.written_whole) and synced to disk before the rename, so a crash, a
+    kill or a full disk at any moment leaves the previous checkpoint whole."""
+    with files.written_whole(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's writer reports a short write as a RuntimeError
+            raise OSError(str(e).splitlines()[0]) from None
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path, mmap=False):
+    """The checkpoint dict of path (on the CPU), or ConfigError saying why it cannot be one."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a checkpoint file; remove it, or point "
+                          f"--out_dir at a run's folder")
+    if not path.exists():
+        raise ConfigError(f"no checkpoint at {path}; train one first (python train.py --out_dir "
+                          f"{path.parent}) or point --out_dir at a run's folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:  # truncated or foreign files fail in many ways inside torch.load
+        size = path.stat().st_size
+        what = "it is empty" if size == 0 else f"torch.load cannot read its {size:,} bytes"
+        raise ConfigError(f"{path} is not a readable checkpoint: {what}, so it was cut short or "
+                          f"not written by train.py; delete it, or use another --out_dir") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{path} holds a {type(ckpt).__name__}, not a train.py checkpoint; "
+                          f"delete it, or use another --out_dir")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ConfigError(f"{path} lacks the keys {', '.join(missing)} of a train.py checkpoint "
+                          f"(an older nanoBDD, or another program); retrain it, or use another "
+                          f"--out_dir")
+    return ckpt
+
+
+def load_model(out_dir, device="cpu"):
+    """(model in eval mode, checkpoint dict without weights and optimizer) of out_dir/ckpt.pt."""
+    ckpt = load_checkpoint(checkpoint_path(out_dir))
+    try:
+        corpus.check_tokenizer(ckpt["tokenizer"])
+    except corpus.DataError as e:
+        raise ConfigError(f"{out_dir}: {e}") from None
+    try:
+        model = build_model(ckpt["arch"], ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt.pop("model"))
+    except (TypeError, KeyError, ValueError, RuntimeError) as e:  # another version's shapes
+        raise ConfigError(f"{out_dir}/ckpt.pt does not fit this nanoBDD's models "
+                          f"({str(e).splitlines()[0]}); retrain it") from None
+    ckpt.pop("optimizer")
+    return model.to(device).eval(), ckpt
+
+
+def check_resumable(ckpt, config, path):
+    """Refuse to load weights into a model of another arch or shape, or to stop a run before
+    the iteration its checkpoint has reached."""
+    if ckpt["arch"] != config.arch:
+        raise ConfigError(f"{path} holds a {ckpt['arch']} model, not {config.arch}; use --arch "
+                          f"{ckpt['arch']}, or another --out_dir")
+    saved = {**ckpt["model_config"], "tokenizer": ckpt["tokenizer"], "objective": ckpt["objective"]}
+    wanted = {**asdict(model_config(config)), "tokenizer": config.tokenizer,
+              "objective": config.objective}
+    differ = [k for k in ("tokenizer", "objective") + SHAPE_FIELDS if saved.get(k) != wanted[k]]
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})" for k in differ)
+        raise ConfigError(f"{path} was trained with {what}; drop those flags to resume it, or "
+                          f"train this shape in another --out_dir")
+    if ckpt["iter_num"] > config.max_iters:
+        raise ConfigError(f"{path} is at iteration {ckpt['iter_num']}, past --max_iters "
+                          f"{config.max_iters}; resume with --max_iters {ckpt['iter_num']} or more "
+                          f"(or leave it out)")
+
+
+def resumed(config):
+    """The same run, continued from its checkpoint: init_from="resume" (a dataclass copy)."""
+    return replace(config, init_from="resume")

@@ -1,0 +1,75 @@
+"""
+Files on disk that stay whole, and folders that one run holds at a time.
+
+- written_whole(path): write to a temporary name beside `path` (unique to this writer), then
+  rename it over path, so a crash, a kill or a full disk leaves the old file whole or no file;
+- holding(folder): a lock on a run's folder for as long as the run lives. The lock is an
+  flock on `<folder>/.lock`, which the kernel releases when the process ends however it ends,
+  so a lock left by a killed run is never mistaken for a live one;
+- leftovers(folder): the temporary files that a killed writer left there, for the next holder
+  to remove.
+
+It imports nothing of the project except cli.py (the error types).
+"""
+
+import errno
+import fcntl
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+
+import cli
+
+TMP = ".tmp."  # the mark of a temporary name: <name>.tmp.<pid>.<random>
+
+
+@contextmanager
+def written_whole(path):
+    """Yield a temporary name beside `path` to write to; once the block ends it is renamed over
+    path (os.replace is atomic), and if the block fails it is removed: path is then untouched,
+    whole as before, or absent as before. An OSError while writing (a full disk) becomes
+    cli.CannotWrite, naming the folder and the cause."""
+    tmp = f"{path}{TMP}{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        kept = "the previous version is kept" if Path(path).exists() else "nothing was written"
+        raise cli.CannotWrite(f"cannot write {path} ({e.strerror or e}); {kept}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def leftovers(folder):
+    """Temporary files a killed writer left in folder (never the file of a live writer, as long
+    as the caller holds the folder)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if TMP in p.name) if folder.is_dir() else []
+
+
+@contextmanager
+def holding(folder, what="run"):
+    """Hold `folder` (created if need be) for the block: a second process that asks for it
+    meanwhile gets cli.BadInput naming the holder. Leftover temporary files are removed on
+    entry: nobody else can be writing them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise cli.BadInput(f"{folder} is in use by another {what} (process {holder}); wait "
+                               f"for it to end, or choose another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        for tmp in leftovers(folder):
+            tmp.unlink(missing_ok=True)
+        yield folder
+    finally:
+        os.close(fd)  # releases the flock

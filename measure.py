@@ -1,0 +1,210 @@
+"""
+What a model costs, measured on the live process: the experiments' measurements, each taken one
+way for every experiment.
+
+- measure_decode: greedy generation through sample.generate (the code path a user runs) from
+  random prompts; the cache bytes it holds, the time per decoded token, the FLOPs of one step;
+- kv_by_context: decode-time cache bytes at several context lengths;
+- serving: decode throughput by batch, and at a memory budget that each arch fills with as
+  many sequences as the bytes it holds allow;
+- step_times: training steps timed in rounds that alternate between the archs;
+- train_flops_per_token: a training step's FLOPs counted on a run's own batches.
+
+Timings alternate between the archs round by round and report medians, so that the machine's
+drift does not become a difference between archs.
+"""
+
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+import config as cfg
+import pack
+import train
+from corpus import get_tokenizer
+from flops import decode_flops, step_flops
+from sample import generate
+
+DECODE_TOKENS = 32   # decode steps timed per measurement, fewer for short contexts
+FLOP_BATCHES = 4     # real batches whose counted FLOPs are averaged (shapes vary for encdec)
+# The serving benchmark per preset: decode batches 1, 2, 4, ... up to max_batch; by default the
+# memory budget holds budget_sequences sequences of the arch that holds the most bytes per
+# sequence (dec), so it fits any model; a budget given in MB may hold at most MAX_BUDGET_BATCHES
+# times max_batch sequences of any arch.
+SERVING = {"cpu": dict(budget_sequences=20, max_batch=64),
+           "gpu": dict(budget_sequences=64, max_batch=256)}
+MAX_BUDGET_BATCHES = 4
+
+
+def decode_tokens(context_len):
+    """Tokens decoded (and timed) when a measurement holds context_len positions."""
+    return max(1, min(DECODE_TOKENS, context_len // 4))
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure_decode(model, context_len, batch_size=1, seed=0, count_flops=True):
+    """Prefill random prompts (batch_size rows) so that context_len positions are fed after
+    decode_tokens(context_len) greedy decode steps, then report the cache's bytes (held: every
+    byte its tensors keep on the device; kv: the K/V decoding reads; prefix: the encoder cache
+    kept for the next turn), the ms per decode step, the decoded tokens per second (all rows)
+    and the FLOPs of one more step (unless count_flops is False)."""
+    device = next(model.parameters()).device
+    n_tokens = decode_tokens(context_len)
+    assert 1 <= context_len - n_tokens and context_len < model.config.block_size, context_len
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(model.config.vocab_size, (batch_size, context_len - n_tokens),
+                           generator=g).to(device)
+    gen = generate(model, prompt, n_tokens + 1, temperature=0)
+    nbytes = gen.cache.nbytes()
+    flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if count_flops else None
+    return {"context_len": context_len, "kv_bytes": nbytes["decode"],
+            "prefix_bytes": nbytes["prefix"], "held_bytes": nbytes["allocated"], "flops": flops,
+            "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
+            "tokens_per_sec": batch_size * n_tokens / gen.decode_seconds}
+
+
+def context_lengths(block_size, n=6):
+    """Context lengths (positions held) to measure, from short to block_size - 1."""
+    lo = decode_tokens(block_size // 2) + 1
+    return sorted({round(lo + (block_size - 1 - lo) * i / (n - 1)) for i in range(n)})
+
+
+def check_measurable(block_size):
+    """Every context the experiments measure at must hold a prompt of at least one token plus
+    the decoded tokens, inside the model's context; ConfigError otherwise (checked before any
+    training)."""
+    contexts = context_lengths(block_size) + [block_size // 2]
+    if not all(1 <= c - decode_tokens(c) and c < block_size for c in contexts):
+        raise cfg.ConfigError(f"--block_size {block_size} is too small for the decode "
+                              f"measurements (each context must hold a prompt of at least one "
+                              f"token and the decoded tokens); use a larger --block_size")
+
+
+def kv_by_context(models, block_size):
+    """{arch: [{context_len, kv_bytes, prefix_bytes, held_bytes}]}, batch 1, at several contexts."""
+    out = {arch: [] for arch in models}
+    for n in context_lengths(block_size):
+        for arch, model in models.items():
+            m = measure_decode(model, n, count_flops=False)
+            out[arch].append({k: m[k] for k in ("context_len", "kv_bytes", "prefix_bytes",
+                                                 "held_bytes")})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# serving
+
+
+def serving_budget(models, context_len, preset, kv_budget_mb=None, max_batch=None):
+    """(budget in bytes, {arch: bytes held per sequence}, {arch: sequences in the budget}).
+    Held bytes per sequence are measured at batch 1 (fresh or trained weights hold the same).
+    Without kv_budget_mb the budget is the preset's budget_sequences of the arch that holds the
+    most, so it fits any model; a given budget that holds no sequence, or far more than the
+    benchmark's largest batch, is refused."""
+    per_sequence = {arch: measure_decode(m, context_len, count_flops=False)["held_bytes"]
+                    for arch, m in models.items()}
+    held = per_sequence.values()
+    max_batch = max_batch or SERVING[preset]["max_batch"]
+    limit = MAX_BUDGET_BATCHES * max_batch
+    if kv_budget_mb is None:  # budget_sequences of the largest, within what the benchmark decodes
+        budget = max(max(held), min(SERVING[preset]["budget_sequences"] * max(held),
+                                    limit * min(held)))
+    else:
+        budget = kv_budget_mb * 1e6
+    in_budget = {arch: int(budget // b) for arch, b in per_sequence.items()}
+    for arch, n in in_budget.items():
+        if kv_budget_mb is not None and not 1 <= n <= limit:
+            raise cfg.ConfigError(
+                f"--kv_budget_mb {kv_budget_mb:g} holds {n:,} {arch} sequences of "
+                f"{per_sequence[arch] / 1e6:.3g} MB at context {context_len}: choose a budget "
+                f"that holds 1 to {limit} (--serving_max_batch {max_batch} x "
+                f"{MAX_BUDGET_BATCHES}), or leave it out to fit the model")
+    return budget, per_sequence, in_budget
+
+
+def serving(models, context_len, in_budget, max_batch, repeats):
+    """Decode throughput (tokens/s over all rows) at context_len for batches 1, 2, 4, ... up to
+    max_batch, and at each arch's largest batch in the budget (in_budget). Small batches decode
+    for a few milliseconds, so they get more rounds (8x at batch 1). Returns ({batches},
+    {arch: {tokens_per_sec (by batch), budget_batch, budget_tokens_per_sec}})."""
+    batches = sorted({2 ** i for i in range(max_batch.bit_length())} | {max_batch})
+
+    def throughput(batch_of):  # {arch: batch} -> {arch: median tokens/s}
+        runs = {arch: [] for arch in models}
+        for _ in range(repeats * max(1, 8 // max(batch_of.values()))):
+            for arch, model in models.items():
+                runs[arch].append(measure_decode(model, context_len, batch_of[arch],
+                                                 count_flops=False)["tokens_per_sec"])
+        return {arch: statistics.median(r) for arch, r in runs.items()}
+
+    by_batch = [throughput(dict.fromkeys(models, b)) for b in batches]
+    at_budget = throughput(in_budget)
+    return batches, {arch: {"tokens_per_sec": [t[arch] for t in by_batch],
+                            "budget_batch": in_budget[arch],
+                            "budget_tokens_per_sec": at_budget[arch]} for arch in models}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def random_batch(config, gen):
+    """A training batch of config's arch from random tokens (its randomness from gen)."""
+    enc = get_tokenizer(config.tokenizer)
+    w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=gen)
+    batch = pack.build_batch(config.arch, w, gen, config.objective, config.max_blocks,
+                             enc.n_vocab, enc.eot_token, config.block_layouts)
+    return {k: v.to(config.device) for k, v in batch.items()}
+
+
+def step_times(configs, repeats):
+    """{arch: {train_step_ms, train_step_tokens_per_sec}}: one forward and backward per arch,
+    timed in rounds that alternate between the archs (4 x repeats rounds after a warm-up round;
+    the median). Each round draws fresh windows and a fresh draw of each arch's randomness
+    (bdd's block layouts, encdec's split points), as training does: a step's cost depends on
+    them."""
+    models = {arch: cfg.fresh_model(c).train() for arch, c in configs.items()}
+    times = {arch: [] for arch in configs}
+    for r in range(4 * repeats + 1):  # round 0 warms up
+        for arch, c in configs.items():
+            batch = random_batch(c, torch.Generator().manual_seed(c.seed + r))
+            t0 = time.perf_counter()
+            with train.autocast(c):
+                loss = models[arch](batch)[1]
+            loss.backward()
+            sync(c.device)
+            times[arch].append(time.perf_counter() - t0)
+            models[arch].zero_grad(set_to_none=True)
+    return {arch: {"train_step_ms": 1000 * statistics.median(times[arch][1:]),
+                   "train_step_tokens_per_sec": c.batch_size * c.block_size /
+                   statistics.median(times[arch][1:])} for arch, c in configs.items()}
+
+
+def train_flops_per_token(config, log=print):
+    """FLOPs per training token of one step, forward and backward, counted on the run's first
+    FLOP_BATCHES real batches (its data, shape and seed; encdec's padded lengths and bdd's
+    blocks vary per batch, so the mean).
+
+    Counted on the eager step without FlexAttention, as CPU runs train: bdd attends block by
+    block to the keys each block may see, and its encoder skips the last block (no decoder reads
+    it). A compiled or FlexAttention GPU run computes the masked T x 2T attention and the encoder
+    over the whole row instead (torch would count flex as dense), so for it the count is the work
+    the step needs rather than all that its kernels do."""
+    batches = train.load_batches(config)
+    size = batches.meta["tokens"]["train"]
+    tokens_per_iter = config.batch_size * config.gradient_accumulation_steps * config.block_size
+    passes = config.max_iters * tokens_per_iter / size
+    if passes > 4:
+        log(f"note: {config.out_dir} reads the {size:,}-token training split {passes:.0f} times; "
+            f"expect overfitting there: give a larger corpus with --data")
+    model = cfg.fresh_model(replace(config, flex=False)).train()
+    total = sum(step_flops(model, train.to_device(batches.get_batch("train"), config.device),
+                           train.autocast(config)) for _ in range(FLOP_BATCHES))
+    return total / (FLOP_BATCHES * config.batch_size * config.block_size)
