@@ -18,8 +18,8 @@ byte|gpt2]` to prepare a dataset and print a summary.
 
 import base64
 import collections
+import fnmatch
 import functools
-import glob
 import gzip
 import hashlib
 import itertools
@@ -62,6 +62,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # text read at a time, and sent to a tokenizer process at a time
 JSONL = (".jsonl", ".jsonl.gz")
+GLOB_MAGIC = re.compile(r"[*?[]")
 NANOGPT = ("train.bin", "val.bin")  # a folder of nanoGPT's prepared tokens
 JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
               bool: "boolean", type(None): "null"}
@@ -246,8 +247,8 @@ def is_nanogpt(data):
 
 
 def source_files(data):
-    """The files of --data, sorted by absolute name: a file, a folder's .txt/.jsonl/.jsonl.gz
-    files, or a glob's files."""
+    """The files of --data, each real file once, sorted by absolute (resolved) name: a file, a
+    folder's .txt/.jsonl/.jsonl.gz files, or a glob's files."""
     path = Path(data)
     if path.is_file():
         if path.name in NANOGPT:
@@ -257,13 +258,57 @@ def source_files(data):
     elif path.is_dir():
         files = [f for pattern in ("*.txt",) + tuple(f"*{e}" for e in JSONL)
                  for f in path.glob(pattern) if f.is_file()]
+        if not files and (half := [n for n in NANOGPT if (path / n).is_file()]):
+            other = next(n for n in NANOGPT if n not in half)
+            raise DataError(f"--data {data} holds {half[0]} but no {other}: a nanoGPT folder "
+                            f"needs both (nanoGPT's prepare.py writes them), and there are no "
+                            f".txt or .jsonl files either")
     else:
-        files = [Path(f) for f in glob.glob(str(data), recursive=True) if Path(f).is_file()]
+        files = [f for f in glob_files(str(data)) if f.is_file()]
     if not files:
         raise DataError(f"--data {data}: no such file, no .txt files in that folder (nor .jsonl, "
                         f"nor nanoGPT's train.bin and val.bin), or no glob match; give a text or "
                         f"jsonl file, a folder of them or a glob")
-    return sorted(files, key=lambda f: str(f.resolve()))
+    real = {str(f.resolve()): f for f in files}  # links to one file, or a glob's two ways to it
+    return [real[name] for name in sorted(real)]
+
+
+def glob_files(pattern):
+    """The paths glob.glob(pattern, recursive=True) matches, except that "**" enters each real
+    folder once: a symbolic link back to a folder it is already in (a loop) is not followed, and
+    glob would follow one until the path is too long to open (about 40 times round)."""
+    parts = Path(pattern).parts
+    magic = next((i for i, part in enumerate(parts) if GLOB_MAGIC.search(part)), len(parts))
+    found, entered = [], set()  # entered: (real folder, parts left) already walked by a "**"
+
+    def names(folder, wanted):  # like glob: a hidden name matches only a pattern starting with .
+        try:
+            listed = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        return [n for n in fnmatch.filter(listed, wanted)
+                if not n.startswith(".") or wanted.startswith(".")]
+
+    def walk(path, rest):
+        if not rest:
+            found.append(path)
+        elif rest[0] == "**":
+            if path.is_dir() and (key := (path.resolve(), len(rest))) not in entered:
+                entered.add(key)
+                walk(path, rest[1:])  # "**" matches no folder, or one or more
+                for name in names(path, "*"):
+                    if (path / name).is_dir():
+                        walk(path / name, rest)
+                    elif len(rest) == 1:  # a last "**" matches files too
+                        found.append(path / name)
+        elif GLOB_MAGIC.search(rest[0]):
+            for name in names(path, rest[0]) if path.is_dir() else []:
+                walk(path / name, rest[1:])
+        elif os.path.lexists(path / rest[0]):
+            walk(path / rest[0], rest[1:])
+
+    walk(Path(*parts[:magic]) if magic else Path(), parts[magic:])
+    return found
 
 
 def slug(text):

@@ -409,6 +409,16 @@ def test_nanogpt_folder_mismatches_are_clear_errors(tmp_path):
         corpus.prepare(folder / "train.bin", "gpt2", root=tmp_path)
 
 
+@pytest.mark.parametrize("missing", ["val.bin", "train.bin"])
+def test_nanogpt_folder_missing_a_split_says_which(tmp_path, missing):
+    folder = nanogpt_folder(tmp_path / "owt")
+    (folder / missing).unlink()
+    with pytest.raises(corpus.DataError, match=f"holds .* but no {missing}: a nanoGPT folder "
+                       f"needs both") as e:
+        corpus.prepare(folder, "gpt2", root=tmp_path / "data")
+    assert "\n" not in str(e.value)
+
+
 def test_failed_prepare_leaves_nothing_that_passes(tmp_path, monkeypatch):
     """An exception mid-way (after chunks were written) removes the scratch folder; the next
     prepare starts afresh."""
@@ -473,6 +483,46 @@ def test_reuse_follows_the_manifest_and_rehash_reads_content(tmp_path, capsys):
     assert tokenized(rehash=True)[1] is False
     alt, fresh = tokenized(text_field="alt")
     assert fresh and alt["tokens"]["train"] == edited["tokens"]["train"]  # "uno" is 3 bytes too
+
+
+def test_reuse_sees_a_new_size_under_an_old_time(tmp_path, capsys):
+    """A file rewritten to another size with its time put back (cp -p, rsync -t) is
+    re-prepared: the manifest holds sizes, not only times."""
+    write_corpus(tmp_path / "docs", n_docs=3, chars=400)
+    first = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    doc = tmp_path / "docs" / "doc00.txt"
+    stat = doc.stat()
+    doc.write_text("short now")
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    again = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    assert "tokenizing" in capsys.readouterr().out
+    assert again["tokens"]["train"] == first["tokens"]["train"] - stat.st_size + len("short now")
+
+
+def test_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, monkeypatch):
+    """L/sub/back -> L: glob's ** would go round the loop about 40 times (listing each folder
+    that often), read every file that often and put copies of train documents into val. A
+    second link to a file is that file once."""
+    texts = write_corpus(tmp_path / "L", n_docs=12, chars=50)
+    (tmp_path / "L" / "sub").mkdir()
+    (tmp_path / "L" / "sub" / "deep.txt").write_text("one file one level down")
+    (tmp_path / "L" / "sub" / "back").symlink_to("..", target_is_directory=True)
+    (tmp_path / "L" / "sub" / "same.txt").symlink_to(tmp_path / "L" / "doc00.txt")
+    pattern = str(tmp_path / "L" / "**" / "*.txt")
+    listed = []
+    for name in ("listdir", "scandir"):  # glob lists folders with scandir
+        monkeypatch.setattr(os, name, functools.partial(
+            lambda list_folder, path=".": listed.append(path) or list_folder(path),
+            getattr(os, name)))
+    files = corpus.source_files(pattern)
+    monkeypatch.undo()
+    assert len(listed) <= 4  # L and L/sub, for "**" and for "*.txt"
+    assert [str(f.resolve()) for f in files] == sorted(texts) + [str(tmp_path / "L" / "sub" /
+                                                                     "deep.txt")]
+    meta = corpus.prepare(pattern, root=tmp_path / "data")
+    assert meta["documents"] == {"train": 12, "val": 1}
+    assert not set(meta["names"]["train"]) & set(meta["names"]["val"])
 
 
 def test_progress_line(capsys):
