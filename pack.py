@@ -215,21 +215,15 @@ class Batches:
     get_batch(split) draws random windows from its own seeded generator: the same seed gives the
     same batches. Evaluation (eval_windows, eval_batches) ignores the seed: fixed offsets and a
     fixed generator, so every call, run and arch sees the same data. objective is only used by
-    encdec.
+    encdec. The settings are the caller's to check (asserted here); what depends on the data
+    raises DataError.
     """
 
     def __init__(self, meta, arch, block_size, batch_size, objective="prefix_lm", max_blocks=8,
                  seed=0, device="cpu", layouts=None):
+        assert arch in ARCHS and objective in OBJECTIVES
+        assert block_size >= 2 and batch_size >= 1 and max_blocks >= 2
         self.meta = meta if isinstance(meta, dict) else load_meta(meta)
-        if arch not in ARCHS:
-            raise DataError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        if arch == "encdec" and objective not in OBJECTIVES:
-            raise DataError(f"unknown objective {objective!r}; "
-                            f"choose one of {', '.join(OBJECTIVES)}")
-        if block_size < 2:
-            raise DataError(f"block_size {block_size} is too small; use at least 2")
-        if arch == "bdd" and max_blocks < 2:
-            raise DataError(f"max_blocks {max_blocks} allows no block boundary; use at least 2")
         self.arch, self.objective, self.max_blocks = arch, objective, max_blocks
         self.layouts = layouts
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
