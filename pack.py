@@ -5,6 +5,15 @@ encdec's two pretraining objectives (prefix-LM, T5 span corruption), plus contin
 the one yardstick shared by all three (DESIGN.md 4), and supervision_stats(): how much of a batch
 trains and how much is padding.
 
+bdd's block boundaries follow one of four strategies (BOUNDARIES, DESIGN.md 2):
+    random:   1 to max_blocks - 1 boundaries (count uniform) at uniformly random positions
+    logspace: block lengths log-uniform in 1..T-1, drawn from the row's start until the row is
+              full or has max_blocks blocks; the last block takes the rest
+    single:   one boundary, uniform in 1..T-1: the prompt-then-reply shape (max_blocks unused)
+    turns:    a boundary at each turn start in the window (corpus.py's turn streams), at most
+              max_blocks - 1 of them (a random subset when there are more); a row without one
+              gets random boundaries. One layout per row: `layouts` does not apply.
+
 Batch contract (all int64 except enc_mask; y == -1 means no loss):
     dec:    x (B,T), y (B,T)
     bdd:    x (B,T), y (B,T), block_ids (G,T) non-decreasing per row, starting at 0: G block
@@ -26,6 +35,8 @@ from mask import block_ids
 ARCHS = ("dec", "bdd", "encdec")
 # encdec pretraining objectives; dec and bdd always predict every next token
 OBJECTIVES = ("prefix_lm", "span")
+# bdd block boundary strategies (module docstring)
+BOUNDARIES = ("random", "logspace", "single", "turns")
 
 # T5 span corruption. Sentinel k has id n_vocab + k: appended after the tokenizer's vocabulary so it
 # never collides with a real token; a model trained on spans needs vocab_size() embeddings.
@@ -62,19 +73,62 @@ def random_boundaries(B, T, max_blocks, gen):
     return [(row.nonzero().view(-1) + 1).tolist() for row in rank < n]  # sorted, in 1..T-1
 
 
+def logspace_boundaries(B, T, max_blocks, gen):
+    """B layouts whose block lengths are log-uniform: floor(T ** u) tokens, u uniform in [0, 1),
+    so 1..T-1 with P(length < k) = ln k / ln T. Blocks are drawn from the row's start until the
+    row is full or has max_blocks blocks; the last takes the rest. The first always fits, so a row
+    has 1 to max_blocks - 1 boundaries."""
+    lengths = (T ** torch.rand(B, max_blocks - 1, generator=gen)).floor().clamp(1, T - 1)
+    starts = lengths.long().cumsum(dim=1)  # (B, max_blocks - 1)
+    return [[s for s in row if s < T] for row in starts.tolist()]
+
+
+def single_boundary(B, T, gen):
+    """B layouts of one boundary each, uniform in 1..T-1: a prompt, then its reply."""
+    return [[p] for p in torch.randint(1, T, (B,), generator=gen).tolist()]
+
+
+def turn_boundaries(turns, T, max_blocks, gen):
+    """A layout per row from its turn starts (sorted positions in (0, T)): all of them, or
+    max_blocks - 1 chosen uniformly when there are more. Rows without a turn start get
+    random_boundaries, drawn together after the others."""
+    layouts, fallback = [], []
+    for row, starts in enumerate(turns):
+        if len(starts) > max_blocks - 1:
+            keep = torch.randperm(len(starts), generator=gen)[:max_blocks - 1].sort().values
+            starts = [starts[i] for i in keep.tolist()]
+        layouts.append(list(starts))
+        if not starts:
+            fallback.append(row)
+    for row, layout in zip(fallback, random_boundaries(len(fallback), T, max_blocks, gen)):
+        layouts[row] = layout
+    return layouts
+
+
 def layout_groups(rows, layouts):
     """How many block layouts `rows` rows get: the most, up to `layouts`, that share them out
     evenly (16 rows, 4 layouts: 4 of 4 rows each; 6 rows, 4 layouts: 3 of 2 rows each)."""
     return max(g for g in range(1, min(rows, layouts) + 1) if rows % g == 0)
 
 
-def bdd_batch(w, max_blocks, gen, layouts=None):
-    """bdd: every position predicts the next token. G = layout_groups(B, layouts) random block
-    layouts, each shared by B / G consecutive rows (layouts None: one per row); block_ids (G, T).
-    Rows that share a layout run block by block together (model.py): fewer, larger kernel calls."""
+def bdd_batch(w, max_blocks, gen, layouts=None, boundaries="random", turns=None):
+    """bdd: every position predicts the next token. G = layout_groups(B, layouts) block layouts
+    of the `boundaries` strategy, each shared by B / G consecutive rows (layouts None: one per
+    row); block_ids (G, T). Rows that share a layout run block by block together (model.py):
+    fewer, larger kernel calls. "turns" takes turns: each row's turn starts, sorted positions in
+    (0, T) (None: no row has one, all fall back to random); its layouts are one per row."""
     B, T = w.shape[0], w.shape[1] - 1
-    G = B if layouts is None else layout_groups(B, layouts)
-    return {**lm_batch(w), "block_ids": block_ids(T, random_boundaries(G, T, max_blocks, gen))}
+    G = B if layouts is None or boundaries == "turns" else layout_groups(B, layouts)
+    if boundaries == "random":
+        bounds = random_boundaries(G, T, max_blocks, gen)
+    elif boundaries == "logspace":
+        bounds = logspace_boundaries(G, T, max_blocks, gen)
+    elif boundaries == "single":
+        bounds = single_boundary(G, T, gen)
+    else:
+        assert boundaries == "turns", boundaries
+        bounds = turn_boundaries([[]] * B if turns is None else turns, T, max_blocks, gen)
+    return {**lm_batch(w), "block_ids": block_ids(T, bounds)}
 
 
 def prefix_lm_batch(w, eot, gen):
@@ -176,12 +230,14 @@ def continuation_batch(arch, windows, s=None):
     return {k: v.contiguous() for k, v in batch.items()}
 
 
-def build_batch(arch, w, gen, objective, max_blocks, n_vocab, eot, layouts=None):
-    """The training batch of `arch` (and, for encdec, `objective`) from windows w (B, T+1)."""
+def build_batch(arch, w, gen, objective, max_blocks, n_vocab, eot, layouts=None,
+                boundaries="random", turns=None):
+    """The training batch of `arch` (and, for encdec, `objective`; for bdd, `boundaries`, with
+    `turns` as bdd_batch takes them) from windows w (B, T+1)."""
     if arch == "dec":
         return lm_batch(w)
     if arch == "bdd":
-        return bdd_batch(w, max_blocks, gen, layouts)
+        return bdd_batch(w, max_blocks, gen, layouts, boundaries, turns)
     if objective == "prefix_lm":
         return prefix_lm_batch(w, eot, gen)
     return span_batch(w, n_vocab, eot, gen)
@@ -210,31 +266,27 @@ def supervision_stats(batch, n_vocab, block_size):
 
 
 class Batches:
-    """Batches of one prepared dataset for one architecture (and, for encdec, one objective).
+    """Batches of one prepared dataset for one architecture (and, for encdec, one objective; for
+    bdd, one boundary strategy).
 
     get_batch(split) draws random windows from its own seeded generator: the same seed gives the
     same batches. Evaluation (eval_windows, eval_batches) ignores the seed: fixed offsets and a
     fixed generator, so every call, run and arch sees the same data. objective is only used by
-    encdec.
+    encdec, max_blocks, layouts and boundaries by bdd. The settings are the caller's to check
+    (asserted here); what depends on the data raises DataError. notes: lines for the caller to
+    show, such as how many windows hold no turn start and fall back to random boundaries.
     """
 
     def __init__(self, meta, arch, block_size, batch_size, objective="prefix_lm", max_blocks=8,
-                 seed=0, device="cpu", layouts=None):
+                 seed=0, device="cpu", layouts=None, boundaries="random"):
+        assert arch in ARCHS and objective in OBJECTIVES and boundaries in BOUNDARIES
+        assert block_size >= 2 and batch_size >= 1 and max_blocks >= 2
         self.meta = meta if isinstance(meta, dict) else load_meta(meta)
-        if arch not in ARCHS:
-            raise DataError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-        if arch == "encdec" and objective not in OBJECTIVES:
-            raise DataError(f"unknown objective {objective!r}; "
-                            f"choose one of {', '.join(OBJECTIVES)}")
-        if block_size < 2:
-            raise DataError(f"block_size {block_size} is too small; use at least 2")
-        if arch == "bdd" and max_blocks < 2:
-            raise DataError(f"max_blocks {max_blocks} allows no block boundary; use at least 2")
         self.arch, self.objective, self.max_blocks = arch, objective, max_blocks
-        self.layouts = layouts
+        self.layouts, self.boundaries = layouts, boundaries
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.n_vocab, self.eot = self.meta["n_vocab"], self.meta["eot"]
-        self.data = {}
+        self.data, self.turns, self.notes = {}, {}, []
         for split in ("train", "val"):
             n = self.meta["tokens"][split]
             if n < block_size + 1:
@@ -243,17 +295,54 @@ class Batches:
                                 f"use a smaller block_size or more data")
             self.data[split] = np.memmap(Path(self.meta["dir"]) / f"{split}.bin",
                                          dtype=self.meta["dtype"], mode="r")
+        if arch == "bdd" and boundaries == "turns":
+            self.load_turns()
         self.gen = torch.Generator().manual_seed(seed)
+
+    def load_turns(self):
+        """The turn starts of both splits (sorted token offsets); DataError if the training split
+        has none, as every row would fall back to random boundaries."""
+        counts, name = self.meta.get("turns"), self.meta["name"]
+        if not counts or not counts["train"]:
+            why = ("no turn starts were found in its training split" if counts else
+                   "it was prepared without a turn regex")
+            raise DataError(f"--boundaries turns: {name} has no turns ({why}); give --turn_regex "
+                            f"(a regex whose matches start the turns), or other --boundaries")
+        for split in ("train", "val"):
+            path = Path(self.meta["dir"]) / f"{split}.turns"
+            self.turns[split] = (np.memmap(path, dtype=np.int64, mode="r") if counts[split]
+                                 else np.empty(0, dtype=np.int64))
+            share = self.fallback_share(split)
+            if share > 0:
+                self.notes.append(f"--boundaries turns: {share:.0%} of the {split} windows of "
+                                  f"{self.block_size} tokens hold no turn start; their rows get "
+                                  f"random boundaries")
+
+    def fallback_share(self, split):
+        """The share of the split's window offsets o whose rows hold no turn start, none in
+        o+1 .. o+T-1 (a turn at o would be a boundary at 0, which is no boundary)."""
+        T, last = self.block_size, len(self.data[split]) - self.block_size - 1  # offsets 0..last
+        # offsets between turns a < b with none in o+1..o+T-1: a <= o <= b - T
+        edges = np.concatenate([[0], self.turns[split], [last + T]])
+        return float(np.maximum(edges[1:] - edges[:-1] - T + 1, 0).sum()) / (last + 1)
+
+    def row_turns(self, split, offsets):
+        """Each window's turn starts, as positions in (0, T) of its row."""
+        turns, T = self.turns[split], self.block_size
+        return [(turns[np.searchsorted(turns, o, "right"):np.searchsorted(turns, o + T)] - o)
+                .tolist() for o in offsets]
 
     def windows(self, split, offsets):
         """(len(offsets), T+1) int64 token windows starting at the given offsets."""
         data, n = self.data[split], self.block_size + 1
         return torch.from_numpy(np.stack([data[o:o + n] for o in offsets]).astype(np.int64))
 
-    def build(self, w, gen):
-        """The arch's own training batch from windows (B, T+1)."""
-        return build_batch(self.arch, w, gen, self.objective, self.max_blocks, self.n_vocab,
-                           self.eot, self.layouts)
+    def build(self, split, offsets, gen):
+        """The arch's own training batch from the windows at offsets."""
+        turns = self.row_turns(split, offsets) if self.turns else None
+        return build_batch(self.arch, self.windows(split, offsets), gen, self.objective,
+                           self.max_blocks, self.n_vocab, self.eot, self.layouts, self.boundaries,
+                           turns)
 
     def to_device(self, batch):
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -262,20 +351,24 @@ class Batches:
         """A training batch of batch_size random windows of block_size + 1 tokens."""
         high = len(self.data[split]) - self.block_size  # starts 0 .. n-T-1 leave T+1 tokens
         offsets = torch.randint(high, (self.batch_size,), generator=self.gen).tolist()
-        return self.to_device(self.build(self.windows(split, offsets), self.gen))
+        return self.to_device(self.build(split, offsets, self.gen))
+
+    def eval_offsets(self, split, n):
+        """n offsets evenly spaced over the split: the same for every seed."""
+        last = len(self.data[split]) - self.block_size - 1
+        return np.linspace(0, last, n).round().astype(np.int64).tolist()
 
     def eval_windows(self, split, n):
-        """(n, T+1) windows at n offsets evenly spaced over the split: the same for every seed."""
-        last = len(self.data[split]) - self.block_size - 1
-        offsets = np.linspace(0, last, n).round().astype(np.int64)
-        return self.windows(split, offsets.tolist()).to(self.device)
+        """(n, T+1) windows at eval_offsets(split, n)."""
+        return self.windows(split, self.eval_offsets(split, n)).to(self.device)
 
     def eval_batches(self, split, n):
         """Batches of the arch's own objective over eval_windows(split, n), batch_size rows each;
         their randomness (boundaries, splits, spans) comes from the fixed EVAL_SEED."""
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        w = self.eval_windows(split, n).cpu()
-        return [self.to_device(self.build(chunk, gen)) for chunk in w.split(self.batch_size)]
+        offsets = self.eval_offsets(split, n)
+        return [self.to_device(self.build(split, offsets[i:i + self.batch_size], gen))
+                for i in range(0, n, self.batch_size)]
 
     def supervision_stats(self, batch):
         return supervision_stats(batch, self.n_vocab, self.block_size)

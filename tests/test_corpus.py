@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,88 @@ def test_documents_cut_at_safe_points_keep_their_tokens(monkeypatch, tokenizer):
     assert cuts > 1000  # the documents were really cut
 
 
+# turns: regexes that read across the 100-byte pieces and the chunk cuts of a streaming prepare
+TURN_REGEXES = [
+    corpus.SHAKESPEARE_TURNS,
+    r"(?<=\n\n)[A-Z][A-Z ]+:",  # a look-behind at a piece's start
+    r"(?m)^(?=B: )",  # empty matches, multi-line anchors
+    r"é[^\n]*中",  # multi-byte characters, matches that span pieces
+]
+
+
+def speech_corpus(folder, n_docs=12, n_speeches=150):
+    """Documents of speeches ("\n\nNAME.\n", "\n\nA B:", "B: ") with multi-byte text, each
+    longer than corpus.TURN_CONTEXT."""
+    rng = random.Random(3)
+    folder.mkdir()
+    texts = {}
+    for i in range(n_docs):
+        speeches = [rng.choice(["ROMEO.\n", "First Lord.\n", "A B: ", "B: ", ""]) +
+                    "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 120)))
+                    for _ in range(n_speeches)]
+        text = "\n\n".join(speeches)
+        (folder / f"d{i:02d}.txt").write_text(text, encoding="utf-8", newline="")
+        texts[str((folder / f"d{i:02d}.txt").resolve())] = text
+    return texts
+
+
+def turn_stream(meta, split):
+    return np.fromfile(Path(meta["dir"]) / f"{split}.turns", dtype=np.int64)
+
+
+@pytest.mark.parametrize("regex", TURN_REGEXES)
+def test_turn_streams_are_the_regex_matches(tmp_path, monkeypatch, regex):
+    """Byte tokens: a turn's token offset is its byte offset in the split's stream. Found while
+    streaming (100-byte pieces and chunks, 2 workers) exactly as a search of each whole document
+    finds them."""
+    texts = speech_corpus(tmp_path / "docs")
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 100)
+    meta = corpus.prepare(tmp_path / "docs", root=tmp_path / "data", turn_regex=regex, workers=2)
+    assert meta["turn_regex"] == regex
+    for split in ("train", "val"):
+        expected, at = [], 0
+        for name in meta["names"][split]:
+            text = texts[name]
+            expected += sorted({at + len(text[:m.start()].encode())
+                                for m in re.finditer(regex, text) if m.start() < len(text)})
+            at += len(text.encode()) + 1
+        assert turn_stream(meta, split).tolist() == expected
+        assert meta["turns"][split] == len(expected) > 0
+
+
+def test_turns_with_gpt2_tokens_start_at_the_token_holding_the_turn(tmp_path):
+    enc = tokenizer_or_skip("gpt2")
+    texts = speech_corpus(tmp_path / "docs")
+    regex = r"(?<=A) B:|é"  # starts inside a piece of GPT-2's pattern, and inside a token
+    meta = corpus.prepare(tmp_path / "docs", "gpt2", root=tmp_path / "data", turn_regex=regex)
+    ids, turns = stream(meta, "train"), turn_stream(meta, "train")
+    expected, at = [], 0
+    for name in meta["names"]["train"]:
+        text = texts[name]
+        expected += [at + len(text[:m.start()].encode()) for m in re.finditer(regex, text)]
+        at += len(text.encode())
+    lengths = np.cumsum([0 if t == enc.eot_token else len(enc.decode_single_token_bytes(t))
+                         for t in ids])  # bytes up to the end of each token
+    assert len(turns) == len(expected) > 100
+    for t, byte in zip(turns, expected):
+        assert lengths[t] - len(enc.decode_single_token_bytes(ids[t])) <= byte < lengths[t]
+
+
+def test_turn_regex_is_part_of_the_manifest(tmp_path, capsys):
+    speech_corpus(tmp_path / "docs", n_docs=3)
+    root = tmp_path / "data"
+    plain = corpus.prepare(tmp_path / "docs", root=root)
+    assert plain["turns"] is None and not list(Path(plain["dir"]).glob("*.turns"))
+    capsys.readouterr()
+    with_turns = corpus.prepare(tmp_path / "docs", root=root, turn_regex="B: ")
+    assert "tokenizing" in capsys.readouterr().out and with_turns["turns"]["train"] > 0
+    assert corpus.prepare(tmp_path / "docs", root=root, turn_regex="B: ") == with_turns
+    assert "tokenizing" not in capsys.readouterr().out
+    (Path(with_turns["dir"]) / "val.turns").write_bytes(b"")  # a damaged turn stream
+    assert corpus.prepare(tmp_path / "docs", root=root, turn_regex="B: ") == with_turns
+    assert "tokenizing" in capsys.readouterr().out
+
+
 def test_lone_surrogates_from_json_are_tokenized_like_encode_ordinary():
     enc = corpus.get_tokenizer("byte")
     text = json.loads('"a\\ud800b"')  # a JSON escape can give a string no UTF-8 can hold
@@ -408,6 +491,18 @@ def test_nanogpt_folder_mismatches_are_clear_errors(tmp_path):
         corpus.prepare(folder, "gpt2", root=tmp_path)
     with pytest.raises(corpus.DataError, match="give nanoGPT's folder"):
         corpus.prepare(folder / "train.bin", "gpt2", root=tmp_path)
+    with pytest.raises(corpus.DataError, match="nanoGPT folder of tokens, where no --turn_regex"):
+        corpus.prepare(folder, "gpt2", root=tmp_path, turn_regex="B: ")
+
+
+@pytest.mark.parametrize("missing", ["val.bin", "train.bin"])
+def test_nanogpt_folder_missing_a_split_says_which(tmp_path, missing):
+    folder = nanogpt_folder(tmp_path / "owt")
+    (folder / missing).unlink()
+    with pytest.raises(corpus.DataError, match=f"holds .* but no {missing}: a nanoGPT folder "
+                       f"needs both") as e:
+        corpus.prepare(folder, "gpt2", root=tmp_path / "data")
+    assert "\n" not in str(e.value)
 
 
 def test_failed_prepare_leaves_nothing_that_passes(tmp_path, monkeypatch):
@@ -476,6 +571,46 @@ def test_reuse_follows_the_manifest_and_rehash_reads_content(tmp_path, capsys):
     assert fresh and alt["tokens"]["train"] == edited["tokens"]["train"]  # "uno" is 3 bytes too
 
 
+def test_reuse_sees_a_new_size_under_an_old_time(tmp_path, capsys):
+    """A file rewritten to another size with its time put back (cp -p, rsync -t) is
+    re-prepared: the manifest holds sizes, not only times."""
+    write_corpus(tmp_path / "docs", n_docs=3, chars=400)
+    first = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    doc = tmp_path / "docs" / "doc00.txt"
+    stat = doc.stat()
+    doc.write_text("short now")
+    os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    again = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    assert "tokenizing" in capsys.readouterr().out
+    assert again["tokens"]["train"] == first["tokens"]["train"] - stat.st_size + len("short now")
+
+
+def test_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, monkeypatch):
+    """L/sub/back -> L: glob's ** would go round the loop about 40 times (listing each folder
+    that often), read every file that often and put copies of train documents into val. A
+    second link to a file is that file once."""
+    texts = write_corpus(tmp_path / "L", n_docs=12, chars=50)
+    (tmp_path / "L" / "sub").mkdir()
+    (tmp_path / "L" / "sub" / "deep.txt").write_text("one file one level down")
+    (tmp_path / "L" / "sub" / "back").symlink_to("..", target_is_directory=True)
+    (tmp_path / "L" / "sub" / "same.txt").symlink_to(tmp_path / "L" / "doc00.txt")
+    pattern = str(tmp_path / "L" / "**" / "*.txt")
+    listed = []
+    for name in ("listdir", "scandir"):  # glob lists folders with scandir
+        monkeypatch.setattr(os, name, functools.partial(
+            lambda list_folder, path=".": listed.append(path) or list_folder(path),
+            getattr(os, name)))
+    files = corpus.source_files(pattern)
+    monkeypatch.undo()
+    assert len(listed) <= 4  # L and L/sub, for "**" and for "*.txt"
+    assert [str(f.resolve()) for f in files] == sorted(texts) + [str(tmp_path / "L" / "sub" /
+                                                                     "deep.txt")]
+    meta = corpus.prepare(pattern, root=tmp_path / "data")
+    assert meta["documents"] == {"train": 12, "val": 1}
+    assert not set(meta["names"]["train"]) & set(meta["names"]["val"])
+
+
 def test_progress_line(capsys):
     progress = corpus.Progress(total_bytes=4_000_000, after=0, every=0)
     progress.update(documents=3, tokens=1200, nbytes=1_000_000)
@@ -498,6 +633,20 @@ def test_default_corpus(shakespeare):
     train = stream(shakespeare, "train")
     assert (train == shakespeare["eot"]).sum() == 38
     assert bytes(train[:25].astype(np.uint8)) == b"ALL'S WELL THAT ENDS WELL"
+
+
+def test_default_corpus_turns_are_its_speeches(shakespeare):
+    """The speaker lines of the plays: a name (capitalized words, "and", "of", "the"), a period
+    (none in A Midsummer Night's Dream), after a blank line and before a line of text."""
+    assert shakespeare["turns"] == {"train": 28135, "val": 2305}
+    assert shakespeare["turn_regex"] == corpus.SHAKESPEARE_TURNS
+    text = bytes(stream(shakespeare, "train").astype(np.uint8))
+    turns = turn_stream(shakespeare, "train")
+    lines = {text[t:text.index(b"\n", t)].decode().strip() for t in turns}
+    assert all(text[t - 2:t] == b"\n\n" for t in turns)
+    assert {"Ham.", "JULIET.", "KING HENRY.", "FIRST LORD.", "Osric and Lords.", "Hor. and Mar.",
+            "QUINCE"} <= lines
+    assert not lines & {"ACT I.", "SCENE I.", "Act I.", "Saddle my horse.", "[Exit.]"}
 
 
 def test_default_corpus_gpt2(shakespeare):
