@@ -51,12 +51,18 @@ class TrainConfig:
                               "[2, inf)")
     block_layouts: int = setting(4, "bdd: random block layouts per batch, each shared by an equal "
                                  "group of its rows (batch_size: one per row)", "[1, inf)")
+    boundaries: str = setting("random", "bdd: where blocks start: random (uniform), logspace "
+                              "(log-uniform block lengths), single (one boundary), turns (at each "
+                              "turn start in the text, else random)", pack.BOUNDARIES)
     # data and output
     data: str = setting(None, "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT "
                         "folder with train.bin and val.bin (default: Shakespeare)")
     data_root: str = setting(None, "folder of prepared datasets (default: data/)")
     tokenizer: str = setting("byte", "tokenizer", corpus.TOKENIZERS)
     text_field: str = setting("text", "the text field of jsonl lines")
+    turn_regex: str = setting(None, "a regular expression whose matches start the turns of the "
+                              "text (default: the speaker lines of the Shakespeare plays; none "
+                              "for other corpora)")
     rehash: bool = setting(False, "re-read the whole source (not only file names, sizes and "
                            "times) to decide whether its prepared copy is current")
     out_dir: str = setting(None, "checkpoint and log folder (default: out/<arch>)")
@@ -144,6 +150,9 @@ AGREE = [
     (lambda c: c.objective == "prefix_lm" or c.arch == "encdec",
      "--objective {objective} is an encoder-decoder objective; {arch} always predicts every next "
      "token: drop --objective or use --arch encdec"),
+    (lambda c: c.boundaries == "random" or c.arch == "bdd",
+     "--boundaries {boundaries} places bdd's block boundaries; {arch} has none: drop "
+     "--boundaries or use --arch bdd"),
     (lambda c: c.n_dec_layer is None or c.n_dec_layer < c.n_layer,
      "--n_dec_layer {n_dec_layer} must be smaller than --n_layer {n_layer} (the encoder gets the "
      "other layers); lower --n_dec_layer or raise --n_layer"),
@@ -199,6 +208,8 @@ def check(config):
     for holds, message in AGREE:
         if not holds(config):
             raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
+    if config.turn_regex is not None:
+        corpus.turn_pattern(config.turn_regex)  # DataError: one line, exit 2
     check_device(config.device)
 
 

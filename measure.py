@@ -160,7 +160,7 @@ def random_batch(config, gen):
     enc = get_tokenizer(config.tokenizer)
     w = torch.randint(enc.n_vocab, (config.batch_size, config.block_size + 1), generator=gen)
     batch = pack.build_batch(config.arch, w, gen, config.objective, config.max_blocks,
-                             enc.n_vocab, enc.eot_token, config.block_layouts)
+                             enc.n_vocab, enc.eot_token, config.block_layouts, config.boundaries)
     return {k: v.to(config.device) for k, v in batch.items()}
 
 
@@ -197,7 +197,7 @@ def train_flops_per_token(config, log=print):
     it). A compiled or FlexAttention GPU run computes the masked T x 2T attention and the encoder
     over the whole row instead (torch would count flex as dense), so for it the count is the work
     the step needs rather than all that its kernels do."""
-    batches = train.load_batches(config)
+    batches = train.load_batches(config, log=lambda line: None)
     size = batches.meta["tokens"]["train"]
     tokens_per_iter = config.batch_size * config.gradient_accumulation_steps * config.block_size
     passes = config.max_iters * tokens_per_iter / size

@@ -94,21 +94,25 @@ def to_device(batch, device):
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def load_batches(config, rank=0, world=1):
+def load_batches(config, rank=0, world=1, log=print):
     """Training and evaluation batches; rank 0 prepares (tokenizes) the data, the others then
     find it ready. Every rank draws its own training batches (seed + rank). Built on the CPU:
     supervision_stats there needs no device sync, and to_device overlaps the copies."""
-    kw = dict(text_field=config.text_field, **({} if config.data_root is None else
-                                                {"root": config.data_root}))
+    kw = dict(text_field=config.text_field, turn_regex=config.turn_regex,
+              **({} if config.data_root is None else {"root": config.data_root}))
     if rank == 0:
         meta = corpus.prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)
     if world > 1:
         dist.barrier()
     if rank != 0:
         meta = corpus.prepare(config.data, config.tokenizer, **kw)
-    return pack.Batches(meta, config.arch, config.block_size, config.batch_size,
-                        objective=config.objective, max_blocks=config.max_blocks,
-                        layouts=config.block_layouts, seed=config.seed + rank, device="cpu")
+    batches = pack.Batches(meta, config.arch, config.block_size, config.batch_size,
+                           objective=config.objective, max_blocks=config.max_blocks,
+                           layouts=config.block_layouts, boundaries=config.boundaries,
+                           seed=config.seed + rank, device="cpu")
+    for note in batches.notes:
+        log(note)
+    return batches
 
 
 def next_batch(batches, device, history):
@@ -256,14 +260,14 @@ class Training:
                              f"{kept}. Lower --learning_rate or raise --warmup_iters")
 
 
-def start(config, rank, world, device):
+def start(config, rank, world, device, log):
     """The run at its first step: fresh, or restored from its checkpoint (weights, optimizer,
     generators; other ranks than 0 go on with fresh seeds)."""
     ckpt = None
     if config.init_from == "resume":
         ckpt = cfg.load_checkpoint(cfg.checkpoint_path(config.out_dir))
         cfg.check_resumable(ckpt, config, cfg.checkpoint_path(config.out_dir))
-    batches = load_batches(config, rank, world)
+    batches = load_batches(config, rank, world, log)
     # the same seed on every rank (DDP also broadcasts rank 0's weights); rank r's dropout: + r
     model = cfg.fresh_model(config, device, seed=config.seed + rank)
     optimizer = configure_optimizer(model, config, torch.device(device).type)
@@ -308,7 +312,7 @@ def train(config, log=print):
     log = log if rank == 0 else (lambda *a: None)
     try:
         with files.holding(config.out_dir) if rank == 0 else nullcontext():
-            run = start(config, rank, world, device)
+            run = start(config, rank, world, device, log)
             return loop(run, log, rank, world, device, t_start)
     finally:
         if world > 1:
