@@ -8,11 +8,14 @@ KV-cached generation for dec, encdec and bdd; multi-turn sessions; measured cach
 The model's prefill/decode (model.py) keep real KV caches; here they are driven turn by turn:
 - dec extends one cache over the whole conversation;
 - bdd starts a new decoder block at each turn's last prompt token: only the tokens since the last
-  block (the previous reply and the new text) go through its causal encoder, whose cache is kept;
+  block (the previous reply and the new text) go through its causal encoder, whose cache is kept
+  (--prefix_cache keep; drop frees it and re-encodes the history each turn; offload parks it in
+  host memory between turns);
 - encdec re-encodes the whole history each turn (its encoder is bidirectional).
+One-turn generation keeps only what its decode steps read (bdd's encoder cache is freed).
 A batch of prompts of different lengths is left-padded and each row gets what it would get alone;
 --num_samples prefills a prompt once and copies its cache into each sample's row.
-Cache bytes are read from the cache tensors; FLOPs are counted by torch's FlopCounterMode.
+Cache bytes are every byte the cache tensors hold; FLOPs are counted by torch's FlopCounterMode.
 """
 
 import math
@@ -26,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import cli
-from model import ModelConfig, build_model
+from model import PREFIX_POLICIES, ModelConfig, build_model
 from corpus import DataError, get_tokenizer
 
 
@@ -82,10 +85,20 @@ class Session:
     `span_sentinel` (span-corruption encdec checkpoints): such a model was trained to fill a
     sentinel, so each turn is generated T5-style: the encoder reads the history plus the sentinel,
     the decoder starts from [eot, sentinel] and writes the span until the next sentinel or eot.
+
+    `prefix_cache` (bdd): what each turn's prefill leaves of the encoder's cache for the next turn
+    (DESIGN.md section 3). keep: it stays with the session (the next turn encodes only its new
+    tokens; memory about dec's); drop: freed once its states are in the decoder layers (the next
+    turn re-encodes the whole history, like encdec: less memory, more compute); offload (CUDA):
+    moved to pinned host memory, brought back for the next prefill. Every policy gives the same
+    tokens and logits. dec and encdec keep no encoder cache: the policy changes nothing for them.
     """
 
-    def __init__(self, model, span_sentinel=None, eot=None):
+    def __init__(self, model, span_sentinel=None, eot=None, prefix_cache="keep"):
+        assert prefix_cache in PREFIX_POLICIES, prefix_cache
         self.model, self.span_sentinel, self.eot = model, span_sentinel, eot
+        self.prefix_cache = prefix_cache
+        self.ended = False    # a last turn was taken: the cache kept nothing for another
         self.cache = None
         self.pending = None   # (B,) each row's last sampled token, not yet fed to the model
         self.rows = None      # per row, every token of the conversation (1-D tensors)
@@ -104,10 +117,13 @@ class Session:
 
     @torch.no_grad()
     def turn(self, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             stop_tokens=(), num_samples=1):
+             stop_tokens=(), num_samples=1, last=False):
         """Feed a new turn, then sample up to max_new_tokens per row. prompts: a (B, n) tensor or
         B token sequences of any lengths. num_samples: the turn is prefilled once, then each row's
-        cache is copied into that many rows (B * num_samples rows from then on)."""
+        cache is copied into that many rows (B * num_samples rows from then on). last: no turn
+        follows, so the cache keeps only what decode steps read (no encoder cache, whatever the
+        policy, and no token history)."""
+        assert not self.ended, "this session's last turn was taken"
         device = (prompts.device if isinstance(prompts, torch.Tensor)
                   else next(self.model.parameters()).device)
         rows = [torch.as_tensor(r, dtype=torch.long).view(-1).to(device) for r in prompts]
@@ -118,13 +134,17 @@ class Session:
         t0 = time.perf_counter()
         if self.span_sentinel is None:
             idx, valid = left_pad(fresh)
-            logits, self.cache = self.model.prefill(idx, self.cache, valid=valid)
+            logits, self.cache = self.model.prefill(idx, self.cache, valid=valid, prefix_cache=
+                                                    "drop" if last else self.prefix_cache)
         else:
             sentinel = torch.tensor([self.span_sentinel], device=device)
             source, source_valid = left_pad([torch.cat([h, sentinel]) for h in self.rows])
             start = torch.tensor([[self.eot, self.span_sentinel]], device=device).expand(len(rows), 2)
             logits, self.cache = self.model.start(source, start, source_valid)
             stop_tokens = (*stop_tokens, self.span_sentinel + 1, self.eot)
+        if last:
+            self.cache.forget_history()
+            self.ended = True
         if num_samples > 1:
             logits = logits.repeat_interleave(num_samples, 0)
             self.cache.repeat_rows(num_samples)
@@ -185,10 +205,12 @@ class Session:
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
              stop_tokens=(), span_sentinel=None, eot=None, num_samples=1):
     """Sample max_new_tokens after each prompt (a (B, P) tensor, or B sequences of any lengths)
-    with a KV cache: a one-turn Session. num_samples: continuations per prompt, from one prefill
-    whose cache is copied into each (rows b * num_samples .. b * num_samples + num_samples - 1)."""
+    with a KV cache: a one-turn Session, whose cache keeps only what its decode steps read (bdd's
+    encoder cache is freed as soon as its states are in the decoder layers). num_samples:
+    continuations per prompt, from one prefill whose cache is copied into each (rows
+    b * num_samples .. b * num_samples + num_samples - 1)."""
     return Session(model, span_sentinel, eot).turn(prompts, max_new_tokens, temperature, top_k,
-                                                    generator, stop_tokens, num_samples)
+                                                    generator, stop_tokens, num_samples, last=True)
 
 
 # -----------------------------------------------------------------------------
@@ -222,10 +244,16 @@ def decode_flops(model, idx_next, cache):
 
 @torch.no_grad()
 def measure_decode(model, context_len, n_tokens=16, batch_size=1, seed=0, count_flops=True):
-    """Prefill random prompts (batch_size rows) so that `context_len` positions are held after
-    n_tokens greedy decode steps, then report the live cache bytes, the ms per decode step, the
-    decoded tokens per second (all rows) and the FLOPs of one more step (unless count_flops is
-    False). `context_len` counts the positions fed (prompt + decoded), at most block_size - 1."""
+    """Generate (one turn) after random prompts (batch_size rows) so that `context_len` positions
+    are held after n_tokens greedy decode steps, then report from the live cache:
+    held_bytes_per_seq: the bytes held on the model's device, per row: what a server's batch is
+        limited by (held_bytes: {device: bytes} of all rows);
+    kv_bytes: filled K/V bytes that decode steps read, all rows;
+    prefix_bytes: filled K/V bytes of bdd's encoder cache kept with the `keep` policy (measured on
+        a prefill of the same prompts; generate() itself frees it);
+    and the ms per decode step, the decoded tokens per second (all rows) and the FLOPs of one more
+    step (unless count_flops is False). `context_len` counts the positions fed (prompt + decoded),
+    at most block_size - 1."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     P = context_len - n_tokens
@@ -233,12 +261,14 @@ def measure_decode(model, context_len, n_tokens=16, batch_size=1, seed=0, count_
         raise ValueError(f"context_len {context_len} must lie in ({n_tokens}, "
                          f"{model.config.block_size})")
     prompt = torch.randint(model.config.vocab_size, (batch_size, P), generator=g).to(device)
+    kept = model.prefill(prompt, prefix_cache="keep")[1].nbytes()["prefix"]
     gen = generate(model, prompt, n_tokens + 1, temperature=0)
     nbytes = gen.cache.nbytes()
     flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if count_flops else None
-    return {"context_len": context_len, "kv_bytes": nbytes["decode"], "prefix_bytes": nbytes["prefix"],
-            "allocated_bytes": nbytes["allocated"], "flops": flops,
-            "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
+    return {"context_len": context_len, "kv_bytes": nbytes["decode"], "prefix_bytes": kept,
+            "held_bytes": nbytes["held"],
+            "held_bytes_per_seq": nbytes["held"].get(str(device), 0) / batch_size,
+            "flops": flops, "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
             "tokens_per_sec": batch_size * n_tokens / gen.decode_seconds}
 
 
@@ -316,8 +346,8 @@ def format_stats(gen, prompt_lens):
             f"{lens[0] if len(lens) == 1 else f'{lens[0]} to {lens[-1]}'} tokens, "
             f"encoded {gen.encoded}, generated {sum(gen.lengths)} | "
             f"prefill {1000 * gen.prefill_seconds:.1f} ms, decode {rate:.1f} tokens/s | "
-            f"KV cache: decode {b['decode']:,} B, prefix {b['prefix']:,} B, "
-            f"allocated {b['allocated']:,} B")
+            f"KV cache: decode {b['decode']:,} B, prefix {b['prefix']:,} B filled | held: "
+            + ", ".join(f"{device} {n:,} B" for device, n in sorted(b["held"].items())))
 
 
 # flag: (allowed, what it must be)
@@ -349,6 +379,10 @@ def parse_args(argv):
     p.add_argument("--stats", action="store_true", help="print token counts, speed, cache bytes "
                    "and FLOPs per decoded token")
     p.add_argument("--chat", action="store_true", help="multi-turn: one user turn per stdin line")
+    p.add_argument("--prefix_cache", default="keep", choices=PREFIX_POLICIES, help="--chat with "
+                   "bdd: between turns keep the encoder's cache (the next turn encodes only its "
+                   "new tokens), drop it (less memory; the next turn re-encodes the history) or "
+                   "offload it to host memory (CUDA). One-turn generation always frees it")
     p.add_argument("--truncate", action="store_true", help="left-truncate a prompt (or chat "
                    "turn) that does not fit instead of refusing it")
     args = p.parse_args(argv)
@@ -359,6 +393,11 @@ def parse_args(argv):
         cli.fail("--chat continues one conversation: drop --prompts and --num_samples")
     if args.prompts is not None and args.prompt is not None:
         cli.fail("give --prompt or --prompts, not both")
+    if args.prefix_cache == "offload" and not (args.device.startswith("cuda")
+                                               and torch.cuda.is_available()):
+        cli.fail(f"--prefix_cache offload moves bdd's encoder cache from the GPU to host memory "
+                 f"between turns: it needs CUDA (--device cuda), not --device {args.device}; "
+                 f"use keep or drop")
     return args
 
 
@@ -415,7 +454,8 @@ def run(args):
         return enc.decode(ids)
 
     if args.chat:
-        chat(Session(model, **span_args), enc, text_of, args, sampling, ctx)
+        chat(Session(model, **span_args, prefix_cache=args.prefix_cache), enc, text_of, args,
+             sampling, ctx)
     else:
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first:first + args.batch_size]
@@ -458,7 +498,8 @@ def chat(session, enc, text_of, args, sampling, ctx):
         note = ""
         if len(ids) + args.max_new_tokens - 1 > session.room() and args.truncate:
             conversation = ([] if session.rows is None else session.rows[0].tolist()) + ids
-            session = Session(session.model, session.span_sentinel, session.eot)
+            session = Session(session.model, session.span_sentinel, session.eot,
+                              session.prefix_cache)
             ids = conversation[-(session.room() - args.max_new_tokens + 1):]
             note = f" (--truncate: the conversation cut to its last {len(ids)} tokens)"
         elif len(ids) > session.room():

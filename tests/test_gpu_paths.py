@@ -163,3 +163,43 @@ def test_flex_equals_dense_on_cuda_in_bf16(arch, shared):
     (a, ga), (b, gb) = results
     assert (a - b).abs().max() < 0.1
     assert (ga - gb).norm() < 0.05 * ga.norm()
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offloaded_prefix_cache_gives_the_uncached_logits_on_cuda(arch):
+    """prefix_cache="offload": between turns bdd's encoder cache sits in pinned host memory and
+    none of it on the GPU; each prefill brings it back, and every logit is the training forward's
+    (dec and encdec have no encoder cache: nothing moves)."""
+    from test_sample import V, forward_logits, run_session
+    model = tiny_model(arch, vocab_size=V).eval()
+    turns = [(30, 9), (20, 9), (25, 9)]
+    full = torch.randint(0, V, (2, sum(p + d + 1 for p, d in turns) - 1), device="cuda")
+    with torch.no_grad():
+        cached, starts, cache = run_session(model, full, turns, prefix_cache="offload")
+        ref = forward_logits(arch, model, full, starts)
+    fed = [i for s, (p, d) in zip(starts, turns) for i in range(s, s + d + 1)]
+    assert (cached[:, fed] - ref[:, fed]).abs().max() < 1e-4
+    nbytes = cache.nbytes()
+    on_host = [t for c in cache.prefix for t in c.tensors()]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in on_host)
+    assert bool(on_host) == (arch == "bdd")
+    assert nbytes["prefix_held"] == ({"cpu": nbytes["prefix"]} if arch == "bdd" else {})
+    assert nbytes["held"].get("cpu", 0) == nbytes["prefix"]  # nothing else is on the host
+
+
+@needs_cuda
+def test_offload_session_writes_what_keep_writes_on_cuda():
+    """A padded batch, three greedy turns: the same tokens under keep, drop and offload."""
+    from sample import Session
+    model = tiny_model("bdd").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[torch.randint(0, 97, (n,), generator=g) for n in lengths]
+               for lengths in ([9, 3, 14], [5, 11, 2], [7, 7, 1])]
+    tokens = {}
+    for policy in ("keep", "drop", "offload"):
+        session = Session(model, prefix_cache=policy)
+        tokens[policy] = [session.turn([p.cuda() for p in turn], 6, temperature=0).tokens
+                          for turn in prompts]
+    for policy in ("drop", "offload"):
+        assert all(torch.equal(a, b) for a, b in zip(tokens["keep"], tokens[policy])), policy

@@ -47,9 +47,10 @@ def forward_logits(arch, model, full, turn_starts):
     return torch.cat([before, *parts], dim=1)
 
 
-def run_session(model, full, turns):
+def run_session(model, full, turns, prefix_cache="keep"):
     """Teacher-forced session over `full` (B, T): turns = [(prompt_len, decoded_len), ...]. Returns
-    logits (B, T, V) at every position the session predicted from (zeros elsewhere) and turn starts."""
+    logits (B, T, V) at every position the session predicted from (zeros elsewhere), turn starts
+    and the cache."""
     B, T = full.shape
     out = torch.zeros(B, T, V, dtype=next(model.parameters()).dtype, device=full.device)
     cache, pos, starts = None, 0, []
@@ -57,7 +58,7 @@ def run_session(model, full, turns):
     for n_prompt, n_decode in turns:
         idx = full[:, pos:pos + n_prompt]
         fresh = idx if pending is None else torch.cat([pending, idx], 1)
-        logits, cache = model.prefill(fresh, cache)
+        logits, cache = model.prefill(fresh, cache, prefix_cache=prefix_cache)
         pos += n_prompt
         starts.append(pos - 1)
         out[:, pos - 1] = logits
@@ -131,7 +132,7 @@ def test_cache_bytes_follow_the_formula(arch):
         assert nbytes["decode"] == kv_positions(arch, cfg, P, G) * per_position
         prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
         assert nbytes["prefix"] == prefix * per_position
-        assert nbytes["allocated"] >= nbytes["decode"] + nbytes["prefix"]
+        assert nbytes["held"]["cpu"] >= nbytes["decode"] + nbytes["prefix"]
 
 
 def test_bdd_over_dec_kv_ratio_is_n_dec_over_n_layer():
@@ -195,7 +196,8 @@ class Scripted:
         self.decoded = 0
 
     def prefill(self, idx, cache=None, **kwargs):
-        return self.logits[0], SimpleNamespace(encoded=idx.shape[1], step=0)
+        return self.logits[0], SimpleNamespace(encoded=idx.shape[1], step=0,
+                                               forget_history=lambda: None)
 
     def decode(self, idx_next, cache, **kwargs):
         cache.step += 1
@@ -317,6 +319,25 @@ def test_cli_chat_reads_piped_turns(ckpt_dir, capsys, monkeypatch):
     assert "[turn 2] prompt 6 tokens, encoded 11" in err
 
 
+def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsys, monkeypatch):
+    """--prefix_cache drop: the same replies (greedy), each turn re-encodes the whole history, and
+    --stats shows the held bytes per device, fewer than with keep."""
+    flags = ["--out_dir", ckpt_dir, "--chat", "--stats", "--max_new_tokens", 5, "--temperature", 0]
+    runs = {policy: run_main(capsys, monkeypatch, *flags, "--prefix_cache", policy,
+                             stdin="hello\nthere\nagain\n") for policy in ("keep", "drop")}
+    assert runs["keep"][0] == runs["drop"][0] == 0
+    assert runs["keep"][1] == runs["drop"][1]
+    # turn 2 re-encodes turn 1 (6 tokens and 5 generated, the last pending) and "there" but its
+    # last token: 6 + 4 + 1 + 5
+    assert "[turn 2] prompt 6 tokens, encoded 16" in runs["drop"][2]
+
+    def held(err):
+        return [int(line.split("held: cpu ")[1].split(" B")[0].replace(",", ""))
+                for line in err.splitlines() if "held: cpu " in line]
+    assert all(d < k for d, k in zip(held(runs["drop"][2]), held(runs["keep"][2])))
+    assert len(held(runs["drop"][2])) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out_dir", "nowhere"], "no checkpoint at nowhere"),
     (["--prompt", ""], "the prompt is empty"),
@@ -332,6 +353,8 @@ def test_cli_chat_reads_piped_turns(ckpt_dir, capsys, monkeypatch):
     (["--top_k", 0], "--top_k must be at least 1"),
     (["--prompt", "FILE:/no/such/file"], "cannot read the prompt file"),
     (["--device", "bogus"], "is not usable here"),
+    (["--prefix_cache", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--chat", "--prefix_cache", "offload", "--device", "cpu"], "it needs CUDA"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(ckpt_dir, capsys, monkeypatch, args, message):
     if "--out_dir" not in args:
