@@ -11,7 +11,9 @@ The three architectures of nanoBDD over one set of building blocks (see DESIGN.m
 
 All share: token embedding tied to the LM head, rotary position embeddings (RoPE), pre-norm
 blocks with RMSNorm, a 4x GELU MLP. `n_layer` is the total depth; encdec and bdd split it into
-n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers.
+n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers. Options: n_kv_head < n_head
+K/V heads in every attention (GQA, MQA at 1); kv_share (dec only) layers per group that attend to
+the K/V of the group's first layer (cross-layer attention).
 
 Every attention of every layer goes through `attention()` below. The masks come from mask.py.
 
@@ -47,6 +49,10 @@ class ModelConfig:
     n_layer: int = 6             # total depth
     n_dec_layer: int = None      # decoder layers of encdec and bdd; default n_layer // 3 (2:1 split)
     n_head: int = 4
+    n_kv_head: int = None        # K/V heads, each shared by n_head / n_kv_head query heads (GQA;
+                                 # 1 = MQA); default n_head
+    kv_share: int = 1            # dec: each group of kv_share consecutive layers attends to the
+                                 # K/V its first layer projects (cross-layer attention)
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False           # bias in Linear layers
@@ -55,6 +61,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_dec_layer is None:
             self.n_dec_layer = max(1, self.n_layer // 3)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        assert 1 <= self.n_kv_head and self.n_head % self.n_kv_head == 0, (self.n_head,
+                                                                           self.n_kv_head)
+        assert 1 <= self.kv_share <= self.n_layer, (self.kv_share, self.n_layer)
         if not 1 <= self.n_dec_layer < self.n_layer:
             raise ValueError(f"n_dec_layer must be in [1, n_layer); got n_dec_layer="
                              f"{self.n_dec_layer} with n_layer={self.n_layer}")
@@ -77,7 +88,9 @@ class ModelConfig:
 def attention(q, k, v, mask, dropout_p=0.0):
     """softmax(q k^T / sqrt(hs) + mask) v for every layer of every architecture.
 
-    q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); mask: bool (Tq, Tk) or (B, Tq, Tk), True = may attend,
+    q (B, nh, Tq, hs); k, v (B, nh_kv, Tk, hs), each K/V head shared by nh / nh_kv query heads
+    (grouped-query attention: query head i reads K/V head i // (nh / nh_kv));
+    mask: bool (Tq, Tk) or (B, Tq, Tk), True = may attend,
     or a FlexAttention BlockMask, or None (attend to every key), or a BlockLayout (BDD decoder
     layers whose keys are [memory (Tk - Tq) | stream (Tq)]: each block's queries meet only the
     keys it may see). FlexAttention has no attention dropout: with a BlockMask, dropout_p is not
@@ -90,17 +103,20 @@ def attention(q, k, v, mask, dropout_p=0.0):
             return torch.cat([t[:, :, :s], t[:, :, Tm + s:Tm + e]], dim=2)
         return torch.cat([attention(q[:, :, s:e], visible(k, s, e), visible(v, s, e), m, dropout_p)
                           for (s, e), m in zip(mask.spans, mask.masks)], dim=2)
+    gqa = k.shape[1] != q.shape[1]
     if mask is not None and not isinstance(mask, torch.Tensor):
-        return flex_attention(q, k, v, block_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]  # (B, 1, Tq, Tk): the same mask for every head
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          enable_gqa=gqa)
 
 
-def flex_attention(q, k, v, block_mask):
+def flex_attention(q, k, v, block_mask, enable_gqa=False):
     from torch.nn.attention.flex_attention import flex_attention as flex
     # Compiled, flex skips the masked tiles; eager (the CPU fallback) it materializes the scores.
-    return (_compiled_flex() if q.is_cuda else flex)(q, k, v, block_mask=block_mask)
+    return (_compiled_flex() if q.is_cuda else flex)(q, k, v, block_mask=block_mask,
+                                                     enable_gqa=enable_gqa)
 
 
 @functools.cache
@@ -158,28 +174,34 @@ def rotate(x, rope):
 
 class Attention(nn.Module):
     """Multi-head attention with separate query and key/value projections, so the same K/V
-    projection can read a second source (BDD's encoder states, encdec's encoder output)."""
+    projection can read a second source (BDD's encoder states, encdec's encoder output).
+    n_kv_head K/V heads, each read by n_head / n_kv_head query heads (GQA; MQA at 1): the KV cache
+    holds only those. project_kv=False: a layer that attends to the K/V an earlier layer
+    projected (cross-layer attention) and has no K/V projection of its own."""
 
-    def __init__(self, config):
+    def __init__(self, config, project_kv=True):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_size = config.n_embd // config.n_head
+        kv_width = 2 * self.n_kv_head * self.head_size
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.c_kv = nn.Linear(config.n_embd, kv_width, bias=config.bias) if project_kv else None
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _heads(self, x):  # (B, T, C) -> (B, nh, T, hs)
-        B, T, C = x.shape
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    def _heads(self, x, n):  # (B, T, n * hs) -> (B, n, T, hs)
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_size).transpose(1, 2)
 
     def queries(self, h, rope):
-        return rotate(self._heads(self.c_q(h)), rope)
+        return rotate(self._heads(self.c_q(h), self.n_head), rope)
 
     def keys_values(self, h, rope, cache=None):
-        """k, v (B, nh, T, hs) of h; with a KV cache, h's are appended and all cached ones returned."""
+        """k, v (B, nh_kv, T, hs) of h; with a KV cache, h's are appended and all cached ones
+        returned."""
         k, v = self.c_kv(h).chunk(2, dim=-1)
-        k, v = rotate(self._heads(k), rope), self._heads(v)
+        k, v = rotate(self._heads(k, self.n_kv_head), rope), self._heads(v, self.n_kv_head)
         return (k, v) if cache is None else cache.append(k, v)
 
     def forward(self, q, k, v, mask):
@@ -203,12 +225,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm self-attention + MLP. With `memory` it is a BDD decoder layer: the memory (encoder
     final states) goes through the same K/V projection and its keys are placed before the
-    stream's own, so one softmax spans both sources under the (Tq, Tm + Tq) mask."""
+    stream's own, so one softmax spans both sources under the (Tq, Tm + Tq) mask. A block
+    without a K/V projection (project_kv=False, cross-layer attention) attends to the K/V that
+    the first layer of its group put in the cache they share."""
 
-    def __init__(self, config):
+    def __init__(self, config, project_kv=True):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd)
-        self.attn = Attention(config)
+        self.attn = Attention(config, project_kv)
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -219,6 +243,8 @@ class Block(nn.Module):
             km, vm = self.attn.keys_values(memory, memory_rope)
             k, v = self.attn.keys_values(h, rope)
             k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)  # (B, nh, Tm + T, hs)
+        elif self.attn.c_kv is None:  # cross-layer attention: the group's first layer's K/V
+            k, v = cache.view()
         else:  # with a cache, the memory's keys are already in it (remember() below)
             k, v = self.attn.keys_values(h, rope, cache)
         x = x + self.attn(q, k, v, mask)
@@ -269,7 +295,7 @@ PREFIX_POLICIES = ("keep", "drop", "offload")
 
 
 class KVCache:
-    """One attention layer's keys and values, (B, nh, capacity, hs) buffers filled up to `length`
+    """One attention layer's keys and values, (B, nh_kv, capacity, hs) buffers filled up to `length`
     columns. They grow as they fill, `chunk` columns at a time (copying the filled ones), so fewer
     than `chunk` columns are ever empty; chunk=1 allocates exactly what is appended (encdec's
     cross K/V, written once)."""
@@ -331,6 +357,18 @@ class KVCache:
 
     def filled_bytes(self):
         return 0 if self.k is None else 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
+
+
+class SharedKV:
+    """Training's stand-in for a KV cache under cross-layer attention: the K/V the first layer
+    of a group projected, handed as they are to the layers after it (nothing is copied)."""
+
+    def append(self, k, v):
+        self.k, self.v = k, v
+        return k, v
+
+    def view(self):
+        return self.k, self.v
 
 
 def _pinned_as(source, t):
@@ -529,7 +567,8 @@ class LM(nn.Module):
         return self.rotary.at(positions(valid, n)), padded_causal_mask(valid, n)
 
     def run_cached(self, blocks, caches, x, rope, mask):
-        """Run the stream x (B, n, C) through blocks, each appending to its KV cache."""
+        """Run the stream x (B, n, C) through blocks, each appending to its KV cache (or reading
+        it: a block without K/V projection)."""
         for block, cache in zip(blocks, caches):
             x = block(x, rope, mask, cache=cache)
         return x
@@ -542,11 +581,14 @@ class LM(nn.Module):
 
 
 class DecoderOnly(LM):
-    """batch: x (B, T), y (B, T) or None."""
+    """batch: x (B, T), y (B, T) or None. With kv_share = k, only the first layer of each group of
+    k consecutive layers projects K/V, and the group attends to them (cross-layer attention)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, project_kv=i % config.kv_share == 0)
+                                    for i in range(config.n_layer))
+        self.n_kv_layers = math.ceil(config.n_layer / config.kv_share)
         self.init_weights()
 
     def forward(self, batch):
@@ -554,13 +596,17 @@ class DecoderOnly(LM):
         T = x.shape[1]
         self._check_length(T)
         rope, mask = self.rotary(0, T), causal_mask(T, x.device, self.config.flex)
-        h = self.embed(x)  # (B, T, C)
-        for block in self.blocks:
-            h = block(h, rope, mask)
+        shared = self.layer_caches([SharedKV() for _ in range(self.n_kv_layers)])
+        h = self.run_cached(self.blocks, shared, self.embed(x), rope, mask)  # (B, T, C)
         return self.head(h, batch.get("y"))
 
+    def layer_caches(self, caches):
+        """The cache of each layer, from one per K/V-projecting layer: a group shares its first's."""
+        return [caches[i // self.config.kv_share] for i in range(self.config.n_layer)]
+
     def new_cache(self):
-        return Cache((KVCache() for _ in self.blocks), history=False)  # no prefill reads it
+        return Cache((KVCache() for _ in range(self.n_kv_layers)),
+                     history=False)  # no prefill reads the tokens
 
     def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
         """Feed prompt tokens idx (B, n), appending to `cache` if given (a new chat turn);
@@ -573,7 +619,7 @@ class DecoderOnly(LM):
     def decode(self, idx_next, cache, valid=None):
         """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n). valid (B,) or
         (B, n) bool: False feeds a padding column (a row that has stopped)."""
-        return self.run_tokens(self.blocks, cache.layers, idx_next, cache,
+        return self.run_tokens(self.blocks, self.layer_caches(cache.layers), idx_next, cache,
                                _columns(valid, idx_next))
 
 
@@ -583,6 +629,7 @@ class BlockDoubleDecoder(LM):
 
     def __init__(self, config):
         super().__init__(config)
+        assert config.kv_share == 1, "kv_share (cross-layer attention) is a dec option"
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
         self.ln_enc = nn.RMSNorm(config.n_embd)  # the one parameter vector dec does not have
         self.decoder = nn.ModuleList(Block(config) for _ in range(config.n_dec_layer))
@@ -674,6 +721,7 @@ class EncoderDecoder(LM):
 
     def __init__(self, config):
         super().__init__(config)
+        assert config.kv_share == 1, "kv_share (cross-layer attention) is a dec option"
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
         self.ln_enc = nn.RMSNorm(config.n_embd)
         self.decoder = nn.ModuleList(CrossBlock(config) for _ in range(config.n_dec_layer))

@@ -9,6 +9,7 @@ import model as M
 import sample
 from model import ARCHS, CHUNK, ModelConfig, build_model
 from sample import Session, generate, measure_decode
+from test_model import OPTIONS
 from test_sample import V, forward_logits
 
 POLICIES = ("keep", "drop")  # offload needs CUDA: tests/test_gpu_paths.py
@@ -46,14 +47,14 @@ def three_turns(session, lengths, G, logged, seed=0):
 @pytest.mark.parametrize("lengths", [[[5, 5], [3, 3], [4, 4]],          # no padding
                                      [[5, 1, 8], [3, 6, 1], [2, 4, 7]]])  # padded every turn
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_policy_equals_the_uncached_forward(arch, policy, lengths, sharp, logged):
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_every_policy_equals_the_uncached_forward(arch, kw, policy, lengths, sharp, logged):
     """Each row of a batched three-turn session gets the logits of one training forward over its
     own conversation (bdd: block boundaries at the turn starts). Sharp attention in float64
     (conftest.sharpen): a wrong position or a lost column moves logits by more than 1. bdd with
     drop re-encodes the whole history each turn; with keep, only the tokens since the last block."""
     torch.manual_seed(0)
-    model = sharp(build_model(arch, tiny(n_layer=4, n_dec_layer=2))).eval()
+    model = sharp(build_model(arch, tiny(**{"n_layer": 4, "n_dec_layer": 2, **kw}))).eval()
     session = Session(model, prefix_cache=policy)
     G = 3
     turns = three_turns(session, lengths, G, logged)
@@ -117,9 +118,9 @@ def caches_to_check(arch, **kw):
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_nbytes_counts_every_reachable_storage(arch):
-    for name, cache in caches_to_check(arch):
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_nbytes_counts_every_reachable_storage(arch, kw):
+    for name, cache in caches_to_check(arch, **kw):
         nbytes = cache.nbytes()
         assert nbytes["held"] == per_device(reachable_storages(cache)), name
         assert nbytes["prefix_held"] == per_device(reachable_storages(cache.prefix)), name
@@ -135,13 +136,13 @@ def test_nbytes_counts_a_view_with_its_whole_base():
     assert cache.nbytes()["held"]["cpu"] == before == per_device(reachable_storages(cache))["cpu"]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_one_turn_generation_holds_only_what_decoding_reads(arch, monkeypatch):
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_one_turn_generation_holds_only_what_decoding_reads(arch, kw, monkeypatch):
     """generate() keeps no encoder cache (bdd's is freed once its states are in the decoder
     layers), no token history, no view of either: what is reachable from its cache is the K/V
     the decode steps read and the padding masks."""
     torch.manual_seed(0)
-    model = build_model(arch, tiny()).eval()
+    model = build_model(arch, tiny(**kw)).eval()
     made = []
     new_cache = model.new_cache
     monkeypatch.setattr(model, "new_cache", lambda: made.append(new_cache()) or made[-1])
@@ -178,10 +179,10 @@ def test_caches_grow_in_chunks():
                 logits, cache = model.decode(logits.argmax(-1), cache)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_held_is_within_15_percent_of_filled_at_context_128(arch):
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_held_is_within_15_percent_of_filled_at_context_128(arch, kw):
     torch.manual_seed(0)
-    model = build_model(arch, tiny(block_size=256)).eval()
+    model = build_model(arch, tiny(block_size=256, **kw)).eval()
     m = measure_decode(model, 128, 16, batch_size=4, count_flops=False)
     assert m["held_bytes_per_seq"] * 4 <= 1.15 * m["kv_bytes"]
 

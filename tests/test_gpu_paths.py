@@ -123,14 +123,18 @@ def tiny_model(arch, **kw):
     return build_model(arch, cfg).cuda()
 
 
+GQA, CLA = dict(n_kv_head=2), dict(kv_share=2)
+OPTIONS = [(arch, kw) for arch in ARCHS for kw in ({}, GQA)] + [("dec", CLA)]
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_cached_equals_uncached_on_cuda(arch, dtype, tol):
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_cached_equals_uncached_on_cuda(arch, kw, dtype, tol):
     """Prefill + decode on the GPU give the training forward's logits (bdd with its boundary at the
-    prompt's last token), under the dtype's autocast."""
+    prompt's last token), under the dtype's autocast; with GQA, and CLA on dec."""
     from test_sample import V, forward_logits, run_session
-    model = tiny_model(arch, vocab_size=V).eval()
+    model = tiny_model(arch, vocab_size=V, **kw).eval()
     full = torch.randint(0, V, (2, 60), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         cached, starts, _ = run_session(model, full, [(40, 19)])
@@ -141,10 +145,11 @@ def test_cached_equals_uncached_on_cuda(arch, dtype, tol):
 
 @needs_cuda
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_flex_equals_dense_on_cuda_in_bf16(arch, shared):
-    """Compiled FlexAttention block masks against the dense masks, forward and backward, in bf16."""
-    dense, flex = tiny_model(arch), tiny_model(arch, flex=True)
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_flex_equals_dense_on_cuda_in_bf16(arch, kw, shared):
+    """Compiled FlexAttention block masks against the dense masks, forward and backward, in bf16;
+    with GQA, and CLA on dec."""
+    dense, flex = tiny_model(arch, **kw), tiny_model(arch, flex=True, **kw)
     flex.load_state_dict(dense.state_dict())
     B, T = 4, 256
     x = torch.randint(0, 97, (B, T), device="cuda")
