@@ -59,22 +59,17 @@ class ModelConfig:
     flex: bool = False           # FlexAttention block masks instead of dense masks (for CUDA)
 
     def __post_init__(self):
+        """Defaults that depend on other fields. The config layer refuses bad values with a
+        message for the user; these asserts only catch a caller that skipped it."""
         if self.n_dec_layer is None:
             self.n_dec_layer = max(1, self.n_layer // 3)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        assert 1 <= self.n_kv_head and self.n_head % self.n_kv_head == 0, (self.n_head,
-                                                                           self.n_kv_head)
-        assert 1 <= self.kv_share <= self.n_layer, (self.kv_share, self.n_layer)
-        if not 1 <= self.n_dec_layer < self.n_layer:
-            raise ValueError(f"n_dec_layer must be in [1, n_layer); got n_dec_layer="
-                             f"{self.n_dec_layer} with n_layer={self.n_layer}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
-                             f"into an even head size (RoPE rotates pairs)")
-        for name in ("vocab_size", "block_size", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        assert min(self.vocab_size, self.block_size, self.n_head, self.n_embd) >= 1, self
+        assert 1 <= self.n_dec_layer < self.n_layer, self
+        assert self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0, self
+        assert 1 <= self.n_kv_head and self.n_head % self.n_kv_head == 0, self
+        assert 1 <= self.kv_share <= self.n_layer, self
 
     @property
     def n_enc_layer(self):
@@ -811,6 +806,5 @@ MODELS = {"dec": DecoderOnly, "encdec": EncoderDecoder, "bdd": BlockDoubleDecode
 
 
 def build_model(arch, config):
-    if arch not in MODELS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    assert arch in MODELS, f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}"
     return MODELS[arch](config)

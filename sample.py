@@ -163,8 +163,9 @@ class Session:
         if self.rows is not None and len(rows) != len(self.rows):
             raise ValueError(f"this session has {len(self.rows)} rows; a turn needs a prompt for "
                              f"each, got {len(rows)}")
-        if not rows or num_samples < 1:
-            raise ValueError("a turn needs at least one prompt and num_samples >= 1")
+        assert num_samples >= 1, num_samples
+        if not rows:
+            raise ValueError("a turn needs at least one prompt")
         for b, r in enumerate(rows):
             if len(r) == 0:
                 raise ValueError(f"prompt {b} is empty")

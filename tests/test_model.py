@@ -344,21 +344,6 @@ def test_flex_block_masks_give_the_same_logits(arch, kw):
         assert (dense(batch)[0] - flex(batch)[0]).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(n_dec_layer=3), "n_dec_layer must be in"),
-    (dict(n_embd=15), "must be divisible by n_head"),
-    (dict(n_embd=15, n_head=3), "even head size"),
-])
-def test_bad_config_raises(kw, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(**kw)
-
-
-def test_unknown_arch_names_the_choices():
-    with pytest.raises(ValueError, match="dec, encdec, bdd"):
-        build_model("gpt", tiny())
-
-
 def test_too_long_row_is_refused():
     model = build_model("dec", tiny(block_size=8))
     with pytest.raises(ValueError, match="longer than block_size 8"):
