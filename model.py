@@ -430,8 +430,9 @@ class Cache:
         """What becomes of bdd's encoder cache once a prefill has projected its states into the
         decoder layers (DESIGN.md section 3). keep: it stays (the next turn encodes only its new
         tokens); drop: freed (the next turn re-encodes the whole history); offload: moved off a
-        GPU to pinned host memory, brought back by the next prefill (restore_prefix). dec and
-        encdec have no encoder cache: the policy changes nothing for them."""
+        GPU to pinned host memory, brought back by the next prefill (restore_prefix); a cache in
+        host memory already stays where it is. dec and encdec have no encoder cache: the policy
+        changes nothing for them."""
         assert policy in PREFIX_POLICIES, policy
         if policy == "drop":
             self.prefix = [KVCache() for _ in self.prefix]
@@ -545,7 +546,8 @@ class LM(nn.Module):
 
     def run_tokens(self, blocks, caches, idx, cache, valid=None):
         """Run token columns idx (B,) or (B, n) through blocks, each appending to its KV cache:
-        next-token logits (B, vocab). valid (B, n) bool marks padding among them (None: all real)."""
+        next-token logits (B, vocab). valid (B, n) bool marks padding among them (None: all
+        real)."""
         idx = idx.view(idx.shape[0], -1)
         cache.record(idx, valid)
         rope, mask = self.rope_and_mask(cache.pos, idx.shape[1], cache.valid, idx.device)
@@ -596,7 +598,8 @@ class DecoderOnly(LM):
         return self.head(h, batch.get("y"))
 
     def layer_caches(self, caches):
-        """The cache of each layer, from one per K/V-projecting layer: a group shares its first's."""
+        """The cache of each layer, from one per K/V-projecting layer: a group shares its
+        first layer's."""
         return [caches[i // self.config.kv_share] for i in range(self.config.n_layer)]
 
     def new_cache(self):
