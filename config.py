@@ -76,6 +76,10 @@ class TrainConfig:
     n_dec_layer: int = setting(None, "decoder layers of encdec and bdd (default: n_layer // 3, "
                                "the paper's 2:1 split)", "[1, inf)")
     n_head: int = setting(4, "attention heads", "[1, inf)")
+    n_kv_head: int = setting(None, "key/value heads, a divisor of n_head (grouped-query "
+                             "attention; 1: multi-query; default: n_head)", "[1, inf)")
+    kv_share: int = setting(1, "dec: each group of kv_share consecutive layers attends to its "
+                            "first layer's keys and values (cross-layer attention)", "[1, inf)")
     n_embd: int = setting(128, "width", "[2, inf)")
     block_size: int = setting(256, "tokens per row (the context)", "[2, inf)")
     dropout: float = setting(0.0, "dropout", "[0, 1)")
@@ -135,7 +139,8 @@ PRESETS = {
 MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir", "overwrite",
                   "rehash", "preset")
 # Checkpoint and run must agree on these, or the weights do not fit the model.
-SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_embd", "bias")
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_kv_head",
+                "kv_share", "n_embd", "bias")
 CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
                    "train_config", "iter_num", "best_cont_loss", "history", "rng")
 PATH_FIELDS = ("data", "data_root", "out_dir")  # where "" would silently mean this folder
@@ -159,6 +164,14 @@ AGREE = [
     (lambda c: c.n_embd % c.n_head == 0 and c.n_embd // c.n_head % 2 == 0,
      "--n_embd {n_embd} must split into --n_head {n_head} heads of an even size (RoPE rotates "
      "pairs); e.g. --n_embd {even_width}"),
+    (lambda c: c.n_kv_head is None or c.n_head % c.n_kv_head == 0,
+     "--n_kv_head {n_kv_head} must divide --n_head {n_head} (each key/value head serves an equal "
+     "group of query heads)"),
+    (lambda c: c.kv_share == 1 or c.arch == "dec",
+     "--kv_share is cross-layer K/V sharing of dec's layers; {arch} keeps one K/V per layer: drop "
+     "--kv_share or use --arch dec"),
+    (lambda c: c.kv_share <= c.n_layer,
+     "--kv_share {kv_share} groups more layers than the model has (--n_layer {n_layer})"),
     (lambda c: c.min_lr <= c.learning_rate,
      "--min_lr {min_lr:g} is above --learning_rate {learning_rate:g}: the schedule would rise; "
      "lower --min_lr"),
@@ -334,7 +347,8 @@ def model_config(config, vocab_size=None):
         vocab_size = pack.vocab_size(config.tokenizer, config.objective)
     return ModelConfig(vocab_size=vocab_size, block_size=config.block_size,
                        n_layer=config.n_layer, n_dec_layer=config.n_dec_layer,
-                       n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                       n_head=config.n_head, n_kv_head=config.n_kv_head,
+                       kv_share=config.kv_share, n_embd=config.n_embd, dropout=config.dropout,
                        bias=config.bias,
                        flex=config.flex and torch.device(config.device).type == "cuda")
 

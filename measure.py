@@ -50,23 +50,30 @@ def sync(device):
 
 @torch.no_grad()
 def measure_decode(model, context_len, batch_size=1, seed=0, count_flops=True):
-    """Prefill random prompts (batch_size rows) so that context_len positions are fed after
-    decode_tokens(context_len) greedy decode steps, then report the cache's bytes (held: every
-    byte its tensors keep on the device; kv: the K/V decoding reads; prefix: the encoder cache
-    kept for the next turn), the ms per decode step, the decoded tokens per second (all rows)
-    and the FLOPs of one more step (unless count_flops is False)."""
+    """Generate one turn (sample.generate, the code path a user runs) after random prompts of
+    batch_size rows, so that context_len positions are fed after decode_tokens(context_len)
+    greedy decode steps, and report from the live cache:
+    held_bytes_per_seq: the bytes of every tensor the cache holds on the model's device, per
+        row: what a server's batch is limited by (held_bytes: {device: bytes} of all rows);
+    kv_bytes: the filled K/V bytes that decode steps read, all rows;
+    prefix_bytes: the filled K/V bytes of bdd's encoder cache that a `keep` session would hold
+        as well (measured on a prefill of the same prompts; generate() frees it);
+    and the ms per decode step, the decoded tokens per second (all rows) and the FLOPs of one
+    more step (unless count_flops is False)."""
     device = next(model.parameters()).device
     n_tokens = decode_tokens(context_len)
     assert 1 <= context_len - n_tokens and context_len < model.config.block_size, context_len
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(model.config.vocab_size, (batch_size, context_len - n_tokens),
                            generator=g).to(device)
+    kept = model.prefill(prompt, prefix_cache="keep")[1].nbytes()["prefix"]
     gen = generate(model, prompt, n_tokens + 1, temperature=0)
     nbytes = gen.cache.nbytes()
     flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if count_flops else None
-    return {"context_len": context_len, "kv_bytes": nbytes["decode"],
-            "prefix_bytes": nbytes["prefix"], "held_bytes": nbytes["allocated"], "flops": flops,
-            "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
+    return {"context_len": context_len, "kv_bytes": nbytes["decode"], "prefix_bytes": kept,
+            "held_bytes": nbytes["held"],
+            "held_bytes_per_seq": nbytes["held"].get(str(device), 0) / batch_size,
+            "flops": flops, "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
             "tokens_per_sec": batch_size * n_tokens / gen.decode_seconds}
 
 
@@ -93,8 +100,9 @@ def kv_by_context(models, block_size):
     for n in context_lengths(block_size):
         for arch, model in models.items():
             m = measure_decode(model, n, count_flops=False)
-            out[arch].append({k: m[k] for k in ("context_len", "kv_bytes", "prefix_bytes",
-                                                 "held_bytes")})
+            out[arch].append({"context_len": n, "kv_bytes": m["kv_bytes"],
+                              "prefix_bytes": m["prefix_bytes"],
+                              "held_bytes": m["held_bytes_per_seq"]})
     return out
 
 
@@ -108,7 +116,7 @@ def serving_budget(models, context_len, preset, kv_budget_mb=None, max_batch=Non
     Without kv_budget_mb the budget is the preset's budget_sequences of the arch that holds the
     most, so it fits any model; a given budget that holds no sequence, or far more than the
     benchmark's largest batch, is refused."""
-    per_sequence = {arch: measure_decode(m, context_len, count_flops=False)["held_bytes"]
+    per_sequence = {arch: measure_decode(m, context_len, count_flops=False)["held_bytes_per_seq"]
                     for arch, m in models.items()}
     held = per_sequence.values()
     max_batch = max_batch or SERVING[preset]["max_batch"]

@@ -11,13 +11,17 @@ The three architectures of nanoBDD over one set of building blocks (see DESIGN.m
 
 All share: token embedding tied to the LM head, rotary position embeddings (RoPE), pre-norm
 blocks with RMSNorm, a 4x GELU MLP. `n_layer` is the total depth; encdec and bdd split it into
-n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers.
+n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers. Options: n_kv_head < n_head
+K/V heads in every attention (GQA, MQA at 1); kv_share (dec only) layers per group that attend to
+the K/V of the group's first layer (cross-layer attention).
 
 Every attention of every layer goes through `attention()` below. The masks come from mask.py.
 
 Inference (DESIGN.md section 3) uses the same blocks with a KV cache: `model.prefill(idx)` starts a
 turn from prompt tokens, `model.decode(idx_next, cache)` feeds one token per row; both return the
-next-token logits (B, vocab) and the cache, whose `nbytes()` is counted from the live tensors.
+next-token logits (B, vocab) and the cache, whose `nbytes()` counts every byte it holds. Caches
+grow in chunks as they fill; bdd's encoder cache, which only a next turn reads, is kept, dropped
+or offloaded after each prefill (`prefix_cache`).
 A batch of prompts of different lengths is left-padded (`valid=` marks the padding): every row's
 last prompt token sits in the same column, so bdd's block boundary is one column for the batch;
 the cache keeps which of its columns are real, every layer masks the padding and RoPE counts each
@@ -45,23 +49,27 @@ class ModelConfig:
     n_layer: int = 6             # total depth
     n_dec_layer: int = None      # decoder layers of encdec and bdd; default n_layer // 3 (2:1 split)
     n_head: int = 4
+    n_kv_head: int = None        # K/V heads, each shared by n_head / n_kv_head query heads (GQA;
+                                 # 1 = MQA); default n_head
+    kv_share: int = 1            # dec: each group of kv_share consecutive layers attends to the
+                                 # K/V its first layer projects (cross-layer attention)
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False           # bias in Linear layers
     flex: bool = False           # FlexAttention block masks instead of dense masks (for CUDA)
 
     def __post_init__(self):
+        """Defaults that depend on other fields. The config layer refuses bad values with a
+        message for the user; these asserts only catch a caller that skipped it."""
         if self.n_dec_layer is None:
             self.n_dec_layer = max(1, self.n_layer // 3)
-        if not 1 <= self.n_dec_layer < self.n_layer:
-            raise ValueError(f"n_dec_layer must be in [1, n_layer); got n_dec_layer="
-                             f"{self.n_dec_layer} with n_layer={self.n_layer}")
-        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
-                             f"into an even head size (RoPE rotates pairs)")
-        for name in ("vocab_size", "block_size", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        assert min(self.vocab_size, self.block_size, self.n_head, self.n_embd) >= 1, self
+        assert 1 <= self.n_dec_layer < self.n_layer, self
+        assert self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0, self
+        assert 1 <= self.n_kv_head and self.n_head % self.n_kv_head == 0, self
+        assert 1 <= self.kv_share <= self.n_layer, self
 
     @property
     def n_enc_layer(self):
@@ -75,7 +83,9 @@ class ModelConfig:
 def attention(q, k, v, mask, dropout_p=0.0):
     """softmax(q k^T / sqrt(hs) + mask) v for every layer of every architecture.
 
-    q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); mask: bool (Tq, Tk) or (B, Tq, Tk), True = may attend,
+    q (B, nh, Tq, hs); k, v (B, nh_kv, Tk, hs), each K/V head shared by nh / nh_kv query heads
+    (grouped-query attention: query head i reads K/V head i // (nh / nh_kv));
+    mask: bool (Tq, Tk) or (B, Tq, Tk), True = may attend,
     or a FlexAttention BlockMask, or None (attend to every key), or a BlockLayout (BDD decoder
     layers whose keys are [memory (Tk - Tq) | stream (Tq)]: each block's queries meet only the
     keys it may see). FlexAttention has no attention dropout: with a BlockMask, dropout_p is not
@@ -88,17 +98,20 @@ def attention(q, k, v, mask, dropout_p=0.0):
             return torch.cat([t[:, :, :s], t[:, :, Tm + s:Tm + e]], dim=2)
         return torch.cat([attention(q[:, :, s:e], visible(k, s, e), visible(v, s, e), m, dropout_p)
                           for (s, e), m in zip(mask.spans, mask.masks)], dim=2)
+    gqa = k.shape[1] != q.shape[1]
     if mask is not None and not isinstance(mask, torch.Tensor):
-        return flex_attention(q, k, v, block_mask=mask)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]  # (B, 1, Tq, Tk): the same mask for every head
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          enable_gqa=gqa)
 
 
-def flex_attention(q, k, v, block_mask):
+def flex_attention(q, k, v, block_mask, enable_gqa=False):
     from torch.nn.attention.flex_attention import flex_attention as flex
     # Compiled, flex skips the masked tiles; eager (the CPU fallback) it materializes the scores.
-    return (_compiled_flex() if q.is_cuda else flex)(q, k, v, block_mask=block_mask)
+    return (_compiled_flex() if q.is_cuda else flex)(q, k, v, block_mask=block_mask,
+                                                     enable_gqa=enable_gqa)
 
 
 @functools.cache
@@ -156,28 +169,34 @@ def rotate(x, rope):
 
 class Attention(nn.Module):
     """Multi-head attention with separate query and key/value projections, so the same K/V
-    projection can read a second source (BDD's encoder states, encdec's encoder output)."""
+    projection can read a second source (BDD's encoder states, encdec's encoder output).
+    n_kv_head K/V heads, each read by n_head / n_kv_head query heads (GQA; MQA at 1): the KV cache
+    holds only those. project_kv=False: a layer that attends to the K/V an earlier layer
+    projected (cross-layer attention) and has no K/V projection of its own."""
 
-    def __init__(self, config):
+    def __init__(self, config, project_kv=True):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_size = config.n_embd // config.n_head
+        kv_width = 2 * self.n_kv_head * self.head_size
         self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.c_kv = nn.Linear(config.n_embd, kv_width, bias=config.bias) if project_kv else None
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _heads(self, x):  # (B, T, C) -> (B, nh, T, hs)
-        B, T, C = x.shape
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    def _heads(self, x, n):  # (B, T, n * hs) -> (B, n, T, hs)
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_size).transpose(1, 2)
 
     def queries(self, h, rope):
-        return rotate(self._heads(self.c_q(h)), rope)
+        return rotate(self._heads(self.c_q(h), self.n_head), rope)
 
     def keys_values(self, h, rope, cache=None):
-        """k, v (B, nh, T, hs) of h; with a KV cache, h's are appended and all cached ones returned."""
+        """k, v (B, nh_kv, T, hs) of h; with a KV cache, h's are appended and all cached ones
+        returned."""
         k, v = self.c_kv(h).chunk(2, dim=-1)
-        k, v = rotate(self._heads(k), rope), self._heads(v)
+        k, v = rotate(self._heads(k, self.n_kv_head), rope), self._heads(v, self.n_kv_head)
         return (k, v) if cache is None else cache.append(k, v)
 
     def forward(self, q, k, v, mask):
@@ -201,12 +220,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm self-attention + MLP. With `memory` it is a BDD decoder layer: the memory (encoder
     final states) goes through the same K/V projection and its keys are placed before the
-    stream's own, so one softmax spans both sources under the (Tq, Tm + Tq) mask."""
+    stream's own, so one softmax spans both sources under the (Tq, Tm + Tq) mask. A block
+    without a K/V projection (project_kv=False, cross-layer attention) attends to the K/V that
+    the first layer of its group put in the cache they share."""
 
-    def __init__(self, config):
+    def __init__(self, config, project_kv=True):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd)
-        self.attn = Attention(config)
+        self.attn = Attention(config, project_kv)
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -217,6 +238,8 @@ class Block(nn.Module):
             km, vm = self.attn.keys_values(memory, memory_rope)
             k, v = self.attn.keys_values(h, rope)
             k, v = torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)  # (B, nh, Tm + T, hs)
+        elif self.attn.c_kv is None:  # cross-layer attention: the group's first layer's K/V
+            k, v = cache.view()
         else:  # with a cache, the memory's keys are already in it (remember() below)
             k, v = self.attn.keys_values(h, rope, cache)
         x = x + self.attn(q, k, v, mask)
@@ -258,65 +281,109 @@ class CrossBlock(Block):
 # -----------------------------------------------------------------------------
 # KV caches
 
+# Columns a growing KV cache adds at a time (DESIGN.md section 3). Few enough that the empty ones
+# stay a small part of what is held (at most 15 per layer: under 12% at context 128); enough
+# that the copy on growth, of what the layer holds, comes once per 16 decode steps.
+CHUNK = 16
+# What a prefill leaves of bdd's encoder cache for the next turn (Cache.store_prefix).
+PREFIX_POLICIES = ("keep", "drop", "offload")
+
 
 class KVCache:
-    """One attention layer's keys and values, preallocated for `capacity` columns at the first
-    append (then shape, dtype and device are known) and filled up to `length`. Only the padding
-    of a batch can take it past its first capacity (block_size): then it grows."""
+    """One attention layer's keys and values, (B, nh_kv, capacity, hs) buffers filled up to `length`
+    columns. They grow as they fill, `chunk` columns at a time (copying the filled ones), so fewer
+    than `chunk` columns are ever empty; chunk=1 allocates exactly what is appended (encdec's
+    cross K/V, written once)."""
 
-    def __init__(self, capacity):
-        self.capacity, self.length = capacity, 0
+    def __init__(self, chunk=CHUNK):
+        self.chunk, self.length = chunk, 0
         self.k = self.v = None
+
+    @property
+    def capacity(self):
+        return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k, v):
         """Add k, v (B, nh, n, hs); return every cached k, v (B, nh, length, hs)."""
         end = self.length + k.shape[2]
         if self.k is None or end > self.capacity:
-            self._reserve(k, self.capacity if self.k is None else
-                          max(end, self.capacity + self.capacity // 2))
+            self._reserve(k, math.ceil(end / self.chunk) * self.chunk)
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.view()
 
     def _reserve(self, like, capacity):
-        """Buffers for `capacity` columns shaped like `like`, keeping the filled ones (the others
+        """Buffers for `capacity` columns shaped like `like`, holding the filled ones (the others
         are never read before they are written: no need to zero them)."""
         B, nh, _, hs = like.shape
         k, v = like.new_empty(B, nh, capacity, hs), like.new_empty(B, nh, capacity, hs)
-        if self.k is not None:
+        if self.length:
             k[:, :, :self.length], v[:, :, :self.length] = self.view()
-        self.k, self.v, self.capacity = k, v, capacity
+        self.k, self.v = k, v
 
     def view(self):
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
     def truncate(self, length):
+        """Forget every column from `length` on (the buffers stay, for the appends that follow)."""
         self.length = min(self.length, length)
 
     def repeat_rows(self, n):
         """Each row copied n times, in place (row b becomes rows b*n .. b*n + n - 1)."""
         if self.k is not None:
-            self.k, self.v = self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0)
+            self.k, self.v = (_pinned_as(t, t.repeat_interleave(n, 0)) for t in (self.k, self.v))
+
+    def move_to(self, device):
+        """Hold exactly the filled columns, on `device`: in pinned host memory when they leave a
+        GPU, so that the copy back is fast and asynchronous."""
+        if self.k is None or self.k.device == device:
+            return
+        pin = self.k.is_cuda and device.type == "cpu"
+
+        def moved(t):
+            t = t[:, :, :self.length]
+            return torch.empty(t.shape, dtype=t.dtype, device=device,
+                               pin_memory=pin).copy_(t, non_blocking=True)
+        self.k, self.v = moved(self.k), moved(self.v)
+
+    def tensors(self):
+        return [] if self.k is None else [self.k, self.v]
 
     def filled_bytes(self):
         return 0 if self.k is None else 2 * self.k[:, :, :self.length].numel() * self.k.element_size()
 
-    def allocated_bytes(self):
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+class SharedKV:
+    """Training's stand-in for a KV cache under cross-layer attention: the K/V the first layer
+    of a group projected, handed as they are to the layers after it (nothing is copied)."""
+
+    def append(self, k, v):
+        self.k, self.v = k, v
+        return k, v
+
+    def view(self):
+        return self.k, self.v
+
+
+def _pinned_as(source, t):
+    """t, in pinned memory if source is."""
+    return t.pin_memory() if source.is_pinned() else t
 
 
 class Cache:
-    """What a model keeps between prefill and decode calls.
+    """What a model keeps between prefill and decode calls; nbytes() counts it.
 
     layers: K/V of each layer that runs at decode time (dec: all n_layer; bdd: the n_dec decoder
             layers, each holding [cross part | self part] in one buffer; encdec: decoder self K/V)
-    cross:  encdec only, each decoder layer's cross K/V of the source
-    prefix: bdd only, the encoder's per-layer K/V, kept for prefix reuse (the next turn), not
-            needed to decode this one
-    tokens: (B, L) every token column fed so far (dec and bdd: the layers' cache columns;
-            encdec: the source's, then the decoder stream's);
+    cross:  encdec only, each decoder layer's cross K/V of the source, allocated exactly
+    prefix: bdd only, the encoder's per-layer K/V: read by the next turn's prefill, never by a
+            decode step; a prefill keeps, drops or offloads it (store_prefix)
+    tokens: (B, L) every token column fed so far (bdd: the layers' cache columns; encdec: the
+            source's, then the decoder stream's), for the next turn's prefill; None where nothing
+            will read them: dec's prefill does not, nor does anything after forget_history()
     valid:  (B, L) bool, False where a column is padding; None when no column of any row is;
+    width:  L, the columns fed so far;
     pos: column of the next token in its stream (its position when nothing is padded);
     block_start: bdd, where the current decoder block starts (= length of the cross part);
     encoded: columns the last prefill ran through the encoder (dec: through all its layers);
@@ -324,27 +391,58 @@ class Cache:
             rows that have any (B, 1, 1) (None: every row does).
     """
 
-    def __init__(self, layers, cross=(), prefix=()):
+    def __init__(self, layers, cross=(), prefix=(), history=True):
         self.layers, self.cross, self.prefix = list(layers), list(cross), list(prefix)
+        self.history = history
         self.tokens = self.valid = self.cross_mask = self.source_rows = None
-        self.pos = self.block_start = self.encoded = 0
+        self.width = self.pos = self.block_start = self.encoded = 0
 
-    def feed(self, idx, valid=None):
-        """Append token columns idx (B, n); valid (B, n) bool marks padding (None: all real)."""
-        if self.tokens is None:
-            self.tokens, self.valid = idx, valid
-        else:
-            self.tokens, self.valid = joined((self.tokens, self.valid), (idx, valid))
+    def record(self, idx, valid=None):
+        """Note token columns idx (B, n) as fed; valid (B, n) bool marks padding (None: all real).
+        The new tokens and valid are always new tensors: a view would keep all of the caller's."""
+        B, n = idx.shape
+        if valid is not None or self.valid is not None:
+            old = self.valid if self.valid is not None else \
+                idx.new_ones(B, self.width, dtype=torch.bool)
+            new = valid if valid is not None else idx.new_ones(B, n, dtype=torch.bool)
+            self.valid = torch.cat([old, new], 1)
+        if self.history:
+            self.tokens = idx.clone() if self.tokens is None else torch.cat([self.tokens, idx], 1)
+        self.width += n
 
-    def columns(self, start, end=None):
-        """(tokens, valid) of columns start..end-1."""
-        valid = None if self.valid is None else self.valid[:, start:end]
-        return self.tokens[:, start:end], valid
+    def columns(self, start):
+        """(tokens, valid) of the columns from start on."""
+        assert self.history, "this cache keeps no token history (dec's, or after a last turn)"
+        valid = None if self.valid is None else self.valid[:, start:]
+        return self.tokens[:, start:], valid
 
-    def keep(self, n):
-        """Forget every token column from n on."""
-        if self.tokens is not None:
-            self.tokens, self.valid = self.columns(0, n)
+    def truncate(self, n):
+        """Forget every column from n on (copied: a view would keep the forgotten ones)."""
+        self.tokens, self.valid = (None if t is None else t[:, :n].clone()
+                                   for t in (self.tokens, self.valid))
+        self.width = min(self.width, n)
+
+    def forget_history(self):
+        """No turn follows: keep only what decode steps read (the token columns go)."""
+        self.history, self.tokens = False, None
+
+    def store_prefix(self, policy):
+        """What becomes of bdd's encoder cache once a prefill has projected its states into the
+        decoder layers (DESIGN.md section 3). keep: it stays (the next turn encodes only its new
+        tokens); drop: freed (the next turn re-encodes the whole history); offload: moved off a
+        GPU to pinned host memory, brought back by the next prefill (restore_prefix); a cache in
+        host memory already stays where it is. dec and encdec have no encoder cache: the policy
+        changes nothing for them."""
+        assert policy in PREFIX_POLICIES, policy
+        if policy == "drop":
+            self.prefix = [KVCache() for _ in self.prefix]
+        elif policy == "offload":
+            for c in self.prefix:
+                c.move_to(torch.device("cpu"))
+
+    def restore_prefix(self, device):
+        for c in self.prefix:
+            c.move_to(device)
 
     def repeat_rows(self, n):
         """Each row copied n times (row b becomes rows b*n .. b*n + n - 1): n continuations of one
@@ -355,13 +453,37 @@ class Cache:
             t = getattr(self, name)
             setattr(self, name, None if t is None else t.repeat_interleave(n, 0))
 
+    def tensors(self):
+        """Every tensor the cache holds."""
+        return ([t for c in self.layers + self.cross + self.prefix for t in c.tensors()]
+                + [t for t in (self.tokens, self.valid, self.cross_mask, self.source_rows)
+                   if t is not None])
+
     def nbytes(self):
-        """Bytes of K/V: `decode` needed to keep decoding, `prefix` kept only for prefix reuse,
-        `allocated` everything preallocated. Padding columns are held, so they count."""
-        decode = sum(c.filled_bytes() for c in self.layers + self.cross)
-        prefix = sum(c.filled_bytes() for c in self.prefix)
-        allocated = sum(c.allocated_bytes() for c in self.layers + self.cross + self.prefix)
-        return {"decode": decode, "prefix": prefix, "allocated": allocated}
+        """Bytes the cache holds, read from its live tensors:
+
+        held:        {device: bytes} of every tensor storage reachable from the cache, each
+                     counted once and whole (a view holds all of its base; empty columns are
+                     held): what a server's batch is limited by;
+        prefix_held: {device: bytes}, the part of held that is bdd's encoder cache (on "cpu"
+                     once offloaded; {} once dropped, and for dec and encdec);
+        decode:      filled K/V bytes that decode steps read (padding columns included);
+        prefix:      filled K/V bytes of bdd's encoder cache (0 once dropped).
+        """
+        return {"held": held_bytes(self.tensors()),
+                "prefix_held": held_bytes(t for c in self.prefix for t in c.tensors()),
+                "decode": sum(c.filled_bytes() for c in self.layers + self.cross),
+                "prefix": sum(c.filled_bytes() for c in self.prefix)}
+
+
+def held_bytes(tensors):
+    """{device: bytes} of the storages under tensors, each counted once and whole."""
+    storages = {(str(t.device), t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                for t in tensors}
+    held = {}
+    for (device, _), n in storages.items():
+        held[device] = held.get(device, 0) + n
+    return held
 
 
 def joined(a, b):
@@ -422,11 +544,12 @@ class LM(nn.Module):
         """Inference head: logits (B, vocab) of the last position of h (B, T, C)."""
         return self.head(h[:, -1:], None)[0][:, -1]
 
-    def feed(self, blocks, caches, idx, cache, valid=None):
-        """Run tokens idx (B,) or (B, n) through blocks with their KV caches: next-token logits.
-        valid (B, n) bool marks padding among them (None: all real)."""
+    def run_tokens(self, blocks, caches, idx, cache, valid=None):
+        """Run token columns idx (B,) or (B, n) through blocks, each appending to its KV cache:
+        next-token logits (B, vocab). valid (B, n) bool marks padding among them (None: all
+        real)."""
         idx = idx.view(idx.shape[0], -1)
-        cache.feed(idx, valid)
+        cache.record(idx, valid)
         rope, mask = self.rope_and_mask(cache.pos, idx.shape[1], cache.valid, idx.device)
         h = self.run_cached(blocks, caches, self.embed(idx), rope, mask)
         cache.pos += idx.shape[1]
@@ -441,7 +564,8 @@ class LM(nn.Module):
         return self.rotary.at(positions(valid, n)), padded_causal_mask(valid, n)
 
     def run_cached(self, blocks, caches, x, rope, mask):
-        """Run the stream x (B, n, C) through blocks, each appending to its KV cache."""
+        """Run the stream x (B, n, C) through blocks, each appending to its KV cache (or reading
+        it: a block without K/V projection)."""
         for block, cache in zip(blocks, caches):
             x = block(x, rope, mask, cache=cache)
         return x
@@ -454,11 +578,14 @@ class LM(nn.Module):
 
 
 class DecoderOnly(LM):
-    """batch: x (B, T), y (B, T) or None."""
+    """batch: x (B, T), y (B, T) or None. With kv_share = k, only the first layer of each group of
+    k consecutive layers projects K/V, and the group attends to them (cross-layer attention)."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, project_kv=i % config.kv_share == 0)
+                                    for i in range(config.n_layer))
+        self.n_kv_layers = math.ceil(config.n_layer / config.kv_share)
         self.init_weights()
 
     def forward(self, batch):
@@ -466,17 +593,23 @@ class DecoderOnly(LM):
         T = x.shape[1]
         self._check_length(T)
         rope, mask = self.rotary(0, T), causal_mask(T, x.device, self.config.flex)
-        h = self.embed(x)  # (B, T, C)
-        for block in self.blocks:
-            h = block(h, rope, mask)
+        shared = self.layer_caches([SharedKV() for _ in range(self.n_kv_layers)])
+        h = self.run_cached(self.blocks, shared, self.embed(x), rope, mask)  # (B, T, C)
         return self.head(h, batch.get("y"))
 
-    def new_cache(self):
-        return Cache(KVCache(self.config.block_size) for _ in self.blocks)
+    def layer_caches(self, caches):
+        """The cache of each layer, from one per K/V-projecting layer: a group shares its
+        first layer's."""
+        return [caches[i // self.config.kv_share] for i in range(self.config.n_layer)]
 
-    def prefill(self, idx, cache=None, valid=None):
+    def new_cache(self):
+        return Cache((KVCache() for _ in range(self.n_kv_layers)),
+                     history=False)  # no prefill reads the tokens
+
+    def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
         """Feed prompt tokens idx (B, n), appending to `cache` if given (a new chat turn);
-        valid (B, n) bool marks left padding (False)."""
+        valid (B, n) bool marks left padding (False). dec has no encoder cache: prefix_cache
+        changes nothing."""
         cache = cache or self.new_cache()
         cache.encoded = idx.shape[1]
         return self.decode(idx, cache, valid)
@@ -484,7 +617,8 @@ class DecoderOnly(LM):
     def decode(self, idx_next, cache, valid=None):
         """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n). valid (B,) or
         (B, n) bool: False feeds a padding column (a row that has stopped)."""
-        return self.feed(self.blocks, cache.layers, idx_next, cache, _columns(valid, idx_next))
+        return self.run_tokens(self.blocks, self.layer_caches(cache.layers), idx_next, cache,
+                               _columns(valid, idx_next))
 
 
 class BlockDoubleDecoder(LM):
@@ -493,6 +627,7 @@ class BlockDoubleDecoder(LM):
 
     def __init__(self, config):
         super().__init__(config)
+        assert config.kv_share == 1, "kv_share (cross-layer attention) is a dec option"
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
         self.ln_enc = nn.RMSNorm(config.n_embd)  # the one parameter vector dec does not have
         self.decoder = nn.ModuleList(Block(config) for _ in range(config.n_dec_layer))
@@ -535,32 +670,38 @@ class BlockDoubleDecoder(LM):
         return h
 
     def new_cache(self):
-        bs = self.config.block_size
-        return Cache(layers=(KVCache(bs) for _ in self.decoder),
-                     prefix=(KVCache(bs) for _ in self.encoder))
+        return Cache(layers=(KVCache() for _ in self.decoder),
+                     prefix=(KVCache() for _ in self.encoder))
 
-    def prefill(self, idx, cache=None, valid=None):
+    def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
         """Start a new block at the last token of idx (B, n) (DESIGN.md section 3).
 
-        Every token fed before that one and not yet encoded (the previous block: last turn's
-        prompt token and reply) goes through the causal encoder, extending its cache; each decoder
-        layer appends their K/V to its cross part and drops its self part; then the decoder runs
-        the block's first token. The first prefill encodes idx[:, :-1]. valid (B, n) bool marks
-        left padding (False): the last column, the block's first token, is real in every row."""
+        The tokens fed since the encoder's cache ends (the last block: its first token and reply;
+        the whole history if the cache was dropped) and idx but its last token go through the
+        causal encoder, extending its cache; each decoder layer drops its self part and appends
+        the K/V of the new encoder states to its cross part; the encoder's cache is then kept,
+        dropped or offloaded (prefix_cache: Cache.store_prefix); then the decoder runs the
+        block's first token. The first prefill encodes idx[:, :-1]. valid (B, n) bool marks left
+        padding (False): the last column, the block's first token, is real in every row."""
         cache = cache or self.new_cache()
-        start = cache.block_start
-        pending, pending_valid = (idx, valid) if cache.tokens is None else \
-            joined(cache.columns(start), (idx, valid))
-        enc_in = pending[:, :-1]  # (B, n_enc_in) columns start..start+n_enc_in-1
-        cache.keep(start)
-        cache.feed(enc_in, None if pending_valid is None else pending_valid[:, :-1])
-        rope, mask = self.rope_and_mask(start, enc_in.shape[1], cache.valid, idx.device)
-        memory = self.ln_enc(self.run_cached(self.encoder, cache.prefix, self.embed(enc_in),
+        cache.restore_prefix(idx.device)
+        start, encoded = cache.block_start, cache.prefix[0].length  # encoded: start, or 0 (dropped)
+        pending, pending_valid = (idx, valid) if cache.width == 0 else \
+            joined(cache.columns(encoded), (idx, valid))
+        enc_in = pending[:, :-1]  # (B, n_enc_in) columns encoded..encoded+n_enc_in-1
+        cache.truncate(encoded)
+        cache.record(enc_in, None if pending_valid is None else pending_valid[:, :-1])
+        rope, mask = self.rope_and_mask(encoded, enc_in.shape[1], cache.valid, idx.device)
+        states = self.ln_enc(self.run_cached(self.encoder, cache.prefix, self.embed(enc_in),
                                              rope, mask))
+        new = enc_in.shape[1] - (start - encoded)  # the states not yet in the cross parts
+        memory = states[:, states.shape[1] - new:]
+        memory_rope = tuple(t[..., t.shape[-2] - new:, :] for t in rope)
         for block, layer_cache in zip(self.decoder, cache.layers):
             layer_cache.truncate(start)  # keep the cross part, drop the last block's self part
-            block.remember(memory, rope, layer_cache)
-        cache.block_start = cache.pos = start + enc_in.shape[1]
+            block.remember(memory, memory_rope, layer_cache)
+        cache.store_prefix(prefix_cache)
+        cache.block_start = cache.pos = start + new
         cache.encoded = enc_in.shape[1]
         return self.decode(pending[:, -1:], cache,
                            None if pending_valid is None else pending_valid[:, -1:])
@@ -568,7 +709,8 @@ class BlockDoubleDecoder(LM):
     def decode(self, idx_next, cache, valid=None):
         """Feed one token per row into the current block: n_dec layers only. valid (B,) bool:
         False feeds a padding column (a row that has stopped)."""
-        return self.feed(self.decoder, cache.layers, idx_next, cache, _columns(valid, idx_next))
+        return self.run_tokens(self.decoder, cache.layers, idx_next, cache,
+                               _columns(valid, idx_next))
 
 
 class EncoderDecoder(LM):
@@ -577,6 +719,7 @@ class EncoderDecoder(LM):
 
     def __init__(self, config):
         super().__init__(config)
+        assert config.kv_share == 1, "kv_share (cross-layer attention) is a dec option"
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
         self.ln_enc = nn.RMSNorm(config.n_embd)
         self.decoder = nn.ModuleList(CrossBlock(config) for _ in range(config.n_dec_layer))
@@ -606,15 +749,15 @@ class EncoderDecoder(LM):
         return self.ln_enc(e)
 
     def new_cache(self):
-        bs = self.config.block_size
-        return Cache(layers=(KVCache(bs) for _ in self.decoder),
-                     cross=(KVCache(bs) for _ in self.decoder))
+        return Cache(layers=(KVCache() for _ in self.decoder),
+                     cross=(KVCache(chunk=1) for _ in self.decoder))
 
-    def prefill(self, idx, cache=None, valid=None):
+    def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
         """The whole history up to the last token of idx (B, n) is the source; the decoder starts
         from that last token, as in training (source x[:s], decoder from x[s]). A bidirectional
-        encoder's states change when its source grows, so each turn re-encodes everything.
-        valid (B, n) bool marks left padding (False); the last column is real in every row."""
+        encoder's states change when its source grows, so each turn re-encodes everything: there
+        is no encoder cache, and prefix_cache changes nothing. valid (B, n) bool marks left
+        padding (False); the last column is real in every row."""
         history, valid = (idx, valid) if cache is None else joined(cache.columns(0), (idx, valid))
         return self.start(history[:, :-1], history[:, -1:], None if valid is None else valid[:, :-1])
 
@@ -637,8 +780,8 @@ class EncoderDecoder(LM):
         for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
             h = block(h, rope, mask, memory, cache.cross_mask, self_cache, cross_cache,
                       cache.source_rows)
-        cache.feed(source, source_valid)
-        cache.feed(dec_start)
+        cache.record(source, source_valid)
+        cache.record(dec_start)
         cache.pos, cache.encoded = n, source.shape[1]
         return self.next_logits(h), cache
 
@@ -646,7 +789,7 @@ class EncoderDecoder(LM):
         """Feed one token per row to the decoder; the source's cross K/V are read from the cache.
         valid (B,) bool: False feeds a padding column (a row that has stopped)."""
         idx_next = idx_next.view(idx_next.shape[0], -1)
-        cache.feed(idx_next, _columns(valid, idx_next))
+        cache.record(idx_next, _columns(valid, idx_next))
         dec_valid = None if cache.valid is None else cache.valid[:, cache.encoded:]
         rope, mask = self.rope_and_mask(cache.pos, 1, dec_valid, idx_next.device)
         h = self.embed(idx_next)
@@ -666,6 +809,5 @@ MODELS = {"dec": DecoderOnly, "encdec": EncoderDecoder, "bdd": BlockDoubleDecode
 
 
 def build_model(arch, config):
-    if arch not in MODELS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    assert arch in MODELS, f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}"
     return MODELS[arch](config)

@@ -8,11 +8,14 @@ KV-cached generation for dec, encdec and bdd; multi-turn sessions; measured cach
 The model's prefill/decode (model.py) keep real KV caches; here they are driven turn by turn:
 - dec extends one cache over the whole conversation;
 - bdd starts a new decoder block at each turn's last prompt token: only the tokens since the last
-  block (the previous reply and the new text) go through its causal encoder, whose cache is kept;
+  block (the previous reply and the new text) go through its causal encoder, whose cache is kept
+  (--prefix_cache keep; drop frees it and re-encodes the history each turn; offload parks it in
+  host memory between turns);
 - encdec re-encodes the whole history each turn (its encoder is bidirectional).
+One-turn generation keeps only what its decode steps read (bdd's encoder cache is freed).
 A batch of prompts of different lengths is left-padded and each row gets what it would get alone;
 --num_samples prefills a prompt once and copies its cache into each sample's row.
-Cache bytes are read from the cache tensors; FLOPs are counted by torch's FlopCounterMode.
+Cache bytes are every byte the cache tensors hold; FLOPs are counted by torch's FlopCounterMode.
 """
 
 import math
@@ -27,6 +30,7 @@ import cli
 import config as cfg
 from corpus import get_tokenizer
 from flops import decode_flops
+from model import PREFIX_POLICIES
 
 
 @dataclass
@@ -81,10 +85,20 @@ class Session:
     `span_sentinel` (span-corruption encdec checkpoints): such a model was trained to fill a
     sentinel, so each turn is generated T5-style: the encoder reads the history plus the sentinel,
     the decoder starts from [eot, sentinel] and writes the span until the next sentinel or eot.
+
+    `prefix_cache` (bdd): what each turn's prefill leaves of the encoder's cache for the next turn
+    (DESIGN.md section 3). keep: it stays with the session (the next turn encodes only its new
+    tokens; memory about dec's); drop: freed once its states are in the decoder layers (the next
+    turn re-encodes the whole history, like encdec: less memory, more compute); offload (CUDA):
+    moved to pinned host memory, brought back for the next prefill. Every policy gives the same
+    tokens and logits. dec and encdec keep no encoder cache: the policy changes nothing for them.
     """
 
-    def __init__(self, model, span_sentinel=None, eot=None):
+    def __init__(self, model, span_sentinel=None, eot=None, prefix_cache="keep"):
+        assert prefix_cache in PREFIX_POLICIES, prefix_cache
         self.model, self.span_sentinel, self.eot = model, span_sentinel, eot
+        self.prefix_cache = prefix_cache
+        self.ended = False    # a last turn was taken: the cache kept nothing for another
         self.cache = None
         self.pending = None   # (B,) each row's last sampled token, not yet fed to the model
         self.rows = None      # per row, every token of the conversation (1-D tensors)
@@ -103,10 +117,13 @@ class Session:
 
     @torch.no_grad()
     def turn(self, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
-             stop_tokens=(), num_samples=1):
+             stop_tokens=(), num_samples=1, last=False):
         """Feed a new turn, then sample up to max_new_tokens per row. prompts: a (B, n) tensor or
         B token sequences of any lengths. num_samples: the turn is prefilled once, then each row's
-        cache is copied into that many rows (B * num_samples rows from then on)."""
+        cache is copied into that many rows (B * num_samples rows from then on). last: no turn
+        follows, so the cache keeps only what decode steps read (no encoder cache, whatever the
+        policy, and no token history)."""
+        assert not self.ended, "this session's last turn was taken"
         device = (prompts.device if isinstance(prompts, torch.Tensor)
                   else next(self.model.parameters()).device)
         rows = [torch.as_tensor(r, dtype=torch.long).view(-1).to(device) for r in prompts]
@@ -117,13 +134,17 @@ class Session:
         t0 = time.perf_counter()
         if self.span_sentinel is None:
             idx, valid = left_pad(fresh)
-            logits, self.cache = self.model.prefill(idx, self.cache, valid=valid)
+            logits, self.cache = self.model.prefill(idx, self.cache, valid=valid, prefix_cache=
+                                                    "drop" if last else self.prefix_cache)
         else:
             sentinel = torch.tensor([self.span_sentinel], device=device)
             source, source_valid = left_pad([torch.cat([h, sentinel]) for h in self.rows])
             start = torch.tensor([[self.eot, self.span_sentinel]], device=device).expand(len(rows), 2)
             logits, self.cache = self.model.start(source, start, source_valid)
             stop_tokens = (*stop_tokens, self.span_sentinel + 1, self.eot)
+        if last:
+            self.cache.forget_history()
+            self.ended = True
         if num_samples > 1:
             logits = logits.repeat_interleave(num_samples, 0)
             self.cache.repeat_rows(num_samples)
@@ -142,8 +163,9 @@ class Session:
         if self.rows is not None and len(rows) != len(self.rows):
             raise ValueError(f"this session has {len(self.rows)} rows; a turn needs a prompt for "
                              f"each, got {len(rows)}")
-        if not rows or num_samples < 1:
-            raise ValueError("a turn needs at least one prompt and num_samples >= 1")
+        assert num_samples >= 1, num_samples
+        if not rows:
+            raise ValueError("a turn needs at least one prompt")
         for b, r in enumerate(rows):
             if len(r) == 0:
                 raise ValueError(f"prompt {b} is empty")
@@ -184,10 +206,12 @@ class Session:
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, generator=None,
              stop_tokens=(), span_sentinel=None, eot=None, num_samples=1):
     """Sample max_new_tokens after each prompt (a (B, P) tensor, or B sequences of any lengths)
-    with a KV cache: a one-turn Session. num_samples: continuations per prompt, from one prefill
-    whose cache is copied into each (rows b * num_samples .. b * num_samples + num_samples - 1)."""
+    with a KV cache: a one-turn Session, whose cache keeps only what its decode steps read (bdd's
+    encoder cache is freed as soon as its states are in the decoder layers). num_samples:
+    continuations per prompt, from one prefill whose cache is copied into each (rows
+    b * num_samples .. b * num_samples + num_samples - 1)."""
     return Session(model, span_sentinel, eot).turn(prompts, max_new_tokens, temperature, top_k,
-                                                    generator, stop_tokens, num_samples)
+                                                    generator, stop_tokens, num_samples, last=True)
 
 
 # -----------------------------------------------------------------------------
@@ -246,8 +270,8 @@ def format_stats(gen, prompt_lens):
             f"{lens[0] if len(lens) == 1 else f'{lens[0]} to {lens[-1]}'} tokens, "
             f"encoded {gen.encoded}, generated {sum(gen.lengths)} | "
             f"prefill {1000 * gen.prefill_seconds:.1f} ms, decode {rate:.1f} tokens/s | "
-            f"KV cache: decode {b['decode']:,} B, prefix {b['prefix']:,} B, "
-            f"allocated {b['allocated']:,} B")
+            f"KV cache: decode {b['decode']:,} B, prefix {b['prefix']:,} B filled | held: "
+            + ", ".join(f"{device} {n:,} B" for device, n in sorted(b["held"].items())))
 
 
 # flag: (allowed, what it must be)
@@ -279,6 +303,10 @@ def parse_args(argv):
     p.add_argument("--stats", action="store_true", help="print token counts, speed, cache bytes "
                    "and FLOPs per decoded token")
     p.add_argument("--chat", action="store_true", help="multi-turn: one user turn per stdin line")
+    p.add_argument("--prefix_cache", default="keep", choices=PREFIX_POLICIES, help="--chat with "
+                   "bdd: between turns keep the encoder's cache (the next turn encodes only its "
+                   "new tokens), drop it (less memory; the next turn re-encodes the history) or "
+                   "offload it to host memory (CUDA). One-turn generation always frees it")
     p.add_argument("--truncate", action="store_true", help="left-truncate a prompt (or chat "
                    "turn) that does not fit instead of refusing it")
     args = p.parse_args(argv)
@@ -289,6 +317,11 @@ def parse_args(argv):
         cli.fail("--chat continues one conversation: drop --prompts and --num_samples")
     if args.prompts is not None and args.prompt is not None:
         cli.fail("give --prompt or --prompts, not both")
+    if args.prefix_cache == "offload" and not (args.device.startswith("cuda")
+                                               and torch.cuda.is_available()):
+        cli.fail(f"--prefix_cache offload moves bdd's encoder cache from the GPU to host memory "
+                 f"between turns: it needs CUDA (--device cuda), not --device {args.device}; "
+                 f"use keep or drop")
     return args
 
 
@@ -343,7 +376,8 @@ def sample(args):
         return enc.decode(ids)
 
     if args.chat:
-        chat(Session(model, **span_args), enc, text_of, args, sampling, ctx)
+        chat(Session(model, **span_args, prefix_cache=args.prefix_cache), enc, text_of, args,
+             sampling, ctx)
     else:
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first:first + args.batch_size]
@@ -386,7 +420,8 @@ def chat(session, enc, text_of, args, sampling, ctx):
         note = ""
         if len(ids) + args.max_new_tokens - 1 > session.room() and args.truncate:
             conversation = ([] if session.rows is None else session.rows[0].tolist()) + ids
-            session = Session(session.model, session.span_sentinel, session.eot)
+            session = Session(session.model, session.span_sentinel, session.eot,
+                              session.prefix_cache)
             ids = conversation[-(session.room() - args.max_new_tokens + 1):]
             note = f" (--truncate: the conversation cut to its last {len(ids)} tokens)"
         elif len(ids) > session.room():

@@ -231,7 +231,7 @@ def measure_run(done):
             "train_tokens": history["train_tokens"], "train_flops_per_token": done.flops_per_token,
             "train_flops": done.flops_per_token * history["train_tokens"],
             "kv_bytes_per_position": m["kv_bytes"] / context,
-            "held_bytes_per_position": m["held_bytes"] / context, "decode_context_len": context,
+            "held_bytes_per_position": m["held_bytes_per_seq"] / context, "decode_context_len": context,
             "decode_layer_flops_per_token": m["flops"]["layers"],
             "decode_head_flops_per_token": m["flops"]["head"],
             "wall_time": history["wall_time"],

@@ -124,14 +124,18 @@ def tiny_model(arch, **kw):
     return build_model(arch, cfg).cuda()
 
 
+GQA, CLA = dict(n_kv_head=2), dict(kv_share=2)
+OPTIONS = [(arch, kw) for arch in ARCHS for kw in ({}, GQA)] + [("dec", CLA)]
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_cached_equals_uncached_on_cuda(arch, dtype, tol):
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_cached_equals_uncached_on_cuda(arch, kw, dtype, tol):
     """Prefill + decode on the GPU give the training forward's logits (bdd with its boundary at the
-    prompt's last token), under the dtype's autocast."""
+    prompt's last token), under the dtype's autocast; with GQA, and CLA on dec."""
     from test_sample import V, forward_logits, run_session
-    model = tiny_model(arch, vocab_size=V).eval()
+    model = tiny_model(arch, vocab_size=V, **kw).eval()
     full = torch.randint(0, V, (2, 60), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
         cached, starts, _ = run_session(model, full, [(40, 19)])
@@ -142,10 +146,11 @@ def test_cached_equals_uncached_on_cuda(arch, dtype, tol):
 
 @needs_cuda
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_flex_equals_dense_on_cuda_in_bf16(arch, shared):
-    """Compiled FlexAttention block masks against the dense masks, forward and backward, in bf16."""
-    dense, flex = tiny_model(arch), tiny_model(arch, flex=True)
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_flex_equals_dense_on_cuda_in_bf16(arch, kw, shared):
+    """Compiled FlexAttention block masks against the dense masks, forward and backward, in bf16;
+    with GQA, and CLA on dec."""
+    dense, flex = tiny_model(arch, **kw), tiny_model(arch, flex=True, **kw)
     flex.load_state_dict(dense.state_dict())
     B, T = 4, 256
     x = torch.randint(0, 97, (B, T), device="cuda")
@@ -164,3 +169,43 @@ def test_flex_equals_dense_on_cuda_in_bf16(arch, shared):
     (a, ga), (b, gb) = results
     assert (a - b).abs().max() < 0.1
     assert (ga - gb).norm() < 0.05 * ga.norm()
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_offloaded_prefix_cache_gives_the_uncached_logits_on_cuda(arch):
+    """prefix_cache="offload": between turns bdd's encoder cache sits in pinned host memory and
+    none of it on the GPU; each prefill brings it back, and every logit is the training forward's
+    (dec and encdec have no encoder cache: nothing moves)."""
+    from test_sample import V, forward_logits, run_session
+    model = tiny_model(arch, vocab_size=V).eval()
+    turns = [(30, 9), (20, 9), (25, 9)]
+    full = torch.randint(0, V, (2, sum(p + d + 1 for p, d in turns) - 1), device="cuda")
+    with torch.no_grad():
+        cached, starts, cache = run_session(model, full, turns, prefix_cache="offload")
+        ref = forward_logits(arch, model, full, starts)
+    fed = [i for s, (p, d) in zip(starts, turns) for i in range(s, s + d + 1)]
+    assert (cached[:, fed] - ref[:, fed]).abs().max() < 1e-4
+    nbytes = cache.nbytes()
+    on_host = [t for c in cache.prefix for t in c.tensors()]
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in on_host)
+    assert bool(on_host) == (arch == "bdd")
+    assert nbytes["prefix_held"] == ({"cpu": nbytes["prefix"]} if arch == "bdd" else {})
+    assert nbytes["held"].get("cpu", 0) == nbytes["prefix"]  # nothing else is on the host
+
+
+@needs_cuda
+def test_offload_session_writes_what_keep_writes_on_cuda():
+    """A padded batch, three greedy turns: the same tokens under keep, drop and offload."""
+    from sample import Session
+    model = tiny_model("bdd").eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[torch.randint(0, 97, (n,), generator=g) for n in lengths]
+               for lengths in ([9, 3, 14], [5, 11, 2], [7, 7, 1])]
+    tokens = {}
+    for policy in ("keep", "drop", "offload"):
+        session = Session(model, prefix_cache=policy)
+        tokens[policy] = [session.turn([p.cuda() for p in turn], 6, temperature=0).tokens
+                          for turn in prompts]
+    for policy in ("drop", "offload"):
+        assert all(torch.equal(a, b) for a, b in zip(tokens["keep"], tokens[policy])), policy

@@ -2,12 +2,13 @@
 forward over the whole conversation, cache bytes follow DESIGN.md section 3, the CLI is safe."""
 
 import io
+import math
 import os
 import random
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from model import ARCHS, ModelConfig, build_model
 from pack import N_SENTINELS
 from measure import measure_decode
 from sample import Session, generate, main
+from test_model import OPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 41
@@ -48,9 +50,10 @@ def forward_logits(arch, model, full, turn_starts):
     return torch.cat([before, *parts], dim=1)
 
 
-def run_session(model, full, turns):
+def run_session(model, full, turns, prefix_cache="keep"):
     """Teacher-forced session over `full` (B, T): turns = [(prompt_len, decoded_len), ...]. Returns
-    logits (B, T, V) at every position the session predicted from (zeros elsewhere) and turn starts."""
+    logits (B, T, V) at every position the session predicted from (zeros elsewhere), turn starts
+    and the cache."""
     B, T = full.shape
     out = torch.zeros(B, T, V, dtype=next(model.parameters()).dtype, device=full.device)
     cache, pos, starts = None, 0, []
@@ -58,7 +61,7 @@ def run_session(model, full, turns):
     for n_prompt, n_decode in turns:
         idx = full[:, pos:pos + n_prompt]
         fresh = idx if pending is None else torch.cat([pending, idx], 1)
-        logits, cache = model.prefill(fresh, cache)
+        logits, cache = model.prefill(fresh, cache, prefix_cache=prefix_cache)
         pos += n_prompt
         starts.append(pos - 1)
         out[:, pos - 1] = logits
@@ -108,31 +111,50 @@ def test_three_turn_session_equals_one_forward(arch, sharp):
     assert cache.encoded == {"bdd": 21 - 12, "encdec": 21, "dec": 7}[arch]
 
 
+@pytest.mark.parametrize("arch, kw", OPTIONS)
+def test_cached_logits_equal_uncached_with_every_attention_option(arch, kw, sharp):
+    """GQA and MQA on all three archs, cross-layer K/V sharing on dec: a three-turn session
+    equals one forward, as above."""
+    torch.manual_seed(2)
+    cfg = tiny(random.Random(0), **{"n_layer": 4, "n_dec_layer": 2, "n_head": 4, **kw})
+    model = sharp(build_model(arch, cfg)).eval()
+    turns = [(5, 3), (1, 2), (6, 4)]
+    full = torch.randint(0, V, (2, sum(p + d + 1 for p, d in turns) - 1))
+    with torch.no_grad():
+        cached, starts, _ = run_session(model, full, turns)
+        ref = forward_logits(arch, model, full, starts)
+    fed = [i for s, (p, d) in zip(starts, turns) for i in range(s, s + d + 1)]
+    assert (cached[:, fed] - ref[:, fed]).abs().max() < 1e-9
+
+
 def kv_positions(arch, cfg, P, G):
     """DESIGN.md section 3: positions x layers held to keep decoding after prefill(P) and G
     decode steps. The bdd decoder's self part holds the block's first token x[P-1] and the G
     decoded tokens, its cross part the P-1 encoder states; encdec is laid out the same way."""
-    if arch == "dec":
-        return cfg.n_layer * (P + G)
+    if arch == "dec":  # with cross-layer sharing, one cache per group of kv_share layers
+        return math.ceil(cfg.n_layer / cfg.kv_share) * (P + G)
     return cfg.n_dec_layer * ((P - 1) + (1 + G))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cache_bytes_follow_the_formula(arch):
+    """Each cached position of a layer holds K and V of n_kv_head heads."""
     rng = random.Random(7)
-    for _ in range(4):
+    for _ in range(6):
         cfg = tiny(rng)
+        cfg = replace(cfg, n_kv_head=rng.choice([d for d in (1, 2, 4) if cfg.n_head % d == 0]),
+                      kv_share=rng.randint(1, cfg.n_layer) if arch == "dec" else 1)
         model = build_model(arch, cfg).eval()
         B, P, G = 3, rng.randint(1, 20), rng.randint(0, 10)
         with torch.no_grad():
             full = torch.randint(0, V, (B, P + G))
             _, _, cache = run_session(model, full, [(P, G)])
-        per_position = 2 * B * cfg.n_embd * 4  # K and V, float32
+        per_position = 2 * B * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * 4  # float32
         nbytes = cache.nbytes()
         assert nbytes["decode"] == kv_positions(arch, cfg, P, G) * per_position
         prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
         assert nbytes["prefix"] == prefix * per_position
-        assert nbytes["allocated"] >= nbytes["decode"] + nbytes["prefix"]
+        assert nbytes["held"]["cpu"] >= nbytes["decode"] + nbytes["prefix"]
 
 
 def test_bdd_over_dec_kv_ratio_is_n_dec_over_n_layer():
@@ -154,6 +176,23 @@ def test_decode_flops_count_attention():
     long = measure_decode(model, 50)["flops"]["layers"]
     # attention reads 40 more positions in each of 2 layers: q.k and p.v, 2 FLOPs per multiply-add
     assert long - short == 2 * 40 * 2 * (2 * 16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_flops_follow_the_kv_projections(arch):
+    """A decoded token's K/V projection shrinks with n_kv_head (16 -> 2 x 1 x 4 outputs, 2 rows);
+    with kv_share only the first layer of each group has one. Attention reads the same keys per
+    query head."""
+    def layer_flops(**kw):
+        cfg = ModelConfig(vocab_size=V, block_size=64, n_layer=4, n_dec_layer=1, n_head=4,
+                          n_embd=16, **kw)
+        return measure_decode(build_model(arch, cfg).eval(), 20, batch_size=2)["flops"]["layers"]
+    mha, projection = layer_flops(), 2 * 2 * 16 * (2 * 16)  # 2 FLOPs x 2 rows x in x out
+    decoding_layers = 4 if arch == "dec" else 1
+    assert mha - layer_flops(n_kv_head=1) == decoding_layers * projection * (1 - 1 / 4)
+    if arch == "dec":
+        assert mha - layer_flops(kv_share=2) == 2 * projection
+        assert mha - layer_flops(kv_share=3) == 2 * projection  # groups (0, 1, 2) and (3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -196,7 +235,8 @@ class Scripted:
         self.decoded = 0
 
     def prefill(self, idx, cache=None, **kwargs):
-        return self.logits[0], SimpleNamespace(encoded=idx.shape[1], step=0)
+        return self.logits[0], SimpleNamespace(encoded=idx.shape[1], step=0,
+                                               forget_history=lambda: None)
 
     def decode(self, idx_next, cache, **kwargs):
         cache.step += 1
@@ -320,6 +360,25 @@ def test_cli_chat_reads_piped_turns(ckpt_dir, capsys, monkeypatch):
     assert "[turn 2] prompt 6 tokens, encoded 11" in err
 
 
+def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsys, monkeypatch):
+    """--prefix_cache drop: the same replies (greedy), each turn re-encodes the whole history, and
+    --stats shows the held bytes per device, fewer than with keep."""
+    flags = ["--out_dir", ckpt_dir, "--chat", "--stats", "--max_new_tokens", 5, "--temperature", 0]
+    runs = {policy: run_main(capsys, monkeypatch, *flags, "--prefix_cache", policy,
+                             stdin="hello\nthere\nagain\n") for policy in ("keep", "drop")}
+    assert runs["keep"][0] == runs["drop"][0] == 0
+    assert runs["keep"][1] == runs["drop"][1]
+    # turn 2 re-encodes turn 1 (6 tokens and 5 generated, the last pending) and "there" but its
+    # last token: 6 + 4 + 1 + 5
+    assert "[turn 2] prompt 6 tokens, encoded 16" in runs["drop"][2]
+
+    def held(err):
+        return [int(line.split("held: cpu ")[1].split(" B")[0].replace(",", ""))
+                for line in err.splitlines() if "held: cpu " in line]
+    assert all(d < k for d, k in zip(held(runs["drop"][2]), held(runs["keep"][2])))
+    assert len(held(runs["drop"][2])) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out_dir", "nowhere"], "no checkpoint at nowhere"),
     (["--prompt", ""], "the prompt is empty"),
@@ -335,6 +394,8 @@ def test_cli_chat_reads_piped_turns(ckpt_dir, capsys, monkeypatch):
     (["--top_k", 0], "--top_k must be at least 1"),
     (["--prompt", "FILE:/no/such/file"], "cannot read the prompt file"),
     (["--device", "bogus"], "is not usable here"),
+    (["--prefix_cache", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--chat", "--prefix_cache", "offload", "--device", "cpu"], "it needs CUDA"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(ckpt_dir, capsys, monkeypatch, args, message):
     if "--out_dir" not in args:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
 import config as cfg
+import files
 import model as M
 import train
 from model import ModelConfig, build_model
@@ -465,6 +465,16 @@ def test_real_sigint_before_any_checkpoint(corpus, tmp_path):
     assert child.returncode == 130, err
     assert err.splitlines() == [f"error: interrupted (Ctrl-C); there is no readable checkpoint "
                                 f"at {tmp_path / 'ckpt.pt'}, so nothing to resume"]
+
+
+def test_a_second_run_into_a_held_folder_is_refused(corpus, tmp_path, capsys):
+    """Two runs into one --out_dir would interleave one log and keep one checkpoint: while a
+    run holds the folder, another is refused before it writes anything."""
+    with files.holding(tmp_path):
+        with pytest.raises(SystemExit) as exit:
+            train.main(flags(tiny(corpus, tmp_path, max_iters=2)))
+    assert exit.value.code == 2 and "is in use by another run" in error_line(capsys)
+    assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_cuda_without_gpu_exits_2(corpus, tmp_path, capsys):
