@@ -30,7 +30,7 @@ import cli
 import config as cfg
 from corpus import get_tokenizer
 from flops import decode_flops
-from model import PREFIX_POLICIES
+from cache import PREFIX_POLICIES
 
 
 @dataclass

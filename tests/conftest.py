@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import math
+import signal
 
 import pytest
 import torch
@@ -51,3 +52,10 @@ def sharpen(model, gain=2.0):
 def sharp():
     """sharpen(model): see there."""
     return sharpen
+
+
+def default_sigint():
+    """preexec_fn of a child that a test interrupts with SIGINT: a shell starts background jobs
+    with SIGINT ignored, and a child inherits that, so a suite run in the background would send
+    its Ctrl-C into the void. The child gets the default handler (Python's KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -5,9 +5,10 @@ only what its decode steps read, caches grow in chunks, and bdd holds a third of
 import pytest
 import torch
 
-import model as M
+import cache as C
 import sample
-from model import ARCHS, CHUNK, ModelConfig, build_model
+from cache import CHUNK
+from model import ARCHS, ModelConfig, build_model
 from measure import measure_decode
 from sample import Session, generate
 from test_model import OPTIONS
@@ -148,8 +149,8 @@ def test_one_turn_generation_holds_only_what_decoding_reads(arch, kw, monkeypatc
     new_cache = model.new_cache
     monkeypatch.setattr(model, "new_cache", lambda: made.append(new_cache()) or made[-1])
     encoder = []  # the encoder caches' KVCache objects, kept here so their storages stay alive
-    real_store = M.Cache.store_prefix
-    monkeypatch.setattr(M.Cache, "store_prefix", lambda self, policy: (
+    real_store = C.Cache.store_prefix
+    monkeypatch.setattr(C.Cache, "store_prefix", lambda self, policy: (
         encoder.extend(self.prefix), real_store(self, policy))[1])
     cache = generate(model, [torch.randint(0, V, (n,)) for n in (6, 2, 9)], 5,
                      temperature=0).cache

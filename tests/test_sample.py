@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import default_sigint
 
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
@@ -429,12 +430,14 @@ def test_cli_sigint_while_chat_waits_for_a_line(ckpt_dir):
     """A real Ctrl-C (SIGINT) in a real process, while chat waits for its next line."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--out_dir",
                           str(ckpt_dir), "--chat", "--max_new_tokens", "5"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         preexec_fn=default_sigint)
     try:
         while "chat: one turn per line" not in p.stderr.readline():
             assert p.poll() is None, "sample.py ended before chat started"
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        p.wait(timeout=60)  # stdin stays open: the signal, not an end of input, stops the chat
+        out, err = p.communicate()
     finally:
         p.kill()
     assert p.returncode == 130 and out == ""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import default_sigint
 
 import config as cfg
 import files
@@ -453,7 +454,8 @@ def test_real_sigint_before_any_checkpoint(corpus, tmp_path):
     config = tiny(corpus, tmp_path, max_iters=100000, eval_interval=100000, log_interval=1)
     child = subprocess.Popen([sys.executable, "-u", "train.py", *flags(config)], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             preexec_fn=default_sigint)
     try:
         for line in child.stdout:
             if line.startswith("iter 1/"):
