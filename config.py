@@ -17,7 +17,8 @@ trusts the values it gets. A bad value raises ConfigError (cli.BadInput: one lin
 import argparse
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -353,6 +354,13 @@ def model_config(config, vocab_size=None):
                        flex=config.flex and torch.device(config.device).type == "cuda")
 
 
+def autocast(config):
+    """The forward's mixed-precision context: nothing in float32."""
+    if config.dtype == "float32":
+        return nullcontext()
+    return torch.autocast(torch.device(config.device).type, dtype=DTYPES[config.dtype])
+
+
 def fresh_model(config, device=None, seed=None):
     """The freshly initialised model a run with this config starts from (seed: config.seed)."""
     torch.manual_seed(config.seed if seed is None else seed)
@@ -443,6 +451,14 @@ def check_resumable(ckpt, config, path):
                           f"(or leave it out)")
 
 
-def resumed(config):
-    """The same run, continued from its checkpoint: init_from="resume" (a dataclass copy)."""
-    return replace(config, init_from="resume")
+def rng_state(gen):
+    """The random generators a resumed run needs: torch's (CPU and CUDA) and the batches' gen."""
+    cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "batches": gen.get_state()}
+
+
+def set_rng_state(rng, gen):
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    gen.set_state(rng["batches"])

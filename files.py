@@ -7,13 +7,16 @@ Files on disk that stay whole, and folders that one run holds at a time.
   flock on `<folder>/.lock`, which the kernel releases when the process ends however it ends,
   so a lock left by a killed run is never mistaken for a live one;
 - leftovers(folder): the temporary files that a killed writer left there, for the next holder
-  to remove.
+  to remove;
+- cut_log(path, iteration): a JSON-lines log cut back to the records up to an iteration.
 
 It imports nothing of the project except cli.py (the error types).
 """
 
 import errno
 import fcntl
+import json
+import math
 import os
 import secrets
 from contextlib import contextmanager
@@ -73,3 +76,18 @@ def holding(folder, what="run"):
         yield folder
     finally:
         os.close(fd)  # releases the flock
+
+
+def cut_log(path, iteration):
+    """Keep the lines of the JSON-lines log at path whose "iter" is at most iteration (none for
+    -1; a line that is not a whole record goes too), written whole."""
+    def logged_iter(line):
+        try:
+            return json.loads(line)["iter"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+    path = Path(path)
+    kept = [line for line in path.read_text().splitlines() if logged_iter(line) <= iteration] \
+        if path.exists() else []
+    with written_whole(path) as tmp:
+        Path(tmp).write_text("".join(line + "\n" for line in kept))

@@ -184,7 +184,7 @@ def step_times(configs, repeats):
         for arch, c in configs.items():
             batch = random_batch(c, torch.Generator().manual_seed(c.seed + r))
             t0 = time.perf_counter()
-            with train.autocast(c):
+            with cfg.autocast(c):
                 loss = models[arch](batch)[1]
             loss.backward()
             sync(c.device)
@@ -214,5 +214,5 @@ def train_flops_per_token(config, log=print):
             f"expect overfitting there: give a larger corpus with --data")
     model = cfg.fresh_model(replace(config, flex=False)).train()
     total = sum(step_flops(model, train.to_device(batches.get_batch("train"), config.device),
-                           train.autocast(config)) for _ in range(FLOP_BATCHES))
+                           cfg.autocast(config)) for _ in range(FLOP_BATCHES))
     return total / (FLOP_BATCHES * config.batch_size * config.block_size)

@@ -1,20 +1,14 @@
 """
-One training loop for the three architectures (dec, encdec, bdd), in the spirit of nanoGPT's
-train.py. Every field of config.TrainConfig is a flag:
+One training loop for dec, encdec and bdd, in the spirit of nanoGPT's train.py. Every field of
+config.TrainConfig is a flag; unset ones come from config.PRESETS (cpu, or gpu on a CUDA machine):
 
     python train.py --arch bdd                                  # CPU: a small BDD on Shakespeare
-    python train.py --arch encdec --objective span
     python train.py --arch bdd --init_from resume --max_iters 600    # continue out/bdd/ckpt.pt
     torchrun --standalone --nproc_per_node=4 train.py --arch bdd     # DistributedDataParallel
 
-Unset flags come from the cpu preset (about 1.5 minutes on 2 cores), or the gpu preset on a
-CUDA machine (GPT-2-small width, gpt2 tokens, bf16, torch.compile): config.PRESETS. Other
-scripts call train(config.make_config(arch=..., ...)) and read the history it returns.
-
-A run holds its --out_dir while it lives (a second run into it is refused). Exit codes: 2 with
-one line for bad flags, data, folders or checkpoints; 1 when the loss turns nan or inf (the last
-good checkpoint is kept); 3 when a checkpoint cannot be written (the last whole one is kept);
-130 on Ctrl-C.
+Other scripts call train(config.make_config(arch=..., ...)) and read the history it returns. A
+run holds its --out_dir while it lives. Exit codes (cli.py): 2 bad input, 1 nan loss, 3 a
+checkpoint could not be written, 130 Ctrl-C; the last whole checkpoint is always kept.
 """
 
 import json
@@ -78,13 +72,6 @@ def get_lr(it, config):
         return config.min_lr
     coeff = 0.5 * (1.0 + math.cos(math.pi * (it - config.warmup_iters) / (end - config.warmup_iters)))
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)  # coeff: 1 -> 0
-
-
-def autocast(config):
-    """The forward's mixed-precision context: nothing in float32."""
-    if config.dtype == "float32":
-        return nullcontext()
-    return torch.autocast(torch.device(config.device).type, dtype=cfg.DTYPES[config.dtype])
 
 
 def to_device(batch, device):
@@ -171,7 +158,12 @@ def evaluate(model, sets, ctx):
 
 
 def new_history(config, model):
-    """What a run reports: see train()."""
+    """What a run reports: arch, config, non_embedding_params, params, train_tokens (rows x
+    block_size over all steps and ranks), supervised_fraction and padding_fraction (means over
+    the training batches), train_time and train_tokens_per_sec (training only), wall_time, curve
+    (one {iter, tokens, train_loss, val_loss, cont_loss} per evaluation: train_loss and val_loss
+    of the arch's own objective, cont_loss the shared yardstick), cont_loss (the last one),
+    iter_losses (every iteration's training loss), and under DDP "ddp"."""
     return {"arch": config.arch, "config": asdict(config),
             "non_embedding_params": model.num_params(non_embedding=True),
             "params": model.num_params(non_embedding=False),
@@ -181,26 +173,14 @@ def new_history(config, model):
 
 
 def start_log(config, iter_num):
-    """Make out_dir/log.jsonl agree with ckpt.pt before the first step. A fresh run starts an
+    """Make out_dir/log.jsonl agree with ckpt.pt before the first step: a fresh run starts an
     empty log, removing first the checkpoint of the run it replaces (--overwrite); a resumed run
-    keeps the evaluations up to the checkpoint's iteration: a run killed after its last save may
-    have logged later ones (or half a line), and it is about to run them again."""
-    log_file = Path(config.out_dir) / "log.jsonl"
-    kept = []
+    keeps the evaluations up to the checkpoint's iteration (a run killed after its last save may
+    have logged later ones, or half a line, and it is about to run them again)."""
     if config.init_from == "scratch":
         cfg.checkpoint_path(config.out_dir).unlink(missing_ok=True)
-    elif log_file.exists():
-        kept = [line for line in log_file.read_text().splitlines() if logged_iter(line) <= iter_num]
-    with files.written_whole(log_file) as tmp:
-        Path(tmp).write_text("".join(line + "\n" for line in kept))
-
-
-def logged_iter(line):
-    """The iteration of a log.jsonl line; inf for a line that is not a whole record."""
-    try:
-        return json.loads(line)["iter"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+    files.cut_log(Path(config.out_dir) / "log.jsonl", iter_num if config.init_from == "resume"
+                  else -1)
 
 
 def param_checksum(model):
@@ -236,21 +216,30 @@ class Training:
     optimizer: torch.optim.Optimizer
     batches: pack.Batches
     history: dict
+    rank: int
+    world: int
+    device: str
+    log: object                     # print, or a function like it
+    t_start: float                  # when this process started the run
     iter_num: int = 0
     best_cont_loss: float = math.inf
     last_saved: int = None          # the iteration ckpt.pt holds
+    wall_before: float = 0.0        # wall time of the runs this one resumes
 
-    def save(self, wall_before, t_start):
-        self.history["wall_time"] = wall_before + time.time() - t_start
-        rng = {"torch": torch.get_rng_state(), "batches": self.batches.gen.get_state(),
-               "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None}
+    def save(self):
+        self.history["wall_time"] = self.wall_time()
         cfg.save_checkpoint(cfg.checkpoint_path(self.config.out_dir), {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "arch": self.config.arch, "model_config": asdict(self.model.config),
             "tokenizer": self.config.tokenizer, "objective": self.config.objective,
             "train_config": asdict(self.config), "iter_num": self.iter_num,
-            "best_cont_loss": self.best_cont_loss, "history": self.history, "rng": rng})
+            "best_cont_loss": self.best_cont_loss, "history": self.history,
+            "rng": cfg.rng_state(self.batches.gen)})
         self.last_saved = self.iter_num
+
+    def wall_time(self):
+        """Seconds of the whole run, the time of the runs it resumes included."""
+        return self.wall_before + time.time() - self.t_start
 
     def diverged(self, what, value):
         path = cfg.checkpoint_path(self.config.out_dir)
@@ -260,7 +249,7 @@ class Training:
                              f"{kept}. Lower --learning_rate or raise --warmup_iters")
 
 
-def start(config, rank, world, device, log):
+def start(config, rank, world, device, log, t_start):
     """The run at its first step: fresh, or restored from its checkpoint (weights, optimizer,
     generators; other ranks than 0 go on with fresh seeds)."""
     ckpt = None
@@ -271,7 +260,8 @@ def start(config, rank, world, device, log):
     # the same seed on every rank (DDP also broadcasts rank 0's weights); rank r's dropout: + r
     model = cfg.fresh_model(config, device, seed=config.seed + rank)
     optimizer = configure_optimizer(model, config, torch.device(device).type)
-    run = Training(config, model, model, optimizer, batches, new_history(config, model))
+    run = Training(config, model, model, optimizer, batches, new_history(config, model), rank,
+                   world, device, log, t_start)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -279,13 +269,11 @@ def start(config, rank, world, device, log):
         run.best_cont_loss, run.history = ckpt["best_cont_loss"], ckpt["history"]
         run.history["config"] = asdict(config)
         if rank == 0:
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            batches.gen.set_state(ckpt["rng"]["batches"])
+            cfg.set_rng_state(ckpt["rng"], batches.gen)
         else:
             torch.manual_seed(config.seed + rank + world * run.iter_num)
             batches.gen.manual_seed(config.seed + rank + world * run.iter_num)
+    run.wall_before = run.history["wall_time"]
     if config.compile:
         run.train_model = torch.compile(model)
     if world > 1:
@@ -295,49 +283,39 @@ def start(config, rank, world, device, log):
 
 
 def train(config, log=print):
-    """Train config.arch as config says; returns the history (also saved in the checkpoint).
-
-    history: arch, config, non_embedding_params, params, train_tokens (rows * block_size over all
-    steps and ranks), supervised_fraction and padding_fraction (means over the training batches),
-    train_time and train_tokens_per_sec (training only, no evaluation), wall_time, curve (one
-    {iter, tokens, train_loss, val_loss, cont_loss} per evaluation: train_loss and val_loss are
-    the arch's own objective, cont_loss the shared yardstick), cont_loss (the last one),
-    iter_losses (training loss of every iteration), and under DDP "ddp".
-    Raises cli.Stop subclasses: ConfigError or corpus.DataError for bad input, LossNotFinite if
-    training diverges, cli.CannotWrite if a checkpoint cannot be written.
-    """
+    """Train config.arch as config says; returns the history (new_history says what it holds,
+    and the checkpoint keeps it). Raises cli.Stop: ConfigError or corpus.DataError for bad input,
+    LossNotFinite if training diverges, cli.CannotWrite if a checkpoint cannot be written."""
     t_start = time.time()
     cfg.check_folders(config)
     rank, world, device = setup_distributed(config.device)
     log = log if rank == 0 else (lambda *a: None)
     try:
         with files.holding(config.out_dir) if rank == 0 else nullcontext():
-            run = start(config, rank, world, device, log)
-            return loop(run, log, rank, world, device, t_start)
+            return loop(start(config, rank, world, device, log, t_start))
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def loop(run, log, rank, world, device, t_start):
+def loop(run):
     """Evaluate, step, log, save: until max_iters. Returns the history."""
-    config, history = run.config, run.history
+    config, history, device = run.config, run.history, run.device
     sets = eval_sets(run.batches, config, device)
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
-    ctx = autocast(config)
+    ctx = cfg.autocast(config)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=config.dtype == "float16")
-    tokens_per_iter = config.batch_size * config.gradient_accumulation_steps * world * \
+    tokens_per_iter = config.batch_size * config.gradient_accumulation_steps * run.world * \
         config.block_size
-    wall_before = history["wall_time"]
-    log_start(run, tokens_per_iter, world, device, log)
-    if rank == 0:
+    log_start(run, tokens_per_iter)
+    if run.rank == 0:
         start_log(config, run.iter_num)
     local_loss = torch.tensor(float("nan"))  # this rank's last training loss, for the DDP report
     window, last_eval_time = [0, 0.0], 0.0  # iterations and seconds since the last log line
     while True:
         if eval_due(run):
-            last_eval_time = evaluation(run, sets, ctx, rank, wall_before, t_start, log)
+            last_eval_time = evaluation(run, sets, ctx)
         if run.iter_num >= config.max_iters:
             break
         t0 = time.time()
@@ -347,9 +325,9 @@ def loop(run, log, rank, world, device, t_start):
         local_loss = train_step(run.train_model, run.optimizer, scaler, run.batches, config, ctx,
                                 device, history)
         loss = local_loss.clone()
-        if world > 1:  # every rank must take the same nan decision, so they all see one loss
+        if run.world > 1:  # every rank must take the same nan decision, so all see one loss
             dist.all_reduce(loss)
-            loss /= world
+            loss /= run.world
         lossf = loss.item()
         if not math.isfinite(lossf):
             raise run.diverged("the training loss", lossf)
@@ -360,9 +338,9 @@ def loop(run, log, rank, world, device, t_start):
         history["train_time"] += dt
         window = [window[0] + 1, window[1] + dt]
         if run.iter_num % config.log_interval == 0 or run.iter_num == config.max_iters:
-            log_progress(run, lossf, lr, window, tokens_per_iter, last_eval_time, t_start, log)
+            log_progress(run, lossf, lr, window, tokens_per_iter, last_eval_time)
             window = [0, 0.0]
-    return finish(run, local_loss, rank, world, device, wall_before, t_start, log)
+    return finish(run, local_loss)
 
 
 def eval_due(run):
@@ -373,7 +351,7 @@ def eval_due(run):
     return (run.iter_num % c.eval_interval == 0 or run.iter_num == c.max_iters) and not done
 
 
-def evaluation(run, sets, ctx, rank, wall_before, t_start, log):
+def evaluation(run, sets, ctx):
     """Evaluate, record the point (history and, on rank 0, log.jsonl), save if it is due; returns
     the seconds it took."""
     t0 = time.time()
@@ -387,60 +365,60 @@ def evaluation(run, sets, ctx, rank, wall_before, t_start, log):
     run.history["cont_loss"] = losses["cont_loss"]
     improved = losses["cont_loss"] < run.best_cont_loss
     run.best_cont_loss = min(run.best_cont_loss, losses["cont_loss"])
-    if rank == 0:
+    if run.rank == 0:
         with open(Path(run.config.out_dir) / "log.jsonl", "a") as f:
             f.write(json.dumps({**point, "lr": get_lr(run.iter_num, run.config),
                                 "train_time": run.history["train_time"]}) + "\n")
         if (improved or run.config.always_save_checkpoint) and \
                 0 < run.iter_num < run.config.max_iters:  # the end saves anyway
-            run.save(wall_before, t_start)
+            run.save()
     seconds = time.time() - t0
-    log(f"eval iter {run.iter_num}: train {losses['train_loss']:.4f}, val "
-        f"{losses['val_loss']:.4f}, continuation {losses['cont_loss']:.4f} "
-        f"({seconds:.1f}s{', saved' if run.last_saved == run.iter_num else ''})")
+    run.log(f"eval iter {run.iter_num}: train {losses['train_loss']:.4f}, val "
+            f"{losses['val_loss']:.4f}, continuation {losses['cont_loss']:.4f} "
+            f"({seconds:.1f}s{', saved' if run.last_saved == run.iter_num else ''})")
     return seconds
 
 
-def log_start(run, tokens_per_iter, world, device, log):
+def log_start(run, tokens_per_iter):
     c, h = run.config, run.history
-    log("config: " + textwrap.fill(", ".join(f"{k}={v}" for k, v in asdict(c).items()),
-                                   100, subsequent_indent="  "))
+    run.log("config: " + textwrap.fill(", ".join(f"{k}={v}" for k, v in asdict(c).items()),
+                                       100, subsequent_indent="  "))
     if c.flex and not run.model.config.flex:
-        log(f"warning: --flex needs CUDA (FlexAttention cannot train on "
-            f"{torch.device(device).type}: it has no backward there); training with the dense "
-            f"masks, the same function")
-    log(f"{c.arch}: {h['non_embedding_params'] / 1e6:.2f}M non-embedding parameters "
-        f"({h['params'] / 1e6:.2f}M in all), {tokens_per_iter:,} tokens per iteration, "
-        f"{world} process(es) on {device}, {torch.get_num_threads()} thread(s)")
+        run.log(f"warning: --flex needs CUDA (FlexAttention cannot train on "
+                f"{torch.device(run.device).type}: it has no backward there); training with "
+                f"the dense masks, the same function")
+    run.log(f"{c.arch}: {h['non_embedding_params'] / 1e6:.2f}M non-embedding parameters "
+            f"({h['params'] / 1e6:.2f}M in all), {tokens_per_iter:,} tokens per iteration, "
+            f"{run.world} process(es) on {run.device}, {torch.get_num_threads()} thread(s)")
     if run.iter_num:
-        log(f"resuming {cfg.checkpoint_path(c.out_dir)} at iter {run.iter_num}")
+        run.log(f"resuming {cfg.checkpoint_path(c.out_dir)} at iter {run.iter_num}")
 
 
-def log_progress(run, lossf, lr, window, tokens_per_iter, last_eval_time, t_start, log):
+def log_progress(run, lossf, lr, window, tokens_per_iter, last_eval_time):
     """A progress line: loss, learning rate, tokens/s, elapsed, and the ETA at the current speed
     plus the evaluations still to come."""
     c, (iters, seconds) = run.config, window
     left = c.max_iters - run.iter_num
     eta = left * seconds / iters + (left // c.eval_interval + 1) * last_eval_time
-    log(f"iter {run.iter_num}/{c.max_iters} | loss {lossf:.4f} | lr {lr:.2e} | "
-        f"{iters * tokens_per_iter / seconds:,.0f} tok/s | {duration(time.time() - t_start)} "
-        f"elapsed | ETA {duration(eta)}")
+    run.log(f"iter {run.iter_num}/{c.max_iters} | loss {lossf:.4f} | lr {lr:.2e} | "
+            f"{iters * tokens_per_iter / seconds:,.0f} tok/s | "
+            f"{duration(time.time() - run.t_start)} elapsed | ETA {duration(eta)}")
 
 
-def finish(run, local_loss, rank, world, device, wall_before, t_start, log):
+def finish(run, local_loss):
     history = run.history
     history["train_tokens_per_sec"] = history["train_tokens"] / max(history["train_time"], 1e-9)
-    if world > 1:
-        history["ddp"] = gather_ranks(run.model, local_loss, device, world)
-    if rank == 0:
-        run.save(wall_before, t_start)
-    if world > 1:  # no rank tears the process group down while another still uses it
+    if run.world > 1:
+        history["ddp"] = gather_ranks(run.model, local_loss, run.device, run.world)
+    if run.rank == 0:
+        run.save()
+    if run.world > 1:  # no rank tears the process group down while another still uses it
         dist.barrier()
-    history["wall_time"] = wall_before + time.time() - t_start
-    log(f"done: {run.iter_num} iters, {history['train_tokens']:,} tokens in "
-        f"{duration(history['wall_time'])} ({history['train_tokens_per_sec']:,.0f} tok/s "
-        f"training); continuation loss {history['cont_loss']:.4f}; checkpoint "
-        f"{cfg.checkpoint_path(run.config.out_dir)}")
+    history["wall_time"] = run.wall_time()
+    run.log(f"done: {run.iter_num} iters, {history['train_tokens']:,} tokens in "
+            f"{duration(history['wall_time'])} ({history['train_tokens_per_sec']:,.0f} tok/s "
+            f"training); continuation loss {history['cont_loss']:.4f}; checkpoint "
+            f"{cfg.checkpoint_path(run.config.out_dir)}")
     return history
 
 
