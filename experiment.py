@@ -24,6 +24,10 @@ import train
 from model import ARCHS
 
 ARCH_COLORS = {"dec": "tab:blue", "encdec": "tab:green", "bdd": "tab:red"}
+# The recipe of the experiments that train many runs (the frontier, the learning-rate sweep, the
+# boundary ablation): the cpu preset at half its steps (0.6M tokens, about a minute per run on 2
+# cores), so that each fits in half an hour. Its losses are higher than compare.py's.
+QUICK = dict(max_iters=150, warmup_iters=15, eval_interval=50)
 # Checkpoint fields that may differ from the plan's without changing what a run computes:
 # max_iters (a longer run resumes the shorter), logging and evaluation points, the machine.
 NOT_COMPARED = (*cfg.MACHINE_FIELDS, "max_iters", "log_interval", "eval_interval",
