@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import corpus
+import sample
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -28,6 +29,16 @@ def shakespeare():
         return corpus.prepare()
     except corpus.DownloadError as e:
         pytest.skip(f"default corpus not available offline: {e}")
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    """Every logits tensor sample_next is given, in order."""
+    seen = []
+    real = sample.sample_next
+    monkeypatch.setattr(sample, "sample_next", lambda logits, *a, **k: (
+        seen.append(logits.clone()), real(logits, *a, **k))[1])
+    return seen
 
 
 def sharpen(model, gain=2.0):

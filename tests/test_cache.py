@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import cache as C
-import sample
 from cache import CHUNK
 from model import ARCHS, ModelConfig, build_model
 from measure import measure_decode
@@ -20,16 +19,6 @@ POLICIES = ("keep", "drop")  # offload needs CUDA: tests/test_gpu_paths.py
 def tiny(**kw):
     cfg = dict(vocab_size=V, block_size=64, n_layer=3, n_dec_layer=1, n_head=2, n_embd=16)
     return ModelConfig(**{**cfg, **kw})
-
-
-@pytest.fixture
-def logged(monkeypatch):
-    """Every logits tensor sample_next is given, in order."""
-    seen = []
-    real = sample.sample_next
-    monkeypatch.setattr(sample, "sample_next", lambda logits, *a, **k: (
-        seen.append(logits.clone()), real(logits, *a, **k))[1])
-    return seen
 
 
 def three_turns(session, lengths, G, logged, seed=0):

@@ -5,7 +5,6 @@ section 3 for batches, and sample.py's --prompts is safe."""
 import pytest
 import torch
 
-import sample
 from model import ARCHS, ModelConfig, build_model
 from sample import Session, generate
 
@@ -37,16 +36,6 @@ def model_of(arch, **kw):
 def prompts_of(lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, SPAN - 1, (n,), generator=g) for n in lengths]
-
-
-@pytest.fixture
-def logged(monkeypatch):
-    """Every logits tensor sample_next is given, in order."""
-    seen = []
-    real = sample.sample_next
-    monkeypatch.setattr(sample, "sample_next", lambda logits, *a, **k: (
-        seen.append(logits.clone()), real(logits, *a, **k))[1])
-    return seen
 
 
 def turn_and_logits(session, prompts, logged, **kw):
