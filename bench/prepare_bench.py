@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402  (after the path to the repository)
 import corpus  # noqa: E402
+import sources  # noqa: E402
 
 
 
@@ -100,7 +101,7 @@ def pin(cores):
 
 
 def shakespeare_lines():
-    return [line for _, text in corpus.shakespeare_documents()
+    return [line for _, text in sources.shakespeare_documents()
             for line in text.decode().splitlines() if line.strip()]
 
 
@@ -138,11 +139,11 @@ def throughput(folder, size_mb, repeats, workers):
     """{path: (MB/s, cores used)} of encode_ordinary on one thread and of corpus.encode_chunks:
     median wall and CPU times of alternating runs on the same chunks. The text is the first
     size_mb of a corpus file (to a line break), read as prepare() reads a file: in pieces, cut
-    into chunks of about corpus.CHUNK_BYTES."""
+    into chunks of about sources.CHUNK_BYTES."""
     path = folder / "part0.txt"
     with open(path, "rb") as f:
         head = f.read(int(size_mb * 1e6))
-    doc = corpus.Document(str(path), head.rindex(b"\n") + 1, path=path)
+    doc = sources.Document(str(path), head.rindex(b"\n") + 1, path=path)
     chunks = list(corpus.chunks([("train", doc)]))
     enc = corpus.get_tokenizer("gpt2")
 

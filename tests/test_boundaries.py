@@ -17,6 +17,7 @@ import corpus
 import mask
 import model as M
 import pack
+import sources
 from model import build_model
 from test_corpus import stream
 from test_model import V, tiny
@@ -62,7 +63,7 @@ def plays(tmp_path_factory):
         path.write_bytes(text.encode())
         texts[str(path.resolve())] = text
     meta = corpus.prepare(folder / "docs", root=folder / "data",
-                          turn_regex=corpus.SHAKESPEARE_TURNS)
+                          turn_regex=sources.SHAKESPEARE_TURNS)
     expected = {}
     for split in ("train", "val"):
         starts, at = [], 0

