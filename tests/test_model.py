@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mask
+import blocks
 import model as M
 from mask import bdd_masks, block_ids
 from model import ARCHS, ModelConfig, build_model
@@ -159,7 +160,7 @@ def test_one_call_attention_equals_two_merged_attentions():
         ids = block_ids(T, random_bounds(rng, T))
         q, ke, ve, kd, vd = (torch.randn(2, 3, T, 8) for _ in range(5))
         _, dec_mask = bdd_masks(ids)
-        one_call = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
+        one_call = blocks.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
         ref = two_attention_reference(q, ke, ve, kd, vd, ids)
         assert (one_call - ref).abs().max() < 1e-5
 
@@ -172,10 +173,10 @@ def test_the_authors_sink_changes_block_0_only():
     q, ke, ve, kd, vd = (torch.randn(2, 3, T, 8) for _ in range(5))
     _, dec_mask = bdd_masks(ids)
     theirs = two_attention_reference(q, ke, ve, kd, vd, ids, sink=True)
-    ours = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
+    ours = blocks.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), dec_mask)
     with_sink = dec_mask.clone()
     with_sink[:, 0] = True
-    sunk = M.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), with_sink)
+    sunk = blocks.attention(q, torch.cat([ke, kd], 2), torch.cat([ve, vd], 2), with_sink)
     assert (sunk - theirs).abs().max() < 1e-5
     differs = (ours - theirs).abs().amax(dim=(0, 1, 3)) > 1e-4  # (T,) per query row
     assert differs.tolist() == (ids == 0).tolist()
