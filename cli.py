@@ -41,6 +41,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def refuse(problems, error=BadInput):
+    """Checks written as a table: raise error(message) for the first (bad, message) pair whose
+    bad is true."""
+    for bad, message in problems:
+        if bad:
+            raise error(message)
+
+
 def fail(message, code=2):
     """Print `error: message` on stderr and exit (2: bad input)."""
     print(f"error: {message}", file=sys.stderr)

@@ -227,19 +227,23 @@ def check(config):
     check_device(config.device)
 
 
+def refuse(problems):
+    cli.refuse(problems, ConfigError)
+
+
 def check_device(device):
     try:
-        dev = torch.device(device)
+        kind, index = torch.device(device).type, torch.device(device).index
     except RuntimeError:
-        raise ConfigError(f"--device {device!r} is not a device torch knows; use cpu, cuda or "
-                          f"cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                          f"GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        kind = index = None
+    n = torch.cuda.device_count()
+    refuse([(kind is None, f"--device {device!r} is not a device torch knows; use cpu, cuda or "
+                           f"cuda:N"),
+            (kind not in ("cpu", "cuda"), f"--device {device}: only cpu and cuda are supported"),
+            (kind == "cuda" and n == 0, f"--device {device}: no CUDA GPU is available here; use "
+                                        f"--device cpu"),
+            (kind == "cuda" and (index or 0) >= max(n, 1), f"--device {device}: this machine has "
+                                                           f"{n} GPU(s); use cuda:0 to cuda:{n - 1}")])
 
 
 def check_folders(config):
@@ -248,9 +252,9 @@ def check_folders(config):
     writable_folder(config.out_dir, "out_dir")
     writable_folder(config.data_root or corpus.DATA, "data_root")
     path = checkpoint_path(config.out_dir)
-    if config.init_from == "scratch" and not config.overwrite and path.exists():
-        raise ConfigError(f"{path} already holds a run: continue it with --init_from resume, "
-                          f"train into another --out_dir, or replace it with --overwrite")
+    refuse([(config.init_from == "scratch" and not config.overwrite and path.exists(),
+             f"{path} already holds a run: continue it with --init_from resume, train into "
+             f"another --out_dir, or replace it with --overwrite")])
 
 
 def writable_folder(path, flag):
@@ -258,11 +262,10 @@ def writable_folder(path, flag):
     existing = Path(path).absolute()
     while not existing.exists():  # the nearest existing folder is where it would be created
         existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--{flag} {path}: {existing} is a file, not a folder; choose another "
-                          f"--{flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--{flag} {path}: {existing} is not writable; choose another --{flag}")
+    refuse([(not existing.is_dir(), f"--{flag} {path}: {existing} is a file, not a folder; "
+                                    f"choose another --{flag}"),
+            (not os.access(existing, os.W_OK | os.X_OK), f"--{flag} {path}: {existing} is not "
+                                                         f"writable; choose another --{flag}")])
 
 
 # -----------------------------------------------------------------------------
@@ -389,28 +392,25 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, mmap=False):
     """The checkpoint dict of path (on the CPU), or ConfigError saying why it cannot be one."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder, not a checkpoint file; remove it, or point "
-                          f"--out_dir at a run's folder")
-    if not path.exists():
-        raise ConfigError(f"no checkpoint at {path}; train one first (python train.py --out_dir "
-                          f"{path.parent}) or point --out_dir at a run's folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception:  # truncated or foreign files fail in many ways inside torch.load
+    path, ckpt, size = Path(path), None, None
+    if path.is_file():
         size = path.stat().st_size
-        what = "it is empty" if size == 0 else f"torch.load cannot read its {size:,} bytes"
-        raise ConfigError(f"{path} is not a readable checkpoint: {what}, so it was cut short or "
-                          f"not written by train.py; delete it, or use another --out_dir") from None
-    if not isinstance(ckpt, dict):
-        raise ConfigError(f"{path} holds a {type(ckpt).__name__}, not a train.py checkpoint; "
-                          f"delete it, or use another --out_dir")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise ConfigError(f"{path} lacks the keys {', '.join(missing)} of a train.py checkpoint "
-                          f"(an older nanoBDD, or another program); retrain it, or use another "
-                          f"--out_dir")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:  # truncated or foreign files fail in many ways inside torch.load
+            pass
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else []
+    unread = "it is empty" if size == 0 else f"torch.load cannot read its {size or 0:,} bytes"
+    refuse([(path.is_dir(), f"{path} is a folder, not a checkpoint file; remove it, or point "
+                            f"--out_dir at a run's folder"),
+            (size is None, f"no checkpoint at {path}; train one first (python train.py "
+                           f"--out_dir {path.parent}) or point --out_dir at a run's folder"),
+            (ckpt is None, f"{path} is not a readable checkpoint: {unread}, so it was cut short "
+                           f"or not written by train.py; delete it, or use another --out_dir"),
+            (not isinstance(ckpt, dict), f"{path} holds a {type(ckpt).__name__}, not a train.py "
+                                         f"checkpoint; delete it, or use another --out_dir"),
+            (missing, f"{path} lacks the keys {', '.join(missing)} of a train.py checkpoint (an "
+                      f"older nanoBDD, or another program); retrain it, or use another --out_dir")])
     return ckpt
 
 
@@ -434,21 +434,20 @@ def load_model(out_dir, device="cpu"):
 def check_resumable(ckpt, config, path):
     """Refuse to load weights into a model of another arch or shape, or to stop a run before
     the iteration its checkpoint has reached."""
-    if ckpt["arch"] != config.arch:
-        raise ConfigError(f"{path} holds a {ckpt['arch']} model, not {config.arch}; use --arch "
-                          f"{ckpt['arch']}, or another --out_dir")
     saved = {**ckpt["model_config"], "tokenizer": ckpt["tokenizer"], "objective": ckpt["objective"]}
     wanted = {**asdict(model_config(config)), "tokenizer": config.tokenizer,
               "objective": config.objective}
-    differ = [k for k in ("tokenizer", "objective") + SHAPE_FIELDS if saved.get(k) != wanted[k]]
-    if differ:
-        what = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})" for k in differ)
-        raise ConfigError(f"{path} was trained with {what}; drop those flags to resume it, or "
-                          f"train this shape in another --out_dir")
-    if ckpt["iter_num"] > config.max_iters:
-        raise ConfigError(f"{path} is at iteration {ckpt['iter_num']}, past --max_iters "
-                          f"{config.max_iters}; resume with --max_iters {ckpt['iter_num']} or more "
-                          f"(or leave it out)")
+    differ = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})"
+                       for k in ("tokenizer", "objective") + SHAPE_FIELDS if saved.get(k) != wanted[k])
+    refuse([(ckpt["arch"] != config.arch, f"{path} holds a {ckpt['arch']} model, not "
+                                          f"{config.arch}; use --arch {ckpt['arch']}, or another "
+                                          f"--out_dir"),
+            (differ, f"{path} was trained with {differ}; drop those flags to resume it, or train "
+                     f"this shape in another --out_dir"),
+            (ckpt["iter_num"] > config.max_iters, f"{path} is at iteration {ckpt['iter_num']}, "
+                                                  f"past --max_iters {config.max_iters}; resume "
+                                                  f"with --max_iters {ckpt['iter_num']} or more "
+                                                  f"(or leave it out)")])
 
 
 def rng_state(gen):

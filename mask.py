@@ -39,11 +39,9 @@ def block_ids(T, boundaries):
     strictly increasing. A flat list gives ids of shape (T,); a list of lists (one per row, any
     lengths) or a 2-D tensor gives (B, T). Position t gets the number of boundaries <= t.
     """
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T must be a positive int, got {T!r}")
+    assert isinstance(T, int) and T >= 1, T
     if isinstance(boundaries, torch.Tensor):
-        if boundaries.is_floating_point() or boundaries.dtype == torch.bool:
-            raise ValueError(f"boundaries must be integers, got a {boundaries.dtype} tensor")
+        assert not boundaries.is_floating_point() and boundaries.dtype != torch.bool
         rows = boundaries.tolist() if boundaries.dim() == 2 else [boundaries.tolist()]
         batched = boundaries.dim() == 2
     else:
@@ -52,16 +50,8 @@ def block_ids(T, boundaries):
         rows = [list(r) for r in boundaries] if batched else [boundaries]
     positions = torch.arange(T)
     ids = []
-    for r, row in enumerate(rows):
-        where = f" in row {r}" if batched else ""
-        for i, b in enumerate(row):
-            if not isinstance(b, int) or isinstance(b, bool):
-                raise ValueError(f"boundary {i}{where} is {b!r}: boundaries must be ints")
-            if not 0 < b < T:
-                raise ValueError(f"boundary {i}{where} is {b}: it must lie in (0, {T})")
-            if i > 0 and b <= row[i - 1]:
-                raise ValueError(f"boundary {i}{where} is {b}: it must be greater than the "
-                                 f"previous boundary {row[i - 1]} (strictly increasing)")
+    for row in rows:
+        assert all(type(b) is int and 0 < b < T for b in row) and row == sorted(set(row)), row
         starts = torch.tensor(row, dtype=torch.long)
         ids.append((positions[:, None] >= starts[None, :]).sum(1))
     ids = torch.stack(ids)  # (B, T)
@@ -69,15 +59,10 @@ def block_ids(T, boundaries):
 
 
 def check_block_ids(ids):
-    """Block ids must be integers and non-decreasing along the row."""
-    if ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"block ids must be integers, got {ids.dtype}")
-    if ids.dim() not in (1, 2):
-        raise ValueError(f"block ids must have shape (T,) or (B, T), got {tuple(ids.shape)}")
-    if torch.compiler.is_compiling():  # a data-dependent check would break the compiled graph
-        return
-    if ids.shape[-1] > 1 and bool((ids[..., 1:] < ids[..., :-1]).any()):
-        raise ValueError("block ids must be non-decreasing along each row")
+    """Block ids must be integers of shape (T,) or (B, T), non-decreasing along the row."""
+    assert not ids.is_floating_point() and ids.dtype != torch.bool and ids.dim() in (1, 2), ids
+    if not torch.compiler.is_compiling():  # a data-dependent check would break the graph
+        assert ids.shape[-1] < 2 or bool((ids[..., 1:] >= ids[..., :-1]).all()), ids
 
 
 # -----------------------------------------------------------------------------
@@ -154,11 +139,9 @@ def encoder_masks(valid, Td, flex=False):
              cross-attention (B, Td, Te): every real source token,
              decoder self-attention (Td, Td): causal).
     """
-    if valid.dtype != torch.bool or valid.dim() != 2:
-        raise ValueError(f"the source padding mask must be a (B, Te) bool tensor, got "
-                         f"{valid.dtype} {tuple(valid.shape)}")
-    if valid.shape[1] and not torch.compiler.is_compiling() and not bool(valid.any(1).all()):
-        raise ValueError("every row needs at least one real source token (enc_mask row is all False)")
+    assert valid.dtype == torch.bool and valid.dim() == 2, valid
+    # every row needs a real source token (an all-padding row would have no key at all)
+    assert not valid.shape[1] or torch.compiler.is_compiling() or bool(valid.any(1).all())
     B, Te = valid.shape
     rule = key_padding_rule(valid)
     return (_build(rule, B, Te, Te, valid.device, flex, squeeze=False),
@@ -192,9 +175,7 @@ class BlockLayout:
 
     def __init__(self, ids):
         check_block_ids(ids)
-        if ids.dim() != 1:
-            raise ValueError(f"a BlockLayout takes one layout's ids, shape (T,), got "
-                             f"{tuple(ids.shape)}")
+        assert ids.dim() == 1, f"a BlockLayout takes one layout's ids, (T,), not {ids.shape}"
         T = ids.shape[0]
         starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).view(-1) + 1).tolist()
         self.spans = list(zip(starts, starts[1:] + [T]))  # [(s, e)] of every block
@@ -230,8 +211,7 @@ def bdd_masks(ids, flex=False):
 def render(mask, split=None, on="#", off="."):
     """A (Tq, Tk) mask as text, one line per query; `split` draws a '|' before that key column
     (e.g. split=T for the BDD decoder's [encoder | decoder] halves)."""
-    if mask.dim() != 2:
-        raise ValueError(f"render takes one (Tq, Tk) mask, got shape {tuple(mask.shape)}")
+    assert mask.dim() == 2, f"render takes one (Tq, Tk) mask, not {mask.shape}"
     lines = []
     for row in mask.tolist():
         cells = [on if a else off for a in row]
@@ -247,8 +227,7 @@ def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key posit
     drawn as grid lines on both axes (and on both halves when `split` is given); `split` draws a
     vertical line between the encoder and decoder key halves and labels them."""
     import matplotlib.pyplot as plt
-    if mask.dim() != 2:
-        raise ValueError(f"plot takes one (Tq, Tk) mask, got shape {tuple(mask.shape)}")
+    assert mask.dim() == 2, f"plot takes one (Tq, Tk) mask, not {mask.shape}"
     if ax is None:
         _, ax = plt.subplots(figsize=(6 if split is None else 10, 5))
     Tq, Tk = mask.shape
@@ -279,18 +258,19 @@ def plot(mask, ax=None, title=None, boundaries=(), split=None, xlabel="key posit
 MAX_T = 256
 
 
-def parse_boundaries(text):
-    """"5,8,18" -> [5, 8, 18]; "" (or only spaces) -> [] (one block). Empty entries such as
-    ",,," are refused: they read like a typo, not like "no boundaries"."""
-    if not text.strip():
-        return []
+def parse_boundaries(text, T):
+    """"5,8,18" -> [5, 8, 18]; "" (or only spaces) -> [] (one block). ValueError for an entry
+    that is not an integer in (0, T), or that does not follow the one before it: empty entries
+    such as ",,," read like a typo, not like "no boundaries"."""
     bounds = []
-    for i, part in enumerate(text.split(",")):
-        try:
-            bounds.append(int(part))
-        except ValueError:
-            raise ValueError(f"entry {i} ({part.strip()!r}) is not an integer; give block "
-                             f"starts like 5,8,18, or '' for one block") from None
+    for i, part in enumerate(text.split(",") if text.strip() else []):
+        b = int(part) if part.strip().lstrip("-").isdigit() else None
+        problem = ("is not an integer" if b is None else f"is not in (0, {T})" if not 0 < b < T
+                   else f"does not follow {bounds[-1]}" if bounds and b <= bounds[-1] else None)
+        if problem:
+            raise ValueError(f"entry {i} ({part.strip()!r}) {problem}; give increasing block "
+                             f"starts like 5,8,18, or '' for one block")
+        bounds.append(b)
     return bounds
 
 
@@ -324,10 +304,10 @@ def main(argv=None):
         cli.fail(f"--T {args.T}: draw rows of 1 to {MAX_T} tokens; a longer row fits neither a "
                  f"text line (2T + 1 characters) nor the PNG's pixels")
     try:
-        bounds = parse_boundaries(args.boundaries)
-        _, dec = bdd_masks(block_ids(args.T, bounds))
+        bounds = parse_boundaries(args.boundaries, args.T)
     except ValueError as e:
         cli.fail(f"--boundaries {args.boundaries!r}: {e}")
+    _, dec = bdd_masks(block_ids(args.T, bounds))
     if not bounds:
         print("no boundaries: one block, so the decoder sees only its own stream, causally")
     print(render(dec, split=args.T))

@@ -266,26 +266,23 @@ def is_nanogpt(data):
 def source_files(data):
     """The files of --data, each real file once, sorted by absolute (resolved) name: a file, a
     folder's .txt/.jsonl/.jsonl.gz files, or a glob's files."""
-    path = Path(data)
+    path, half = Path(data), []
     if path.is_file():
-        if path.name in NANOGPT:
-            raise DataError(f"--data {data}: give nanoGPT's folder (holding train.bin and "
-                            f"val.bin), not the file")
         files = [path]
     elif path.is_dir():
         files = [f for pattern in ("*.txt",) + tuple(f"*{e}" for e in JSONL)
                  for f in path.glob(pattern) if f.is_file()]
-        if not files and (half := [n for n in NANOGPT if (path / n).is_file()]):
-            other = next(n for n in NANOGPT if n not in half)
-            raise DataError(f"--data {data} holds {half[0]} but no {other}: a nanoGPT folder "
-                            f"needs both (nanoGPT's prepare.py writes them), and there are no "
-                            f".txt or .jsonl files either")
+        half = [n for n in NANOGPT if (path / n).is_file()]
     else:
         files = [f for f in glob_files(str(data)) if f.is_file()]
-    if not files:
-        raise DataError(f"--data {data}: no such file, no .txt files in that folder (nor .jsonl, "
-                        f"nor nanoGPT's train.bin and val.bin), or no glob match; give a text or "
-                        f"jsonl file, a folder of them or a glob")
+    cli.refuse([(path.is_file() and path.name in NANOGPT, f"--data {data}: give nanoGPT's folder "
+                 f"(holding train.bin and val.bin), not the file"),
+                (not files and len(half) == 1, f"--data {data} holds {''.join(half)} but no "
+                 f"{''.join(set(NANOGPT) - set(half))}: a nanoGPT folder needs both (nanoGPT's "
+                 f"prepare.py writes them), and there are no .txt or .jsonl files either"),
+                (not files, f"--data {data}: no such file, no .txt files in that folder (nor "
+                 f".jsonl, nor nanoGPT's train.bin and val.bin), or no glob match; give a text or "
+                 f"jsonl file, a folder of them or a glob")], DataError)
     real = {str(f.resolve()): f for f in files}  # links to one file, or a glob's two ways to it
     return [real[name] for name in sorted(real)]
 

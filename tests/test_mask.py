@@ -76,30 +76,23 @@ def test_encoder_decoder_masks_respect_padding():
     assert enc[0].all() and cross[0].all()
     assert enc[1].tolist() == [[True, False, False]] * 3
     assert torch.equal(dec, causal_mask(4))
-    with pytest.raises(ValueError, match="at least one real source token"):
+    with pytest.raises(AssertionError):  # a row with no source token would have no key
         encoder_masks(torch.tensor([[False, False]]), Td=2)
 
 
-@pytest.mark.parametrize("bounds, message", [
-    ([0], "boundary 0 is 0: it must lie in \\(0, 8\\)"),
-    ([3, 8], "boundary 1 is 8: it must lie in \\(0, 8\\)"),
-    ([5, 2], "boundary 1 is 2: it must be greater than the previous boundary 5"),
-    ([4, 4], "boundary 1 is 4: it must be greater"),
-    ([2.5], "boundary 0 is 2.5: boundaries must be ints"),
-    ([[2], [6, 3]], "boundary 1 in row 1 is 3"),
-])
-def test_bad_boundaries_raise_naming_the_boundary(bounds, message):
-    with pytest.raises(ValueError, match=message):
+@pytest.mark.parametrize("bounds", [[0], [3, 8], [5, 2], [4, 4], [2.5], [[2], [6, 3]]])
+def test_bad_boundaries_are_refused(bounds):
+    """Block starts must be ints in (0, T), strictly increasing (the CLI says so in words)."""
+    with pytest.raises(AssertionError):
         block_ids(8, bounds)
 
 
-def test_bad_block_ids_raise():
-    with pytest.raises(ValueError, match="boundaries must be integers"):
-        block_ids(8, torch.tensor([2.0, 3.0]))
-    with pytest.raises(ValueError, match="non-decreasing"):
-        bdd_masks(torch.tensor([0, 1, 0]))
-    with pytest.raises(ValueError, match="must be integers"):
-        bdd_masks(torch.tensor([0.0, 1.0]))
+def test_bad_block_ids_are_refused():
+    for bad in (lambda: block_ids(8, torch.tensor([2.0, 3.0])),
+                lambda: bdd_masks(torch.tensor([0, 1, 0])),
+                lambda: bdd_masks(torch.tensor([0.0, 1.0]))):
+        with pytest.raises(AssertionError):
+            bad()
 
 
 def test_render_draws_halves():
@@ -152,7 +145,9 @@ def grid_lines(ax):
     (["--boundaries", "a,b"], "--boundaries 'a,b': entry 0 ('a') is not an integer"),
     (["--boundaries", ",,,"], "--boundaries ',,,': entry 0 ('') is not an integer"),
     (["--boundaries", "5,,8"], "--boundaries '5,,8': entry 1 ('') is not an integer"),
-    (["--boundaries", "0"], "--boundaries '0': boundary 0 is 0: it must lie in (0, 24)"),
+    (["--boundaries", "0"], "--boundaries '0': entry 0 ('0') is not in (0, 24)"),
+    (["--boundaries", "5,3"], "--boundaries '5,3': entry 1 ('3') does not follow 5"),
+    (["--boundaries", "2.5"], "--boundaries '2.5': entry 0 ('2.5') is not an integer"),
     (["--png", "/nonexistent/dir/x.png"], "--png /nonexistent/dir/x.png: cannot write /nonexistent/dir/x.png (No such file or directory); nothing was written"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
