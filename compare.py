@@ -267,8 +267,14 @@ def multi_turn_rows(results):
                  "{:.2f}", True) for k in range(m["turns"])]
     encoded = [(f"tokens encoded, turn {k + 1} (dec: prefilled)",
                 lambda c, k=k: c["encoded_per_turn"][k], "{:,}", False) for k in range(m["turns"])]
+    on_gpu = [  # host bytes: offload's encoder cache; the peak: activations and logits too
+        ("host bytes per conversation (peak)", lambda c: max(c["host_bytes_per_conv_by_turn"]),
+         "{:,.0f}", False),
+        ("peak of memory_allocated() per conversation", lambda c: c["cuda_peak_bytes_per_conv"],
+         "{:,.0f}", True)] if any(c["cuda_peak_bytes_per_conv"] for c in m["cases"].values()) else []
     return [
         ("bytes held per conversation (peak)", lambda c: c["held_bytes_per_conv"], "{:,.0f}", True),
+        *on_gpu,
         (f"conversations in {m['budget_bytes'] / 1e6:.3g} MB held", lambda c: c["conversations"],
          "{:,}", True),
         ("decode tokens/s, all conversations", lambda c: c["decode_tokens_per_sec"], "{:,.0f}",

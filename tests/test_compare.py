@@ -150,6 +150,23 @@ def test_multi_turn_table_matches_results_json(tiny_run):
     assert "multi-turn: conversations of 4 turns (4 tokens in, 4 out, greedy)" in printed
 
 
+def test_multi_turn_rows_of_a_gpu_run(tiny_run):
+    """Host bytes (offload's encoder cache) and the peak of memory_allocated() are rows only
+    where the workload measured them (on CUDA)."""
+    out, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    names = [row[0] for row in compare.multi_turn_rows(results)]
+    assert not [n for n in names if "memory_allocated" in n or n.startswith("host bytes")]
+    for i, c in enumerate(results["multi_turn"]["cases"].values()):
+        c["cuda_peak_bytes_per_conv"] = 1000.0 * (i + 1)
+        c["host_bytes_per_conv_by_turn"] = [0, 7, 3, 0]
+    rows = {name: get for name, get, _, _ in compare.multi_turn_rows(results)}
+    cases = results["multi_turn"]["cases"].values()
+    assert [rows["peak of memory_allocated() per conversation"](c) for c in cases] == [
+        1000.0 * (i + 1) for i in range(len(cases))]
+    assert [rows["host bytes per conversation (peak)"](c) for c in cases] == [7] * len(cases)
+
+
 def test_plot_draws_the_results(tiny_run, tmp_path):
     """The figure's lines and bars carry results.json's numbers; the reference line is dec's
     held bytes times n_dec / n_layer (DESIGN.md section 3)."""
