@@ -201,13 +201,13 @@ def session_held(session):
 def converse(model, policy, conversations, shape, seed=0):
     """Serve `conversations` greedy conversations of shape (turns, in, out) as one batched
     Session (the code path of sample.py --chat), from random prompts (the same ones for every
-    model of a vocabulary). Returns per turn: ttft (seconds of its prefill: the time to its
-    first token), decode_seconds, decoded (tokens from decode steps, all rows), encoded (columns
-    its prefill ran through the encoder; dec: through all its layers) and held ({device: bytes}
-    the session holds after the turn's decoding: the most it holds during the turn, since caches
-    only grow while decoding, and what it holds until the next turn); and on CUDA cuda_peak,
-    the most memory_allocated() rose above its start during the whole conversation
-    (activations and logits included)."""
+    model of a vocabulary). Returns (turns, cuda_peak). turns: per turn, ttft (seconds of its
+    prefill: the time to its first token), decode_seconds, decoded (tokens from decode steps,
+    all rows), encoded (columns its prefill ran through the encoder; dec: through all its
+    layers) and held ({device: bytes} the session holds after the turn's decoding: the most it
+    holds during the turn, since caches only grow while decoding, and what it holds until the
+    next turn). cuda_peak: on CUDA, the most memory_allocated() rose above its start during
+    the conversations (activations and logits included); None elsewhere."""
     turns, n_in, n_out = shape
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
@@ -278,9 +278,9 @@ def summary(rounds, conversations, device):
     (first, cuda_peak), per_conv = rounds[0], lambda n: n / conversations
     ttft = [1000 * statistics.median(turns[k]["ttft"] for turns, _ in rounds)
             for k in range(len(first))]
-    host = "cpu" if device != "cpu" else None
+    on_host = [0 if device == "cpu" else t["held"].get("cpu", 0) for t in first]
     return {"held_bytes_per_conv_by_turn": [per_conv(t["held"].get(device, 0)) for t in first],
-            "host_bytes_per_conv_by_turn": [per_conv(t["held"].get(host, 0)) for t in first],
+            "host_bytes_per_conv_by_turn": [per_conv(n) for n in on_host],
             "encoded_per_turn": [t["encoded"] for t in first],
             "ttft_ms_per_turn": ttft, "mean_ttft_ms": statistics.mean(ttft),
             "decode_tokens_per_sec": statistics.median(
