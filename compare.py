@@ -245,6 +245,8 @@ def rows(results):
         ("decode tokens/s, batch 1", lambda r: r["serving"]["tokens_per_sec"][0], "{:,.0f}", True),
         (f"decode tokens/s, batch {s['batches'][-1]}", lambda r: r["serving"]["tokens_per_sec"][-1],
          "{:,.0f}", True),
+        (f"bytes held per sequence at context {s['context_len']}",
+         lambda r: r["serving"]["bytes_per_sequence"], "{:,.0f}", True),
         (f"sequences in {s['budget_bytes'] / 1e6:.3g} MB held", lambda r: r["serving"]["budget_batch"],
          "{:,}", True),
         ("decode tokens/s there (equal memory)", lambda r: r["serving"]["budget_tokens_per_sec"],

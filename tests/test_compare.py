@@ -372,6 +372,9 @@ def test_serving_section_table_and_panel(tmp_path, capsys, monkeypatch):
         assert s["budget_batch"] == 50_000 // s["bytes_per_sequence"]
         assert len(s["tokens_per_sec"]) == 3 and min(s["tokens_per_sec"]) > 0
     printed = capsys.readouterr().out
+    dec, bdd = (results["archs"][a]["serving"]["bytes_per_sequence"] for a in ("dec", "bdd"))
+    assert printed_table(printed, ["dec", "bdd"], ["bdd"])["bytes held per sequence at context 16"] \
+        == [f"{dec:,.0f}", f"{bdd:,.0f}", f"{bdd / dec:.3f}"]
     for row in ("decode tokens/s, batch 1", "decode tokens/s, batch 4", "sequences in 0.05 MB held",
                 "decode tokens/s there (equal memory)", "bdd/dec decode time per token, by batch"):
         assert row in printed
