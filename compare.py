@@ -11,10 +11,13 @@ Every arch gets the same width, heads, depth, data, tokens, optimiser and seed, 
 train.py's train(); decoding is sample.py's KV-cached generation (measure.py). Written to
 --out_dir (default out/compare), beside each arch's run folder:
 - compare.png: continuation loss against training tokens (DESIGN.md section 4), decode-time cache
-  bytes against context length, per-token decode cost (FLOPs counted, ms measured), and decode
-  throughput against batch size with the largest batch a memory budget holds (serving);
+  bytes against context length, per-token decode cost (FLOPs counted, ms measured), decode
+  throughput against batch size with the largest batch a memory budget holds (serving), and the
+  multi-turn workload at the same budget: bytes held per conversation and time to first token,
+  turn by turn;
 - results.json: the numbers behind it;
-and a table with the ratios bdd/dec and encdec/dec is printed at the end.
+and two tables are printed at the end: the archs with the ratios bdd/dec and encdec/dec, and the
+multi-turn workload (dec, encdec, bdd keep, bdd drop; bdd offload on CUDA) with ratios to dec.
 """
 
 import os
@@ -57,14 +60,26 @@ def measure_all(models, configs, args, budget):
     setup = {"context_len": half, "decode_tokens": measure.decode_tokens(half),
              "batches": batches, "repeats": args.repeats, "budget_bytes": budget["bytes"],
              "budget_given": args.kv_budget_mb is not None}
-    return per_arch, setup
+    turns, n_in, n_out = budget["multi_turn"]["shape"]
+    print(f"== measuring multi-turn serving: conversations of {turns} turns ({n_in} tokens in, "
+          f"{n_out} out) at the same budget ==", flush=True)
+    multi_turn = measure.multi_turn(models, budget["multi_turn"], multi_turn_rounds(args))
+    return per_arch, setup, multi_turn
 
 
-def results_of(done, models, per_arch, setup, configs, args, t_start):
+def multi_turn_rounds(args):
+    """Rounds of the multi-turn workload: half the timing rounds, rounded up (a round serves
+    every conversation of every case: about 5 s on the cpu preset)."""
+    return (args.repeats + 1) // 2
+
+
+def results_of(done, models, measured, configs, args, t_start):
+    per_arch, setup, multi_turn = measured
     first = next(iter(configs.values()))
     out = {"config": {k: v for k, v in vars(first).items() if k not in ("arch", "out_dir")},
            "preset": first.preset, "device": first.device, "torch": torch.__version__,
-           "skip_train": args.skip_train, "serving": setup, "archs": {}}
+           "skip_train": args.skip_train, "serving": setup, "multi_turn": multi_turn,
+           "archs": {}}
     histories = {d.run.config.arch: d for d in done}
     for arch, config in configs.items():
         d = histories.get(arch)
@@ -89,8 +104,8 @@ def results_of(done, models, per_arch, setup, configs, args, t_start):
 def plot(results, path):
     plt = ex.pyplot()
     archs = results["archs"]
-    fig = plt.figure(figsize=(13, 10))
-    ax1, ax2, ax3, ax4 = (fig.add_subplot(2, 2, i) for i in (1, 2, 3, 4))
+    fig = plt.figure(figsize=(13, 15))
+    ax1, ax2, ax3, ax4, ax5, ax6 = (fig.add_subplot(3, 2, i) for i in range(1, 7))
     plot_losses(ax1, results)
     styles = {"dec": "o-", "encdec": "s--", "bdd": "o-"}  # encdec and bdd coincide at 2:1
     for arch, r in archs.items():
@@ -108,6 +123,7 @@ def plot(results, path):
     ax2.legend(fontsize=8)
     plot_decode_cost(ax3, results)
     plot_serving(ax4, results)
+    plot_multi_turn(ax5, ax6, results)
     fig.suptitle(f"nanoBDD: dec vs encdec vs bdd ({results['device']}, "
                  f"{results['config']['n_layer']} layers, n_embd {results['config']['n_embd']})")
     fig.tight_layout()
@@ -178,6 +194,31 @@ def plot_serving(ax, results):
     ax.legend(fontsize=8)
 
 
+CASE_STYLES = {"keep": "o-", "drop": "s--", "offload": "^:"}  # bdd's prefix-cache policies
+
+
+def plot_multi_turn(held_ax, ttft_ax, results):
+    """Per case of the multi-turn workload, turn by turn: the bytes a conversation holds after
+    the turn (its peak is what the budget divides by), and the time to the turn's first token."""
+    m = results["multi_turn"]
+    turns = range(1, m["turns"] + 1)
+    for name, c in m["cases"].items():
+        style = dict(color=ARCH_COLORS[c["arch"]], ms=5)
+        fmt = CASE_STYLES[c["policy"]] if c["arch"] == "bdd" else "o-"
+        held_ax.plot(turns, [b / 1e6 for b in c["held_bytes_per_conv_by_turn"]], fmt, **style,
+                     label=f"{name}: {c['conversations']} conversations in the budget")
+        ttft_ax.plot(turns, c["ttft_ms_per_turn"], fmt, **style,
+                     label=f"{name}: {c['decode_tokens_per_sec']:,.0f} decode tokens/s")
+    for ax in (held_ax, ttft_ax):
+        ax.set_xticks(list(turns))
+        ax.set_xlabel(f"turn ({m['tokens_in']} tokens in, {m['tokens_out']} out)")
+        ax.legend(fontsize=8)
+    held_ax.set_ylabel("bytes held per conversation after the turn (MB)")
+    held_ax.set_title(f"Multi-turn: held per conversation; budget {m['budget_bytes'] / 1e6:.3g} MB")
+    ttft_ax.set_ylabel("time to first token (ms, the turn's prefill)")
+    ttft_ax.set_title("Multi-turn: time to first token, all conversations at once")
+
+
 # -----------------------------------------------------------------------------
 # the table
 
@@ -196,7 +237,7 @@ def rows(results):
          "{:,.0f}", True),
         ("continuation loss", lambda r: r["cont_loss"], "{:.4f}", True),
         (f"K/V bytes at context {longest}", lambda r: r["kv_bytes"][-1]["kv_bytes"], "{:,}", True),
-        ("cache bytes held there", lambda r: r["kv_bytes"][-1]["held_bytes"], "{:,}", True),
+        ("cache bytes held there", lambda r: r["kv_bytes"][-1]["held_bytes"], "{:,.0f}", True),
         ("prefix cache bytes there", lambda r: r["kv_bytes"][-1]["prefix_bytes"], "{:,}", False),
         ("layer FLOPs per token", lambda r: r["decode_flops_per_token"]["layers"], "{:,}", True),
         ("head FLOPs per token", lambda r: r["decode_flops_per_token"]["head"], "{:,}", True),
@@ -204,6 +245,8 @@ def rows(results):
         ("decode tokens/s, batch 1", lambda r: r["serving"]["tokens_per_sec"][0], "{:,.0f}", True),
         (f"decode tokens/s, batch {s['batches'][-1]}", lambda r: r["serving"]["tokens_per_sec"][-1],
          "{:,.0f}", True),
+        (f"bytes held per sequence at context {s['context_len']}",
+         lambda r: r["serving"]["bytes_per_sequence"], "{:,.0f}", True),
         (f"sequences in {s['budget_bytes'] / 1e6:.3g} MB held", lambda r: r["serving"]["budget_batch"],
          "{:,}", True),
         ("decode tokens/s there (equal memory)", lambda r: r["serving"]["budget_tokens_per_sec"],
@@ -212,17 +255,60 @@ def rows(results):
 
 
 def table(results):
-    """The figures side by side, with ratios to dec."""
+    """The archs' figures side by side, with ratios to dec."""
     archs = results["archs"]
-    ratios = [f"{a}/dec" for a in ("bdd", "encdec") if a in archs and "dec" in archs]
-    lines = [["metric", *archs, *ratios]]
-    for name, get, fmt, comparable in rows(results):
-        vals = {a: get(r) for a, r in archs.items()}
+    return ratio_table(archs, rows(results), [a for a in ("bdd", "encdec")
+                                              if a in archs and "dec" in archs])
+
+
+def multi_turn_rows(results):
+    """(name, value of a multi-turn case's results, format, whether a ratio to dec means
+    something), as rows()."""
+    m = results["multi_turn"]
+    per_turn = [(f"time to first token, turn {k + 1} (ms)", lambda c, k=k: c["ttft_ms_per_turn"][k],
+                 "{:.2f}", True) for k in range(m["turns"])]
+    encoded = [(f"tokens encoded, turn {k + 1} (dec: prefilled)",
+                lambda c, k=k: c["encoded_per_turn"][k], "{:,}", False) for k in range(m["turns"])]
+    on_gpu = [  # host bytes: offload's encoder cache; the peak: activations and logits too
+        ("host bytes per conversation (peak)", lambda c: max(c["host_bytes_per_conv_by_turn"]),
+         "{:,.0f}", False),
+        ("peak of memory_allocated() per conversation", lambda c: c["cuda_peak_bytes_per_conv"],
+         "{:,.0f}", True)] if any(c["cuda_peak_bytes_per_conv"] for c in m["cases"].values()) else []
+    return [
+        ("bytes held per conversation (peak)", lambda c: c["held_bytes_per_conv"], "{:,.0f}", True),
+        *on_gpu,
+        (f"conversations in {m['budget_bytes'] / 1e6:.3g} MB held", lambda c: c["conversations"],
+         "{:,}", True),
+        ("decode tokens/s, all conversations", lambda c: c["decode_tokens_per_sec"], "{:,.0f}",
+         True),
+        ("mean time to first token (ms)", lambda c: c["mean_ttft_ms"], "{:.2f}", True),
+        *per_turn, *encoded]
+
+
+def multi_turn_heading(results):
+    m = results["multi_turn"]
+    return (f"multi-turn: conversations of {m['turns']} turns ({m['tokens_in']} tokens in, "
+            f"{m['tokens_out']} out, greedy), as many as fit in {m['budget_bytes'] / 1e6:.3g} MB "
+            f"held, served together; time to first token: the turn's prefill")
+
+
+def multi_turn_table(results):
+    """The multi-turn cases side by side, with ratios to dec."""
+    cases = results["multi_turn"]["cases"]
+    return ratio_table(cases, multi_turn_rows(results),
+                       [c for c in cases if c != "dec"] if "dec" in cases else [])
+
+
+def ratio_table(columns, rows, ratios):
+    """Each row's value in each column ({name: results}), then each column of `ratios` over dec's
+    where the row is comparable."""
+    lines = [["metric", *columns, *(f"{c}/dec" for c in ratios)]]
+    for name, get, fmt, comparable in rows:
+        vals = {c: get(r) for c, r in columns.items()}
         cells = [name] + ["-" if v is None else fmt.format(v) for v in vals.values()]
-        for ratio in ratios:
-            a = ratio.split("/")[0]
-            ok = comparable and vals[a] is not None and vals["dec"]
-            cells.append(f"{vals[a] / vals['dec']:.3f}" if ok else "-")
+        for c in ratios:
+            ok = comparable and vals[c] is not None and vals["dec"]
+            cells.append(f"{vals[c] / vals['dec']:.3f}" if ok else "-")
         lines.append(cells)
     return ex.format_table(lines)
 
@@ -251,7 +337,8 @@ def parse(argv):
     p.add_argument("--skip_train", action="store_true", help="measure inference only, on "
                    "freshly initialised models")
     p.add_argument("--repeats", type=int, default=5, help="timing rounds: of the serving "
-                   "benchmark (8x at batch 1) and of the training steps (4x)")
+                   "benchmark (8x at batch 1), of the training steps (4x) and of the multi-turn "
+                   "workload (half, rounded up)")
     p.add_argument("--kv_budget_mb", type=float, help="serving: the memory (MB = 1e6 bytes) each "
                    "arch fills with sequences (default: what holds 20 dec sequences on the cpu "
                    "preset, 64 on the gpu preset)")
@@ -283,7 +370,9 @@ def main(argv=None):
 
 
 def serving_budget(runs, args):
-    """The serving benchmark's memory budget, measured on fresh models of each arch."""
+    """The serving benchmark's memory budget, and what it holds of each arch (one-turn
+    sequences) and of each case of the multi-turn workload (conversations), measured on fresh
+    models of each arch."""
     first = runs[0].config
     measure.check_measurable(first.block_size)
     fresh = {r.config.arch: cfg.fresh_model(r.config).eval() for r in runs}
@@ -291,7 +380,8 @@ def serving_budget(runs, args):
     budget, per_sequence, in_budget = measure.serving_budget(
         fresh, first.block_size // 2, first.preset, args.kv_budget_mb, max_batch)
     return {"bytes": budget, "per_sequence": per_sequence, "in_budget": in_budget,
-            "max_batch": max_batch, "fresh": fresh}
+            "max_batch": max_batch, "fresh": fresh,
+            "multi_turn": measure.multi_turn_plan(fresh, budget)}
 
 
 def compare(runs, budget, args):
@@ -303,12 +393,14 @@ def compare(runs, budget, args):
          for d in done}
     print("== measuring inference (cache bytes, FLOPs, decode speed) and training steps ==",
           flush=True)
-    per_arch, setup = measure_all(models, configs, args, budget)
-    results = results_of(done, models, per_arch, setup, configs, args, t_start)
+    measured = measure_all(models, configs, args, budget)
+    results = results_of(done, models, measured, configs, args, t_start)
     ex.write_json(results, os.path.join(args.out_dir, "results.json"))
     plot(results, os.path.join(args.out_dir, "compare.png"))
     print(table(results))
     print(serving_ratios(results))
+    print(multi_turn_heading(results))
+    print(multi_turn_table(results))
     print(f"wrote {args.out_dir}/results.json and {args.out_dir}/compare.png in "
           f"{results['wall_time']:.0f} s")
 

@@ -7,6 +7,9 @@ way for every experiment.
 - kv_by_context: decode-time cache bytes at several context lengths;
 - serving: decode throughput by batch, and at a memory budget that each arch fills with as
   many sequences as the bytes it holds allow;
+- multi_turn: conversations of several turns (sample.Session, the code path of --chat) served
+  at the same budget, as many as each arch and prefix-cache policy holds: time to first token
+  of each turn, decode throughput, held bytes, encoder tokens per turn;
 - step_times: training steps timed in rounds that alternate between the archs;
 - train_flops_per_token: a training step's FLOPs counted on a run's own batches.
 
@@ -23,9 +26,10 @@ import torch
 import config as cfg
 import pack
 import train
+from cache import held_bytes
 from corpus import get_tokenizer
 from flops import decode_flops, step_flops
-from sample import generate
+from sample import Session, generate
 
 DECODE_TOKENS = 32   # decode steps timed per measurement, fewer for short contexts
 FLOP_BATCHES = 4     # real batches whose counted FLOPs are averaged (shapes vary for encdec)
@@ -36,6 +40,7 @@ FLOP_BATCHES = 4     # real batches whose counted FLOPs are averaged (shapes var
 SERVING = {"cpu": dict(budget_sequences=20, max_batch=64),
            "gpu": dict(budget_sequences=64, max_batch=256)}
 MAX_BUDGET_BATCHES = 4
+TURNS = 4  # turns per conversation of the multi-turn workload (fewer when block_size < 16)
 
 
 def decode_tokens(context_len):
@@ -157,6 +162,131 @@ def serving(models, context_len, in_budget, max_batch, repeats):
     return batches, {arch: {"tokens_per_sec": [t[arch] for t in by_batch],
                             "budget_batch": in_budget[arch],
                             "budget_tokens_per_sec": at_budget[arch]} for arch in models}
+
+
+# -----------------------------------------------------------------------------
+# multi-turn serving
+
+
+def conversation_shape(block_size):
+    """(turns, tokens in, tokens out) of each conversation of the multi-turn workload: TURNS
+    turns (fewer when block_size < 16), each n new tokens in and n out, n = block_size /
+    (2 x turns), so that a conversation fills the context: 4 x (32 in + 32 out) at block_size
+    256 (the cpu preset), 4 x (128 + 128) at 1024. Of the n out, the first comes from the
+    turn's prefill, the others from n - 1 decode steps."""
+    turns = max(1, min(TURNS, block_size // 4))
+    n = block_size // (2 * turns)
+    return turns, n, n
+
+
+def multi_turn_cases(archs, device):
+    """{name: (arch, prefix-cache policy)} that the workload serves: dec (one cache across the
+    turns) and encdec (re-encodes the history each turn): the policy changes nothing for
+    them; bdd keep and bdd drop, and bdd offload on CUDA."""
+    offload = ("offload",) if torch.device(device).type == "cuda" else ()
+    cases = {}
+    for arch in archs:
+        for policy in (("keep", "drop", *offload) if arch == "bdd" else ("keep",)):
+            cases[f"bdd {policy}" if arch == "bdd" else arch] = (arch, policy)
+    return cases
+
+
+def session_held(session):
+    """{device: bytes} of every tensor storage a Session holds: its cache, each row's tokens of
+    the conversation, and the tokens sampled last (not yet fed)."""
+    return held_bytes(session.cache.tensors() + session.rows + [session.pending])
+
+
+@torch.no_grad()
+def converse(model, policy, conversations, shape, seed=0):
+    """Serve `conversations` greedy conversations of shape (turns, in, out) as one batched
+    Session (the code path of sample.py --chat), from random prompts (the same ones for every
+    model of a vocabulary). Returns (turns, cuda_peak). turns: per turn, ttft (seconds of its
+    prefill: the time to its first token), decode_seconds, decoded (tokens from decode steps,
+    all rows), encoded (columns its prefill ran through the encoder; dec: through all its
+    layers) and held ({device: bytes} the session holds after the turn's decoding: the most it
+    holds during the turn, since caches only grow while decoding, and what it holds until the
+    next turn). cuda_peak: on CUDA, the most memory_allocated() rose above its start during
+    the conversations (activations and logits included); None elsewhere."""
+    turns, n_in, n_out = shape
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(seed)
+    session = Session(model, prefix_cache=policy)
+    out = []
+    for _ in range(turns):
+        prompts = torch.randint(model.config.vocab_size, (conversations, n_in), generator=g)
+        gen = session.turn(prompts.to(device), n_out, temperature=0)
+        out.append({"ttft": gen.prefill_seconds, "decode_seconds": gen.decode_seconds,
+                    "decoded": conversations * (n_out - 1), "encoded": gen.encoded,
+                    "held": session_held(session)})
+    cuda_peak = torch.cuda.max_memory_allocated() - start if cuda else None
+    return out, cuda_peak
+
+
+def multi_turn_plan(models, budget):
+    """The multi-turn workload at a held-bytes budget (the one-turn benchmark's): {shape,
+    budget_bytes, cases: {name: {arch, policy, held_bytes_per_conv, conversations}}}. Each case's
+    held bytes per conversation are the most one conversation alone holds on the model's device
+    after any of its turns (greedy, no stop token: fresh or trained weights hold the same); the
+    budget holds budget // that of them. ConfigError when a case fits none."""
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    shape = conversation_shape(first.config.block_size)
+    cases = {}
+    for name, (arch, policy) in multi_turn_cases(models, device).items():
+        turns, _ = converse(models[arch], policy, 1, shape)
+        held = max(t["held"].get(str(device), 0) for t in turns)
+        cases[name] = {"arch": arch, "policy": policy, "held_bytes_per_conv": held,
+                       "conversations": int(budget // held)}
+        if not cases[name]["conversations"]:
+            raise cfg.ConfigError(
+                f"the serving budget of {budget / 1e6:.3g} MB holds no {name} conversation of "
+                f"{shape[0]} turns ({held / 1e6:.3g} MB held at its peak): give a larger "
+                f"--kv_budget_mb")
+    return {"shape": shape, "budget_bytes": budget, "cases": cases}
+
+
+def multi_turn(models, plan, repeats):
+    """The multi-turn workload of `plan` (multi_turn_plan): each case's conversations served
+    together as one batch, `repeats` rounds alternating between the cases. Returns {turns,
+    tokens_in, tokens_out, budget_bytes, rounds, cases: {name: the plan's case and what its
+    batch measured}}: held and host bytes per conversation after each turn (the first round;
+    host: in host memory while the model is on a GPU, offload's encoder cache), the encoder
+    tokens of each turn, the time to first token of each turn (median of the rounds, ms), their
+    mean, and decode tokens/s over all conversations and turns (median of the rounds); on CUDA
+    the peak of memory_allocated() per conversation."""
+    device = str(next(next(iter(models.values())).parameters()).device)
+    rounds = {name: [] for name in plan["cases"]}
+    for _ in range(repeats):
+        for name, case in plan["cases"].items():
+            rounds[name].append(converse(models[case["arch"]], case["policy"],
+                                         case["conversations"], plan["shape"]))
+    turns, n_in, n_out = plan["shape"]
+    return {"turns": turns, "tokens_in": n_in, "tokens_out": n_out,
+            "budget_bytes": plan["budget_bytes"], "rounds": repeats,
+            "cases": {name: {**case, **summary(rounds[name], case["conversations"], device)}
+                      for name, case in plan["cases"].items()}}
+
+
+def summary(rounds, conversations, device):
+    """What multi_turn reports of one case's rounds [(turns, cuda_peak)] of `conversations`."""
+    (first, cuda_peak), per_conv = rounds[0], lambda n: n / conversations
+    ttft = [1000 * statistics.median(turns[k]["ttft"] for turns, _ in rounds)
+            for k in range(len(first))]
+    on_host = [0 if device == "cpu" else t["held"].get("cpu", 0) for t in first]
+    return {"held_bytes_per_conv_by_turn": [per_conv(t["held"].get(device, 0)) for t in first],
+            "host_bytes_per_conv_by_turn": [per_conv(n) for n in on_host],
+            "encoded_per_turn": [t["encoded"] for t in first],
+            "ttft_ms_per_turn": ttft, "mean_ttft_ms": statistics.mean(ttft),
+            "decode_tokens_per_sec": statistics.median(
+                sum(t["decoded"] for t in turns) / sum(t["decode_seconds"] for t in turns)
+                for turns, _ in rounds),
+            "cuda_peak_bytes_per_conv": None if cuda_peak is None else per_conv(cuda_peak)}
 
 
 # -----------------------------------------------------------------------------

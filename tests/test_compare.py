@@ -65,12 +65,13 @@ def test_tiny_run_writes_results_and_figure(tiny_run):
     assert not files.leftovers(out)
 
 
-def printed_table(printed, archs):
-    """{metric: [cells]} of the table printed at the end of a run (columns split by 2+ spaces)."""
+def printed_table(printed, archs, ratios=("bdd", "encdec"), nth=0):
+    """{metric: [cells]} of the nth table printed at the end of a run (columns split by 2+
+    spaces), whose columns are archs, then each of ratios over dec."""
     lines = printed.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["metric"])
+    start = [i for i, line in enumerate(lines) if line.split()[:1] == ["metric"]][nth]
     head = re.split(r"\s{2,}", lines[start].strip())
-    assert head == ["metric", *archs, "bdd/dec", "encdec/dec"]
+    assert head == ["metric", *archs, *(f"{r}/dec" for r in ratios)]
     rows = {}
     for line in lines[start + 1:]:
         cells = re.split(r"\s{2,}", line.strip())
@@ -116,13 +117,64 @@ def test_printed_table_matches_results_json(tiny_run):
         assert archs[arch]["decode_ms_per_token"] == 1000 / archs[arch]["serving"]["tokens_per_sec"][0]
 
 
+def test_multi_turn_table_matches_results_json(tiny_run):
+    """The multi-turn table prints each case's numbers of results.json and their ratios to dec;
+    each case's conversations are the budget over the bytes one of them holds at its peak."""
+    out, printed = tiny_run
+    m = json.loads((out / "results.json").read_text())["multi_turn"]
+    assert (m["turns"], m["tokens_in"], m["tokens_out"], m["rounds"]) == (4, 4, 4, 1)
+    assert m["budget_bytes"] == 50_000
+    cases = m["cases"]
+    assert list(cases) == ["dec", "bdd keep", "bdd drop", "encdec"]
+    rows = printed_table(printed, list(cases), ["bdd keep", "bdd drop", "encdec"], nth=1)
+    values = {  # metric: value of a case's results
+        "bytes held per conversation (peak)": lambda c: c["held_bytes_per_conv"],
+        "conversations in 0.05 MB held": lambda c: c["conversations"],
+        "decode tokens/s, all conversations": lambda c: c["decode_tokens_per_sec"],
+        "mean time to first token (ms)": lambda c: c["mean_ttft_ms"],
+        **{f"time to first token, turn {k + 1} (ms)": lambda c, k=k: c["ttft_ms_per_turn"][k]
+           for k in range(4)},
+    }
+    for metric, value in values.items():
+        cells = rows[metric]
+        for name, cell in zip(cases, cells):
+            assert printed_as(cell, value(cases[name])), (metric, name, cell)
+        for name, cell in zip(list(cases)[1:], cells[len(cases):]):
+            assert printed_as(cell, value(cases[name]) / value(cases["dec"])), (metric, name, cell)
+    for k in range(4):
+        cells = rows[f"tokens encoded, turn {k + 1} (dec: prefilled)"]
+        assert cells == [f"{c['encoded_per_turn'][k]:,}" for c in cases.values()] + ["-"] * 3
+    for name, c in cases.items():
+        assert c["conversations"] == 50_000 // c["held_bytes_per_conv"] >= 1, name
+        assert max(c["held_bytes_per_conv_by_turn"]) == c["held_bytes_per_conv"], name
+    assert "multi-turn: conversations of 4 turns (4 tokens in, 4 out, greedy)" in printed
+
+
+def test_multi_turn_rows_of_a_gpu_run(tiny_run):
+    """Host bytes (offload's encoder cache) and the peak of memory_allocated() are rows only
+    where the workload measured them (on CUDA)."""
+    out, _ = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    names = [row[0] for row in compare.multi_turn_rows(results)]
+    assert not [n for n in names if "memory_allocated" in n or n.startswith("host bytes")]
+    for i, c in enumerate(results["multi_turn"]["cases"].values()):
+        c["cuda_peak_bytes_per_conv"] = 1000.0 * (i + 1)
+        c["host_bytes_per_conv_by_turn"] = [0, 7, 3, 0]
+    rows = {name: get for name, get, _, _ in compare.multi_turn_rows(results)}
+    cases = results["multi_turn"]["cases"].values()
+    assert [rows["peak of memory_allocated() per conversation"](c) for c in cases] == [
+        1000.0 * (i + 1) for i in range(len(cases))]
+    assert [rows["host bytes per conversation (peak)"](c) for c in cases] == [7] * len(cases)
+
+
 def test_plot_draws_the_results(tiny_run, tmp_path):
     """The figure's lines and bars carry results.json's numbers; the reference line is dec's
     held bytes times n_dec / n_layer (DESIGN.md section 3)."""
     out, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     fig = compare.plot(results, str(tmp_path / "compare.png"))
-    loss_ax, kv_ax, flops_ax, serving_ax, ms_ax = fig.axes  # ms: the twin of the FLOPs panel
+    # ms: the twin of the FLOPs panel
+    loss_ax, kv_ax, flops_ax, serving_ax, held_ax, ttft_ax, ms_ax = fig.axes
     lines = {ax: {line.get_label(): line for line in ax.get_lines()} for ax in fig.axes}
     for arch, r in results["archs"].items():
         for label, key in (("continuation (val)", "cont_loss"), ("own objective (train)",
@@ -145,6 +197,12 @@ def test_plot_draws_the_results(tiny_run, tmp_path):
                                     [f["head"] / 1e6 for f in flops])
     assert [bar.get_height() for bar in ms_ax.patches] == pytest.approx(
         [r["decode_ms_per_token"] for r in results["archs"].values()])
+    for name, c in results["multi_turn"]["cases"].items():
+        held = lines[held_ax][f"{name}: {c['conversations']} conversations in the budget"]
+        assert list(held.get_xdata()) == [1, 2, 3, 4]
+        assert list(held.get_ydata()) == [b / 1e6 for b in c["held_bytes_per_conv_by_turn"]]
+        ttft = lines[ttft_ax][f"{name}: {c['decode_tokens_per_sec']:,.0f} decode tokens/s"]
+        assert list(ttft.get_ydata()) == c["ttft_ms_per_turn"]
 
 
 def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
@@ -314,10 +372,15 @@ def test_serving_section_table_and_panel(tmp_path, capsys, monkeypatch):
         assert s["budget_batch"] == 50_000 // s["bytes_per_sequence"]
         assert len(s["tokens_per_sec"]) == 3 and min(s["tokens_per_sec"]) > 0
     printed = capsys.readouterr().out
+    dec, bdd = (results["archs"][a]["serving"]["bytes_per_sequence"] for a in ("dec", "bdd"))
+    assert printed_table(printed, ["dec", "bdd"], ["bdd"])["bytes held per sequence at context 16"] \
+        == [f"{dec:,.0f}", f"{bdd:,.0f}", f"{bdd / dec:.3f}"]
     for row in ("decode tokens/s, batch 1", "decode tokens/s, batch 4", "sequences in 0.05 MB held",
                 "decode tokens/s there (equal memory)", "bdd/dec decode time per token, by batch"):
         assert row in printed
-    assert len(titles) == 5 and titles[3].startswith("Serving at context 16")
+    assert len(titles) == 7 and titles[3].startswith("Serving at context 16")
+    assert titles[4:6] == ["Multi-turn: held per conversation; budget 0.05 MB",
+                           "Multi-turn: time to first token, all conversations at once"]
     assert titles[:3] == ["Continuation loss, same held-out targets",
                           "Cache held, measured from live tensors", "Decode cost per token at context 16"]
 

@@ -209,3 +209,75 @@ def test_offload_session_writes_what_keep_writes_on_cuda():
                           for turn in prompts]
     for policy in ("drop", "offload"):
         assert all(torch.equal(a, b) for a, b in zip(tokens["keep"], tokens[policy])), policy
+
+
+# The CUDA caching allocator hands out device memory in blocks of a multiple of 512 bytes (a
+# storage under 1 MB gets exactly its size rounded up, carved from the small pool), and
+# memory_allocated() counts the blocks: each storage may take up to 511 bytes more than it holds.
+BLOCK = 512
+
+
+def allocated_growth(run):
+    """(what run() returns, the bytes memory_allocated() grew by while it is alive). run is called
+    once before, so that one-time allocations (cuBLAS workspaces) are not counted; everything
+    else it allocates and does not return (activations, logits, sampled tokens) is freed."""
+    with torch.no_grad():
+        run()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        kept = run()
+        torch.cuda.synchronize()
+        return kept, torch.cuda.memory_allocated() - before
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", ["generate", "keep", "drop", "offload"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_held_bytes_are_what_cuda_allocated(arch, policy):
+    """Cache.nbytes()["held"] on the GPU is what the allocator gave the cache: after one turn of
+    generate() (bdd's encoder cache freed), or two padded turns of a session under each policy,
+    memory_allocated() has grown by the cache's held cuda bytes, up to the allocator's rounding
+    of each storage (BLOCK); offload's encoder cache is in pinned host memory, not on the GPU."""
+    from sample import Session, generate
+    model = tiny_model(arch).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=g).cuda() for n in (30, 17)]
+
+    def run():
+        if policy == "generate":
+            return generate(model, prompts, 20, temperature=0).cache
+        session = Session(model, prefix_cache=policy)
+        session.turn(prompts, 20, temperature=0)
+        return session.turn([p[:9] for p in prompts], 20, temperature=0).cache
+
+    cache, grown = allocated_growth(run)
+    nbytes = cache.nbytes()
+    on_gpu = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+              for t in cache.tensors() if t.is_cuda}
+    held = nbytes["held"]["cuda:0"]
+    assert held == sum(on_gpu.values()) > 0
+    assert held <= grown <= held + (BLOCK - 1) * len(on_gpu), (held, grown, len(on_gpu))
+    offloaded = arch == "bdd" and policy == "offload"
+    assert nbytes["held"].get("cpu", 0) == (nbytes["prefix"] if offloaded else 0)
+    if offloaded:
+        assert all(t.is_pinned() for c in cache.prefix for t in c.tensors())
+
+
+@needs_cuda
+def test_the_multi_turn_workload_offloads_on_cuda():
+    """On CUDA the workload serves bdd offload too: on the GPU it holds what drop holds, turn by
+    turn; in host memory, the encoder cache (what keep holds more than drop on the GPU); every
+    case's peak of memory_allocated() covers what it holds."""
+    import measure
+    models = {arch: tiny_model(arch).eval() for arch in ("dec", "bdd")}
+    plan = measure.multi_turn_plan(models, 4e6)
+    cases = measure.multi_turn(models, plan, 1)["cases"]
+    assert list(cases) == ["dec", "bdd keep", "bdd drop", "bdd offload"]
+    keep, drop, offload = (cases[f"bdd {p}"] for p in ("keep", "drop", "offload"))
+    assert offload["held_bytes_per_conv_by_turn"] == drop["held_bytes_per_conv_by_turn"]
+    assert offload["encoded_per_turn"] == drop["encoded_per_turn"]
+    assert keep["host_bytes_per_conv_by_turn"] == drop["host_bytes_per_conv_by_turn"] == [0] * 4
+    for k, host in enumerate(offload["host_bytes_per_conv_by_turn"]):
+        assert 0 < host <= keep["held_bytes_per_conv_by_turn"][k] - drop["held_bytes_per_conv_by_turn"][k]
+    for c in cases.values():
+        assert c["cuda_peak_bytes_per_conv"] >= c["held_bytes_per_conv_by_turn"][-1]
