@@ -67,8 +67,9 @@ class TrainConfig:
     rehash: bool = setting(False, "re-read the whole source (not only file names, sizes and "
                            "times) to decide whether its prepared copy is current")
     out_dir: str = setting(None, "checkpoint and log folder (default: out/<arch>)")
-    init_from: str = setting("scratch", "scratch, or resume from <out_dir>/ckpt.pt (unset flags "
-                             "come from it)", ("scratch", "resume"))
+    init_from: str = setting("scratch", "scratch; resume <out_dir>/ckpt.pt (unset flags come "
+                             "from it); or another run's folder: fine-tune from its weights (a "
+                             "fresh optimizer and schedule; this run's flags, with its shape)")
     overwrite: bool = setting(False, "let a fresh run replace the run already in --out_dir")
     always_save_checkpoint: bool = setting(False, "save at every evaluation, not only when the "
                                            "continuation loss improves")
@@ -144,11 +145,17 @@ SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", 
                 "kv_share", "n_embd", "bias")
 CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
                    "train_config", "iter_num", "best_cont_loss", "history", "rng")
-PATH_FIELDS = ("data", "data_root", "out_dir")  # where "" would silently mean this folder
+PATH_FIELDS = ("data", "data_root", "out_dir", "init_from")  # where "" would mean this folder
+INIT_KEYWORDS = ("scratch", "resume")  # any other --init_from names the folder of a run
 
 
 def decay_end(c):
     return c.max_iters if c.lr_decay_iters is None else c.lr_decay_iters
+
+
+def init_source(c):
+    """The checkpoint a fine-tune starts from (--init_from naming a run's folder), else None."""
+    return None if c.init_from in INIT_KEYWORDS else checkpoint_path(c.init_from)
 
 
 # How fields must agree: (holds for config c, the message when it does not).
@@ -171,6 +178,10 @@ AGREE = [
     (lambda c: c.kv_share == 1 or c.arch == "dec",
      "--kv_share is cross-layer K/V sharing of dec's layers; {arch} keeps one K/V per layer: drop "
      "--kv_share or use --arch dec"),
+    (lambda c: init_source(c) is None or
+     os.path.realpath(c.init_from) != os.path.realpath(c.out_dir),
+     "--init_from {init_from} is this run's own --out_dir: a fine-tune trains into a folder of its "
+     "own and leaves its source as it is; continue a run with --init_from resume"),
     (lambda c: c.kv_share <= c.n_layer,
      "--kv_share {kv_share} groups more layers than the model has (--n_layer {n_layer})"),
     (lambda c: c.min_lr <= c.learning_rate,
@@ -248,7 +259,7 @@ def check_folders(config):
     writable_folder(config.out_dir, "out_dir")
     writable_folder(config.data_root or corpus.DATA, "data_root")
     path = checkpoint_path(config.out_dir)
-    if config.init_from == "scratch" and not config.overwrite and path.exists():
+    if config.init_from != "resume" and not config.overwrite and path.exists():
         raise ConfigError(f"{path} already holds a run: continue it with --init_from resume, "
                           f"train into another --out_dir, or replace it with --overwrite")
 
@@ -434,21 +445,26 @@ def load_model(out_dir, device="cpu"):
 def check_resumable(ckpt, config, path):
     """Refuse to load weights into a model of another arch or shape, or to stop a run before
     the iteration its checkpoint has reached."""
+    check_fits(ckpt, config, path, "drop those flags to resume it, or train this shape in "
+               "another --out_dir", f"use --arch {ckpt['arch']}, or another --out_dir")
+    if ckpt["iter_num"] > config.max_iters:
+        raise ConfigError(f"{path} is at iteration {ckpt['iter_num']}, past --max_iters "
+                          f"{config.max_iters}; resume with --max_iters {ckpt['iter_num']} or more "
+                          f"(or leave it out)")
+
+
+def check_fits(ckpt, config, path, advice, arch_advice):
+    """Refuse to load a checkpoint's weights into a model of another arch or shape (the advice
+    says what to do)."""
     if ckpt["arch"] != config.arch:
-        raise ConfigError(f"{path} holds a {ckpt['arch']} model, not {config.arch}; use --arch "
-                          f"{ckpt['arch']}, or another --out_dir")
+        raise ConfigError(f"{path} holds a {ckpt['arch']} model, not {config.arch}; {arch_advice}")
     saved = {**ckpt["model_config"], "tokenizer": ckpt["tokenizer"], "objective": ckpt["objective"]}
     wanted = {**asdict(model_config(config)), "tokenizer": config.tokenizer,
               "objective": config.objective}
     differ = [k for k in ("tokenizer", "objective") + SHAPE_FIELDS if saved.get(k) != wanted[k]]
     if differ:
         what = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})" for k in differ)
-        raise ConfigError(f"{path} was trained with {what}; drop those flags to resume it, or "
-                          f"train this shape in another --out_dir")
-    if ckpt["iter_num"] > config.max_iters:
-        raise ConfigError(f"{path} is at iteration {ckpt['iter_num']}, past --max_iters "
-                          f"{config.max_iters}; resume with --max_iters {ckpt['iter_num']} or more "
-                          f"(or leave it out)")
+        raise ConfigError(f"{path} was trained with {what}; {advice}")
 
 
 def rng_state(gen):
