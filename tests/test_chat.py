@@ -200,7 +200,7 @@ def test_a_fine_tune_starts_from_its_source_and_leaves_it_as_it_was(talk, source
     assert first["weights"].keys() == saved["model"].keys()
     for name, value in saved["model"].items():
         assert torch.equal(first["weights"][name], value), name
-    assert first["optimizer"] == {}  # weights only: AdamW starts afresh
+    assert len(first["optimizer"]) == 0  # weights only: AdamW starts afresh
     assert history["init_from"] == {"out_dir": str(source), "iter": 4}
     assert history["curve"][0]["cont_loss"] == saved["history"]["cont_loss"]  # the same model
     assert [p["iter"] for p in history["curve"]] == [0, 2, 3]
