@@ -12,10 +12,11 @@ random-boundary training (the same start, recipe, seed and learning-rate schedul
 
 Each run trains through the experiment runner (experiment.py) in its own folder under --out_dir
 (default out/ablation): <variant>_s<seed>/ (dec, encdec, bdd_random, bdd_logspace, ...) and the
-fine-tunes ft_random_s<seed>/, ft_turns_s<seed>/; running the same command again skips finished
-runs and resumes unfinished ones (the chat losses are computed again: about 4 minutes). Written
-to --out_dir: ablation.json (every run, the means and sds over seeds, the fine-tune), ablation.png
-(both losses per variant, the chat loss by turn); the table is printed at the end.
+fine-tunes ft_random_s<seed>/, ft_turns_s<seed>/ (seed: their source's); running the same
+command again skips finished runs and resumes unfinished ones (the chat losses are computed
+again: about 4 minutes). Written to --out_dir: ablation.json (every run, the means and sds over
+seeds, the fine-tune), ablation.png (both losses per variant, the chat loss by speech); the
+table is printed at the end.
 """
 
 import os
@@ -38,6 +39,9 @@ TURN_GROUPS = ("1", "2", "3+")  # the chat loss by speech of the scene; 3rd and 
 FT_ARMS = ("random", "turns")   # the fine-tune's two arms, by --boundaries
 STRATEGY_COLORS = {"random": "tab:red", "logspace": "tab:brown", "single": "tab:pink",
                    "turns": "tab:purple"}
+# A fine-tune's seed is its source's + FT_SEED: with the source's own seed its batch generator
+# would draw the windows (and, for random boundaries, the layouts) its source trained on again.
+FT_SEED = 1000
 STATUS = {"new": "trained", "resume": "resumed", "done": "finished before"}
 
 
@@ -50,7 +54,8 @@ def variants(strategies):
 
 def plan(args, flags):
     """The runs in training order: every variant of a seed, the seeds in turn, then the
-    fine-tunes (each from the bdd_random run of its seed, which is finished by then)."""
+    fine-tunes (each from the bdd_random run of its seed, which is finished by then; labelled
+    with that seed)."""
     base = flags.get("seed", cfg.TrainConfig.seed)
     seeds = range(base, base + args.seeds)
     recipe = {**ex.QUICK, **flags}
@@ -60,7 +65,7 @@ def plan(args, flags):
     for seed in seeds[:args.ft_seeds] if args.ft_iters else ():
         source = os.path.join(args.out_dir, f"bdd_random_s{seed}")
         for arm in FT_ARMS:
-            ft = {**recipe, "arch": "bdd", "boundaries": arm, "seed": seed,
+            ft = {**recipe, "arch": "bdd", "boundaries": arm, "seed": seed + FT_SEED,
                   "max_iters": args.ft_iters, "init_from": source}
             runs.append(ex.make_run(f"ft_{arm}_s{seed}", ft, args.out_dir, variant=f"ft_{arm}",
                                     seed=seed))
@@ -73,33 +78,37 @@ def dialogue(runs, n):
     anything trains."""
     first = runs[0].config
     probe = cfg.TrainConfig(**{**asdict(first), "arch": "bdd", "boundaries": "turns"})
-    batches = train.load_batches(probe, log=lambda line: print(line))
+    batches = train.load_batches(probe, log=print)
     return measure.dialogue_scenes(batches.meta, first.block_size, n)
 
 
 def score(done, scenes):
-    """One run's row: its continuation loss and its chat loss on the scenes."""
+    """One run's row: its continuation loss and its chat loss on the scenes. seed: the seed of
+    the runs it belongs with (a fine-tune's: its source's), train_seed: its own."""
     run, c = done.run, done.run.config
     print(f"== chat loss of {run.name} on {len(scenes)} scenes ==", flush=True)
     model = cfg.load_model(c.out_dir, c.device)[0]
     with cfg.autocast(c):
         chat = measure.chat_eval(model, scenes)
     return {"name": run.name, "variant": run.labels["variant"], "arch": c.arch,
-            "boundaries": c.boundaries if c.arch == "bdd" else None, "seed": c.seed,
-            "init_from": done.history.get("init_from"),
-            "status": STATUS[done.state],
-            "iters": c.max_iters, "cont_loss": done.history["cont_loss"],
+            "boundaries": c.boundaries if c.arch == "bdd" else None, "seed": run.labels["seed"],
+            "train_seed": c.seed, "init_from": done.history.get("init_from"),
+            "status": STATUS[done.state], "iters": c.max_iters,
+            "cont_loss": done.history["cont_loss"],
             "chat_loss": chat["loss"], "chat_tokens": chat["tokens"],
             "chat_by_turn": chat["by_turn"], "chat_by_group": by_group(chat["by_turn"]),
             "wall_time": done.history["wall_time"]}
+
+
+def in_group(turn, group):
+    return turn >= int(group[:-1]) if group.endswith("+") else turn == int(group)
 
 
 def by_group(by_turn):
     """The chat loss of each TURN_GROUPS entry (token-weighted over its turns); None if empty."""
     out = {}
     for g in TURN_GROUPS:
-        turns = [t for t in by_turn if (str(t["turn"]) == g if not g.endswith("+")
-                                        else t["turn"] >= int(g[:-1]))]
+        turns = [t for t in by_turn if in_group(t["turn"], g)]
         n = sum(t["tokens"] for t in turns)
         out[g] = sum(t["loss"] * t["tokens"] for t in turns) / n if n else None
     return out

@@ -38,7 +38,8 @@ def dialogue_text(rng, speeches):
     out = []
     for i in range(speeches):
         line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))
-        more = "\n" + " ".join(rng.choice(WORDS[:6]) for _ in range(2)) if rng.random() < 0.2 else ""
+        second = rng.random() < 0.2
+        more = "\n" + " ".join(rng.choice(WORDS[:6]) for _ in range(2)) if second else ""
         out.append(f"{NAMES[rng.randrange(3)]}: {line}{more}\n")
     return "".join(out)
 
@@ -305,6 +306,7 @@ def test_the_ablation_runs_end_to_end(tiny_ablation):
     assert set(arms) == {"random", "turns"}
     differ = {k for k, v in vars(arms["random"]).items() if vars(arms["turns"])[k] != v}
     assert differ == {"boundaries", "out_dir"} and arms["turns"].max_iters == 3
+    assert arms["turns"].seed == 1337 + ablation.FT_SEED  # not the batches the source saw
     assert {r["name"]: r["init_from"] for r in doc["runs"] if r["init_from"]} == {
         "ft_random_s1337": {"out_dir": source, "iter": 4},
         "ft_turns_s1337": {"out_dir": source, "iter": 4}}
