@@ -298,7 +298,8 @@ def fine_tune_source(config):
     path = cfg.init_source(config)
     if not path.exists():
         raise cfg.ConfigError(f"--init_from {config.init_from}: there is no checkpoint at {path}; "
-                              f"name the folder of a trained run")
+                              f"give scratch, resume, or the folder of a trained run to fine-tune "
+                              f"from")
     ckpt = cfg.load_checkpoint(path)
     cfg.check_fits(ckpt, config, path, "give this run the same shape (a fine-tune takes its "
                    "flags from the command, not from its source)",

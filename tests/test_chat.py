@@ -229,6 +229,8 @@ def argv(config):
     (["--init_from", "{source}", "--out_dir", "{source}"], "is this run's own --out_dir: a "
      "fine-tune trains into a folder of its own"),
     (["--init_from", "{empty}"], "there is no checkpoint at"),
+    (["--init_from", "resum"], "--init_from resum: there is no checkpoint at resum/ckpt.pt; give "
+     "scratch, resume, or the folder of a trained run"),
     (["--init_from", ""], "--init_from is empty"),
     (["--init_from", "{source}", "--n_embd", "32"], "n_embd 16 (this run: 32); give this run "
      "the same shape"),
