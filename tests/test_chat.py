@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ import corpus
 import mask
 import measure
 import train
-from model import ARCHS, ModelConfig, build_model
+from model import ModelConfig, build_model
 
 NAMES = ["Ann", "Bob", "Cyril"]
 WORDS = "to be or not so I am here go now yes no".split()
