@@ -323,7 +323,9 @@ def chat_losses(model, scene, prefix_cache="keep"):
 def chat_eval(model, scenes, prefix_cache="keep"):
     """The chat loss of a model on dialogue scenes (chat_losses): {"loss": nats per scored token
     over all speeches, "tokens", "scenes", "by_turn": [{"turn": k, "loss", "speeches", "tokens"}]
-    for the k-th speech of the scenes that have one, k = 1, 2, ...}. Means are over tokens."""
+    for the k-th speech of the scenes that have one, k = 1, 2, ...}. Means are over tokens.
+    An encdec model trained with span corruption is scored in the prefix form, as the
+    continuation loss scores it (`--chat` would prompt it T5-style, with a sentinel)."""
     by_turn = []  # [sum of the losses, tokens, speeches] of the k-th speeches
     for scene in scenes:
         for k, losses in enumerate(chat_losses(model, scene, prefix_cache)):
