@@ -27,6 +27,7 @@ import cli
 import corpus
 import files
 import pack
+import sources
 from model import ARCHS, ModelConfig, build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,8 +68,9 @@ class TrainConfig:
     rehash: bool = setting(False, "re-read the whole source (not only file names, sizes and "
                            "times) to decide whether its prepared copy is current")
     out_dir: str = setting(None, "checkpoint and log folder (default: out/<arch>)")
-    init_from: str = setting("scratch", "scratch, or resume from <out_dir>/ckpt.pt (unset flags "
-                             "come from it)", ("scratch", "resume"))
+    init_from: str = setting("scratch", "scratch; resume <out_dir>/ckpt.pt (unset flags come "
+                             "from it); or another run's folder: fine-tune from its weights (a "
+                             "fresh optimizer and schedule; this run's flags, with its shape)")
     overwrite: bool = setting(False, "let a fresh run replace the run already in --out_dir")
     always_save_checkpoint: bool = setting(False, "save at every evaluation, not only when the "
                                            "continuation loss improves")
@@ -144,11 +146,17 @@ SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", 
                 "kv_share", "n_embd", "bias")
 CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
                    "train_config", "iter_num", "best_cont_loss", "history", "rng")
-PATH_FIELDS = ("data", "data_root", "out_dir")  # where "" would silently mean this folder
+PATH_FIELDS = ("data", "data_root", "out_dir", "init_from")  # where "" would mean this folder
+INIT_KEYWORDS = ("scratch", "resume")  # any other --init_from names the folder of a run
 
 
 def decay_end(c):
     return c.max_iters if c.lr_decay_iters is None else c.lr_decay_iters
+
+
+def init_source(c):
+    """The checkpoint a fine-tune starts from (--init_from naming a run's folder), else None."""
+    return None if c.init_from in INIT_KEYWORDS else checkpoint_path(c.init_from)
 
 
 # How fields must agree: (holds for config c, the message when it does not).
@@ -171,6 +179,10 @@ AGREE = [
     (lambda c: c.kv_share == 1 or c.arch == "dec",
      "--kv_share is cross-layer K/V sharing of dec's layers; {arch} keeps one K/V per layer: drop "
      "--kv_share or use --arch dec"),
+    (lambda c: init_source(c) is None or
+     os.path.realpath(c.init_from) != os.path.realpath(c.out_dir),
+     "--init_from {init_from} is this run's own --out_dir: a fine-tune trains into a folder of its "
+     "own and leaves its source as it is; continue a run with --init_from resume"),
     (lambda c: c.kv_share <= c.n_layer,
      "--kv_share {kv_share} groups more layers than the model has (--n_layer {n_layer})"),
     (lambda c: c.min_lr <= c.learning_rate,
@@ -223,7 +235,7 @@ def check(config):
         if not holds(config):
             raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
     if config.turn_regex is not None:
-        corpus.turn_pattern(config.turn_regex)  # DataError: one line, exit 2
+        sources.turn_pattern(config.turn_regex)  # DataError: one line, exit 2
     check_device(config.device)
 
 
@@ -250,9 +262,9 @@ def check_folders(config):
     """Before any data is prepared or model built: out_dir and data_root must be folders this
     process can write (or create), and a fresh run must not silently replace another run."""
     writable_folder(config.out_dir, "out_dir")
-    writable_folder(config.data_root or corpus.DATA, "data_root")
+    writable_folder(config.data_root or sources.DATA, "data_root")
     path = checkpoint_path(config.out_dir)
-    refuse([(config.init_from == "scratch" and not config.overwrite and path.exists(),
+    refuse([(config.init_from != "resume" and not config.overwrite and path.exists(),
              f"{path} already holds a run: continue it with --init_from resume, train into "
              f"another --out_dir, or replace it with --overwrite")])
 
@@ -434,20 +446,24 @@ def load_model(out_dir, device="cpu"):
 def check_resumable(ckpt, config, path):
     """Refuse to load weights into a model of another arch or shape, or to stop a run before
     the iteration its checkpoint has reached."""
+    check_fits(ckpt, config, path, "drop those flags to resume it, or train this shape in "
+               "another --out_dir", f"use --arch {ckpt['arch']}, or another --out_dir")
+    refuse([(ckpt["iter_num"] > config.max_iters,
+             f"{path} is at iteration {ckpt['iter_num']}, past --max_iters {config.max_iters}; "
+             f"resume with --max_iters {ckpt['iter_num']} or more (or leave it out)")])
+
+
+def check_fits(ckpt, config, path, advice, arch_advice):
+    """Refuse to load a checkpoint's weights into a model of another arch or shape (the advice
+    says what to do)."""
     saved = {**ckpt["model_config"], "tokenizer": ckpt["tokenizer"], "objective": ckpt["objective"]}
     wanted = {**asdict(model_config(config)), "tokenizer": config.tokenizer,
               "objective": config.objective}
     differ = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})"
                        for k in ("tokenizer", "objective") + SHAPE_FIELDS if saved.get(k) != wanted[k])
-    refuse([(ckpt["arch"] != config.arch, f"{path} holds a {ckpt['arch']} model, not "
-                                          f"{config.arch}; use --arch {ckpt['arch']}, or another "
-                                          f"--out_dir"),
-            (differ, f"{path} was trained with {differ}; drop those flags to resume it, or train "
-                     f"this shape in another --out_dir"),
-            (ckpt["iter_num"] > config.max_iters, f"{path} is at iteration {ckpt['iter_num']}, "
-                                                  f"past --max_iters {config.max_iters}; resume "
-                                                  f"with --max_iters {ckpt['iter_num']} or more "
-                                                  f"(or leave it out)")])
+    refuse([(ckpt["arch"] != config.arch,
+             f"{path} holds a {ckpt['arch']} model, not {config.arch}; {arch_advice}"),
+            (differ, f"{path} was trained with {differ}; {advice}")])
 
 
 def rng_state(gen):

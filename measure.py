@@ -11,7 +11,9 @@ way for every experiment.
   at the same budget, as many as each arch and prefix-cache policy holds: time to first token
   of each turn, decode throughput, held bytes, encoder tokens per turn;
 - step_times: training steps timed in rounds that alternate between the archs;
-- train_flops_per_token: a training step's FLOPs counted on a run's own batches.
+- train_flops_per_token: a training step's FLOPs counted on a run's own batches;
+- chat_eval: the loss on each speech of held-out dialogue scenes (dialogue_scenes), fed turn by
+  turn through sample.Session as `sample.py --chat` runs, by turn position and overall.
 
 Timings alternate between the archs round by round and report medians, so that the machine's
 drift does not become a difference between archs.
@@ -19,15 +21,18 @@ drift does not become a difference between archs.
 
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import config as cfg
 import pack
 import train
 from cache import held_bytes
-from corpus import get_tokenizer
+from corpus import DataError, get_tokenizer
 from flops import decode_flops, step_flops
 from sample import Session, generate
 
@@ -346,3 +351,120 @@ def train_flops_per_token(config, log=print):
     total = sum(step_flops(model, train.to_device(batches.get_batch("train"), config.device),
                            cfg.autocast(config)) for _ in range(FLOP_BATCHES))
     return total / (FLOP_BATCHES * config.batch_size * config.block_size)
+
+
+# -----------------------------------------------------------------------------
+# multi-turn chat, measured turn by turn
+
+
+@dataclass
+class Scene:
+    """A held-out dialogue: tokens (L,) and its turn starts, starts[0] == 0. Speech k is
+    tokens[starts[k]:starts[k + 1]] (the last one runs to the end), at least 2 tokens long."""
+    tokens: torch.Tensor
+    starts: list
+
+    def speeches(self):
+        """(start, end) of each speech."""
+        return list(zip(self.starts, self.starts[1:] + [len(self.tokens)]))
+
+
+def dialogue_scenes(meta, block_size, n, split="val"):
+    """Up to n dialogue scenes of a prepared dataset's split (its turn starts, corpus.py): each
+    starts at a turn start and holds as many whole speeches as fit in block_size + 1 tokens (a
+    chat feeds every token but the last), at least 2, inside one document, each at least 2
+    tokens long. The scenes start at evenly spaced ones of the turn starts that begin such a run,
+    so every run, seed and arch is scored on the same scenes. DataError if there is none."""
+    folder = Path(meta["dir"])
+    data = np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r")
+    counts = meta.get("turns") or {}
+    turns = (np.memmap(folder / f"{split}.turns", dtype=np.int64, mode="r") if counts.get(split)
+             else np.empty(0, dtype=np.int64))
+    ends = np.flatnonzero(data == meta["eot"])  # documents end at their eot
+    runs = []  # (index of a scene's first turn start, of the turn start that ends it)
+    for i, start in enumerate(turns.tolist()):
+        last = int(np.searchsorted(turns, start + block_size + 1, "right")) - 1
+        after = np.searchsorted(ends, start)  # the eot that ends the speech's document
+        doc_end = ends[after] if after < len(ends) else len(data)
+        last = min(last, int(np.searchsorted(turns, doc_end, "right")) - 1)
+        short = np.flatnonzero(np.diff(turns[i:last + 1]) < 2)
+        if short.size:
+            last = i + int(short[0])
+        if last - i >= 2:
+            runs.append((i, last))
+    if not runs:
+        why = ("it has no turn starts there" if not len(turns) else
+               f"no two whole speeches in a row fit in block_size {block_size} + 1 tokens")
+        raise DataError(f"the chat evaluation needs dialogue scenes from the {split} split of "
+                        f"{meta['name']}, but {why}; give a corpus with turns (--turn_regex) or "
+                        f"a larger --block_size")
+    picked = sorted({round(x) for x in np.linspace(0, len(runs) - 1, min(n, len(runs)))})
+    scenes = []
+    for i, last in (runs[p] for p in picked):
+        begin = int(turns[i])
+        tokens = torch.from_numpy(data[begin:int(turns[last])].astype(np.int64))
+        scenes.append(Scene(tokens, [int(t) - begin for t in turns[i:last]]))
+    return scenes
+
+
+class ForcedSession(Session):
+    """A Session whose replies are given (teacher forcing): turn() runs as `sample.py --chat`
+    runs it, the same prefill and cache handling, and each decode step feeds the given reply's
+    next token where Session feeds a sampled one. Each turn's losses (nats per reply token, from
+    the logits the model gave it) are kept in `losses`."""
+
+    def __init__(self, model, prefix_cache="keep"):
+        super().__init__(model, prefix_cache=prefix_cache)
+        self.reply, self.losses = None, []
+
+    def forced_turn(self, prompt, reply):
+        """Feed prompt (B, n), then reply (B, G) as if sampled: the reply's losses (B, G)."""
+        self.reply = reply
+        self.turn(prompt, reply.shape[1])
+        return self.losses[-1]
+
+    def _sample(self, logits, max_new_tokens, stop_tokens, sampling):
+        """Session._sample's decode loop with the reply in place of samples (no stop tokens)."""
+        reply, losses = self.reply, []
+        for i in range(max_new_tokens):
+            losses.append(F.cross_entropy(logits.double(), reply[:, i], reduction="none"))
+            if i == max_new_tokens - 1:
+                break
+            logits, self.cache = self.model.decode(reply[:, i], self.cache)
+        self.losses.append(torch.stack(losses, 1))
+        return reply, [max_new_tokens] * reply.shape[0]
+
+
+def chat_losses(model, scene, prefix_cache="keep"):
+    """The loss (nats) of each token of each speech of a scene given the whole history, one
+    tensor (end - start - 1,) per speech: each speech is a turn of a ForcedSession, as in
+    `sample.py --chat`. A turn's prompt is the speech's first token, so bdd's decoder block
+    starts there (at the turn start, where `--boundaries turns` trains one), dec extends its cache
+    and encdec re-encodes the history before it; the rest of the speech is the reply, each token
+    scored from the logits of the step before it. The first token of a speech is the prompt:
+    not scored (its logits belong to the previous turn, which Session never computes)."""
+    assert not model.training, "dropout would make the losses random: call model.eval()"
+    x = scene.tokens.to(next(model.parameters()).device)
+    session = ForcedSession(model, prefix_cache)
+    return [session.forced_turn(x[s:s + 1].view(1, 1), x[s + 1:e].view(1, -1))[0]
+            for s, e in scene.speeches()]
+
+
+def chat_eval(model, scenes, prefix_cache="keep"):
+    """The chat loss of a model on dialogue scenes (chat_losses): {"loss": nats per scored token
+    over all speeches, "tokens", "scenes", "by_turn": [{"turn": k, "loss", "speeches", "tokens"}]
+    for the k-th speech of the scenes that have one, k = 1, 2, ...}. Means are over tokens.
+    An encdec model trained with span corruption is scored in the prefix form, as the
+    continuation loss scores it (`--chat` would prompt it T5-style, with a sentinel)."""
+    by_turn = []  # [sum of the losses, tokens, speeches] of the k-th speeches
+    for scene in scenes:
+        for k, losses in enumerate(chat_losses(model, scene, prefix_cache)):
+            if k == len(by_turn):
+                by_turn.append([0.0, 0, 0])
+            by_turn[k][0] += losses.double().sum().item()
+            by_turn[k][1] += losses.numel()
+            by_turn[k][2] += 1
+    return {"loss": sum(t[0] for t in by_turn) / sum(t[1] for t in by_turn),
+            "tokens": sum(t[1] for t in by_turn), "scenes": len(scenes),
+            "by_turn": [{"turn": k + 1, "loss": total / n, "speeches": count, "tokens": n}
+                        for k, (total, n, count) in enumerate(by_turn)]}

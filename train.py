@@ -4,8 +4,11 @@ config.TrainConfig is a flag; unset ones come from config.PRESETS (cpu, or gpu o
 
     python train.py --arch bdd                                  # CPU: a small BDD on Shakespeare
     python train.py --arch bdd --init_from resume --max_iters 600    # continue out/bdd/ckpt.pt
+    python train.py --init_from out/bdd --out_dir out/bdd_ft --boundaries turns --max_iters 200
     torchrun --standalone --nproc_per_node=4 train.py --arch bdd     # DistributedDataParallel
 
+The third line fine-tunes: a new run in its own folder whose model starts from out/bdd's weights
+(nothing else of that run: a fresh optimizer, schedule and history; out/bdd is only read).
 Other scripts call train(config.make_config(arch=..., ...)) and read the history it returns. A
 run holds its --out_dir while it lives. Exit codes (cli.py): 2 bad input, 1 nan loss, 3 a
 checkpoint could not be written, 130 Ctrl-C; the last whole checkpoint is always kept.
@@ -177,7 +180,7 @@ def start_log(config, iter_num):
     empty log, removing first the checkpoint of the run it replaces (--overwrite); a resumed run
     keeps the evaluations up to the checkpoint's iteration (a run killed after its last save may
     have logged later ones, or half a line, and it is about to run them again)."""
-    if config.init_from == "scratch":
+    if config.init_from != "resume":
         cfg.checkpoint_path(config.out_dir).unlink(missing_ok=True)
     files.cut_log(Path(config.out_dir) / "log.jsonl", iter_num if config.init_from == "resume"
                   else -1)
@@ -250,18 +253,24 @@ class Training:
 
 
 def start(config, rank, world, device, log, t_start):
-    """The run at its first step: fresh, or restored from its checkpoint (weights, optimizer,
-    generators; other ranks than 0 go on with fresh seeds)."""
-    ckpt = None
+    """The run at its first step: fresh, restored from its checkpoint (weights, optimizer,
+    generators; other ranks than 0 go on with fresh seeds), or a fine-tune: fresh but for the
+    weights of the run it starts from."""
+    ckpt = source = None
     if config.init_from == "resume":
         ckpt = cfg.load_checkpoint(cfg.checkpoint_path(config.out_dir))
         cfg.check_resumable(ckpt, config, cfg.checkpoint_path(config.out_dir))
+    elif cfg.init_source(config) is not None:
+        source = fine_tune_source(config)
     batches = load_batches(config, rank, world, log)
     # the same seed on every rank (DDP also broadcasts rank 0's weights); rank r's dropout: + r
     model = cfg.fresh_model(config, device, seed=config.seed + rank)
     optimizer = configure_optimizer(model, config, torch.device(device).type)
     run = Training(config, model, model, optimizer, batches, new_history(config, model), rank,
                    world, device, log, t_start)
+    if source is not None:
+        model.load_state_dict(source["model"])
+        run.history["init_from"] = {"out_dir": config.init_from, "iter": source["iter_num"]}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -280,6 +289,22 @@ def start(config, rank, world, device, log, t_start):
         ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
         run.train_model = DDP(run.train_model, device_ids=ids)
     return run
+
+
+def fine_tune_source(config):
+    """The checkpoint a fine-tune starts from, checked to fit this run's model. Only its weights
+    are used: the optimizer's moments belong to the source's schedule and data, and the fine-tune
+    warms up its own (AdamW re-estimates them during the warmup)."""
+    path = cfg.init_source(config)
+    if not path.exists():
+        raise cfg.ConfigError(f"--init_from {config.init_from}: there is no checkpoint at {path}; "
+                              f"give scratch, resume, or the folder of a trained run to fine-tune "
+                              f"from")
+    ckpt = cfg.load_checkpoint(path)
+    cfg.check_fits(ckpt, config, path, "give this run the same shape (a fine-tune takes its "
+                   "flags from the command, not from its source)",
+                   f"give --arch {ckpt['arch']} (a fine-tune keeps its source's model)")
+    return ckpt
 
 
 def train(config, log=print):
@@ -392,6 +417,9 @@ def log_start(run, tokens_per_iter):
             f"{run.world} process(es) on {run.device}, {torch.get_num_threads()} thread(s)")
     if run.iter_num:
         run.log(f"resuming {cfg.checkpoint_path(c.out_dir)} at iter {run.iter_num}")
+    elif "init_from" in h:
+        run.log(f"fine-tuning: the model starts from {h['init_from']['out_dir']} (iter "
+                f"{h['init_from']['iter']})")
 
 
 def log_progress(run, lossf, lr, window, tokens_per_iter, last_eval_time):
