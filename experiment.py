@@ -169,7 +169,8 @@ def train_run(run, state, log=print):
 def shape(run):
     """What a run's counted FLOPs per token depend on."""
     c = run.config
-    return c.arch, c.n_layer, c.n_dec, c.n_head, c.n_embd, c.block_size, c.tokenizer, c.objective
+    return (c.arch, c.n_layer, c.n_dec, c.n_head, c.n_kv_head, c.kv_share, c.n_embd, c.block_size,
+            c.tokenizer, c.objective)
 
 
 def tokens_per_iter(c):

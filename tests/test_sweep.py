@@ -226,6 +226,9 @@ def test_sweep_takes_variants(tiny, sizes, tmp_path, monkeypatch, capsys):
         assert kv1["n_kv_head"] == 1 and dec["n_kv_head"] == 2
         assert kv1["kv_bytes_per_position"] * 2 == dec["kv_bytes_per_position"]
         assert kv1["non_embedding_params"] < dec["non_embedding_params"]
+    runs = {r["name"]: r for r in doc["runs"]}  # its own step counted: a narrower K/V projection
+    assert runs["a/dec-kv1_s1337"]["train_flops_per_token"] < \
+        runs["a/dec_s1337"]["train_flops_per_token"]
     assert "dec:kv1/dec" in capsys.readouterr().out
 
 
