@@ -1,20 +1,26 @@
 """
-The experiment runner that compare.py and sweep.py share: a plan of runs, each trained through
-train.train() in its own folder, resumed where it stopped, and skipped once finished; and the
-JSON, figure and table helpers their reports use.
+The experiment runner that compare.py, sweep.py and frontier.py share: a plan of runs, each
+trained through train.train() in its own folder, resumed where it stopped, and skipped once
+finished; the variants of --archs (an arch with fewer keys and values: dec:kv2, dec:cla3,
+bdd:kv1); per-arch learning rates (--lr); and the JSON, figure and table helpers of the reports.
 
     runs = [make_run("bdd", {**flags, "arch": "bdd"}, out_dir), ...]   # the plan
     done = execute(runs)            # [Done(run, history, flops_per_token, state)], in order
 
 A run's folder that holds a run trained with other settings is refused (one line naming the
 setting) unless --overwrite is given, the same rule train.py follows. An experiment holds its
---out_dir while it runs, so a second one into it is refused.
+--out_dir while it runs, so a second one into it is refused. A run that diverges stops the
+experiment, unless it asks to record it (execute(..., allow_diverged=True), as the learning-rate
+sweep does): its folder then keeps a diverged.json, and the run counts as finished.
 """
 
 import json
+import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import cli
 import config as cfg
@@ -45,9 +51,13 @@ class Run:
 @dataclass
 class Done:
     run: Run
-    history: dict              # train.train()'s history
+    history: dict              # train.train()'s history (None: the run diverged)
     flops_per_token: float     # counted training FLOPs per token (measure.train_flops_per_token)
-    state: str                 # "new", "resume" or "done" when the experiment started
+    state: str                 # "new", "resume", "done" or "diverged" when the experiment started;
+    #                            "diverged" also for a run that diverged now
+
+
+DIVERGED = "diverged.json"  # in a run's folder: the run's settings and how it diverged
 
 
 def make_run(name, flags, out_root, **labels):
@@ -58,65 +68,99 @@ def make_run(name, flags, out_root, **labels):
 
 
 def run_state(run):
-    """("new", 0), ("resume", iter) or ("done", iter) from the run folder's checkpoint;
-    ConfigError if that checkpoint was trained with other settings (or more steps) than the plan
-    asks. With overwrite every run is "new": what its folder holds is replaced."""
-    path = cfg.checkpoint_path(run.config.out_dir)
-    if run.config.overwrite or not path.exists():
+    """("new", 0), ("resume", iter), ("done", iter) or ("diverged", 0) from the run folder's
+    checkpoint or diverged.json; ConfigError if the folder holds a run trained with other
+    settings (or more steps) than the plan asks. With overwrite every run is "new": what its
+    folder holds is replaced."""
+    path, marker = cfg.checkpoint_path(run.config.out_dir), Path(run.config.out_dir) / DIVERGED
+    if run.config.overwrite or not (path.exists() or marker.exists()):
         return "new", 0
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        check_same(run, saved["train_config"], saved["n_dec_layer"], 0)
+        return "diverged", 0
     ckpt = cfg.load_checkpoint(path, mmap=True)
+    check_same(run, ckpt["train_config"], ckpt["model_config"]["n_dec_layer"], ckpt["iter_num"])
+    return ("done" if ckpt["iter_num"] == run.config.max_iters else "resume"), ckpt["iter_num"]
+
+
+def check_same(run, train_config, n_dec_layer, iter_num):
+    """ConfigError naming what differs between the run a folder holds and the plan's."""
     # n_dec_layer None means the 2:1 split: compare the split the model was built with
-    saved = {**ckpt["train_config"], "n_dec_layer": ckpt["model_config"]["n_dec_layer"]}
+    saved = {**train_config, "n_dec_layer": n_dec_layer}
     wanted = {**asdict(run.config), "n_dec_layer": run.config.n_dec}
     differ = [f"{k} {saved[k]!r} (this plan: {v!r})" for k, v in wanted.items()
               if k not in NOT_COMPARED and k in saved and saved[k] != v]
-    if ckpt["iter_num"] > run.config.max_iters:
-        differ.append(f"{ckpt['iter_num']} steps (this plan: max_iters {run.config.max_iters})")
+    if iter_num > run.config.max_iters:
+        differ.append(f"{iter_num} steps (this plan: max_iters {run.config.max_iters})")
     if differ:
         raise cfg.ConfigError(f"{run.config.out_dir} holds a run trained with "
                               f"{', '.join(differ)}; use the same flags, another --out_dir, or "
                               f"--overwrite to replace it")
-    return ("done" if ckpt["iter_num"] == run.config.max_iters else "resume"), ckpt["iter_num"]
 
 
-def execute(runs, log=print):
+def execute(runs, log=print, allow_diverged=False):
     """Train (or skip, or resume) every run in order; one Done per run. Every folder is checked
     before anything trains; progress lines say which run, how many are left and the ETA (the
-    counted FLOPs still to train, at the speed of the runs trained so far)."""
+    counted FLOPs still to train, at the speed of the runs trained so far). allow_diverged: a
+    run whose loss becomes nan or inf is recorded (diverged.json) and the next one trains;
+    otherwise train.LossNotFinite stops the experiment, and a recorded one is refused."""
     states = [run_state(run) for run in runs]
     for run, (state, _) in zip(runs, states):
         if state == "new":
             cfg.check_folders(cfg.TrainConfig(**{**asdict(run.config), "overwrite": True}))
-    log(f"== {len(runs)} runs: {sum(s == 'done' for s, _ in states)} finished, "
-        f"{sum(s == 'resume' for s, _ in states)} to resume, {sum(s == 'new' for s, _ in states)} "
-        f"new; counting training FLOPs ==")
+        if state == "diverged" and not allow_diverged:
+            raise cfg.ConfigError(f"{run.config.out_dir} holds a run that diverged; train it "
+                                  f"with other flags in another --out_dir, or use --overwrite")
+    finished = sum(s in ("done", "diverged") for s, _ in states)
+    log(f"== {len(runs)} runs: {finished} finished, {sum(s == 'resume' for s, _ in states)} to "
+        f"resume, {sum(s == 'new' for s, _ in states)} new; counting training FLOPs ==")
     per_token = {}
     for run in runs:
         if shape(run) not in per_token:
             per_token[shape(run)] = measure.train_flops_per_token(run.config, log)
-    todo = [per_token[shape(r)] * (r.config.max_iters - it) * tokens_per_iter(r.config)
-            for r, (_, it) in zip(runs, states)]
+    todo = [0 if s == "diverged" else per_token[shape(r)] * (r.config.max_iters - it) *
+            tokens_per_iter(r.config) for r, (s, it) in zip(runs, states)]
     seconds = flops = 0.0
     done = []
     for i, (run, (state, it)) in enumerate(zip(runs, states)):
-        left = sum(s != "done" for s, _ in states[i:])
+        left = sum(s in ("new", "resume") for s, _ in states[i:])
         eta = train.duration(seconds / flops * sum(todo[i:])) if flops else "after the first run"
-        what = {"new": "training", "resume": f"resuming at iter {it}",
-                "done": "finished, skipped"}[state]
+        what = {"new": "training", "resume": f"resuming at iter {it}", "done": "finished, skipped",
+                "diverged": "diverged before, skipped"}[state]
         log(f"== [{i + 1}/{len(runs)}] {run.name} ({what}); runs left to train: {left}, "
             f"ETA {eta} ==")
         start = time.time()
-        history = train_run(run, state, log)
-        if state != "done":
+        try:
+            history = train_run(run, state, log)
+        except train.LossNotFinite as e:
+            if not allow_diverged:
+                raise
+            record_divergence(run, e, log)
+            history, state = None, "diverged"
+        if state in ("new", "resume"):
             seconds, flops = seconds + time.time() - start, flops + todo[i]
         done.append(Done(run, history, per_token[shape(run)], state))
     return done
 
 
+def record_divergence(run, error, log):
+    """Write the run's diverged.json: the settings it diverged with, and the message."""
+    path = Path(run.config.out_dir) / DIVERGED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json({"train_config": asdict(run.config), "n_dec_layer": run.config.n_dec,
+                "error": str(error)}, path)
+    log(f"[{run.name}] diverged: {error}; recorded in {path}, the experiment goes on")
+
+
 def train_run(run, state, log=print):
-    """The run's history: read from its finished checkpoint, or from train.train()."""
+    """The run's history: read from its finished checkpoint, or from train.train() (None for a
+    run that diverged before)."""
+    if state == "diverged":
+        return None
     if state == "done":
         return cfg.load_checkpoint(cfg.checkpoint_path(run.config.out_dir), mmap=True)["history"]
+    (Path(run.config.out_dir) / DIVERGED).unlink(missing_ok=True)  # --overwrite: trained anew
     config = run.config if state == "new" else cfg.make_config(**{**run.flags,
                                                                   "init_from": "resume"})
     return train.train(config, log=lambda s: log(f"[{run.name}] {s}"))
@@ -125,7 +169,8 @@ def train_run(run, state, log=print):
 def shape(run):
     """What a run's counted FLOPs per token depend on."""
     c = run.config
-    return c.arch, c.n_layer, c.n_dec, c.n_head, c.n_embd, c.block_size, c.tokenizer, c.objective
+    return (c.arch, c.n_layer, c.n_dec, c.n_head, c.n_kv_head, c.kv_share, c.n_embd, c.block_size,
+            c.tokenizer, c.objective)
 
 
 def tokens_per_iter(c):
@@ -150,19 +195,197 @@ def parser(description, out_dir, per_run):
                                      **per_run}, skip=("out_dir",))
 
 
+# -----------------------------------------------------------------------------
+# variants: an arch with fewer keys and values
+
+
+# A variant is `arch[:option]...`; each option sets a train flag.
+OPTIONS = {"kv": "n_kv_head", "cla": "kv_share"}
+OPTIONS_HELP = ("options are kv<N> (N >= 1 key/value heads, dividing n_head) and cla<K> (dec "
+                "only: K >= 2 layers per shared K/V), e.g. dec:kv2, dec:cla3, bdd:kv1")
+
+
 def parse_archs(text):
-    """--archs as a list: arch names in lower case, comma-separated, each at most once; spaces
-    around a name and empty entries are ignored. ConfigError otherwise."""
-    archs = [a.strip() for a in text.split(",") if a.strip()]
-    for i, arch in enumerate(archs):
-        if arch not in ARCHS:
-            raise cfg.ConfigError(f"--archs {text!r}: {arch!r} is not an arch; choose from "
-                                  f"{', '.join(ARCHS)} (lower case, comma-separated)")
-        if arch in archs[:i]:
-            raise cfg.ConfigError(f"--archs {text!r}: {arch} is listed twice; name each arch once")
-    if not archs:
-        raise cfg.ConfigError(f"--archs {text!r} names no arch; choose from {', '.join(ARCHS)}")
-    return archs
+    """--archs as a list of variant names: `arch[:option]...` (OPTIONS), comma-separated, each at
+    most once, in one spelling (kv before cla); spaces and empty entries are ignored.
+    variant_flags(name) gives a variant's train flags, variant_folder(name) its folder name.
+    ConfigError for an unknown arch or option, an option given twice, cla for encdec or bdd,
+    or cla1 (which shares nothing)."""
+    names = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry:
+            name = variant_name(entry, f"--archs {text!r}")
+            if name in names:
+                raise cfg.ConfigError(f"--archs {text!r}: {name} is listed twice; name each "
+                                      f"arch once")
+            names.append(name)
+    if not names:
+        raise cfg.ConfigError(f"--archs {text!r} names no arch; choose from {', '.join(ARCHS)}, "
+                              f"with {OPTIONS_HELP}")
+    return names
+
+
+def variant_name(entry, where):
+    """The variant name of one entry of a list (where: the flag and its text, for errors)."""
+    arch, *options = (part.strip() for part in entry.split(":"))
+    if arch not in ARCHS:
+        raise cfg.ConfigError(f"{where}: {arch!r} is not an arch; choose from {', '.join(ARCHS)} "
+                              f"(lower case, comma-separated), with {OPTIONS_HELP}")
+    values = {}
+    for option in options:
+        match = re.fullmatch(r"(kv|cla)([1-9][0-9]*)", option)
+        if not match:
+            raise cfg.ConfigError(f"{where}: {option!r} in {entry!r} is not an option; "
+                                  f"{OPTIONS_HELP}")
+        if match[1] in values:
+            raise cfg.ConfigError(f"{where}: {entry!r} gives {match[1]} twice; give it once")
+        values[match[1]] = int(match[2])
+    if "cla" in values and arch != "dec":
+        raise cfg.ConfigError(f"{where}: {entry!r}: cla (cross-layer K/V sharing) is a dec "
+                              f"option; {arch} keeps one K/V per layer: drop :cla{values['cla']}")
+    if values.get("cla") == 1:
+        raise cfg.ConfigError(f"{where}: {entry!r}: cla1 shares no layer's K/V (it is dec "
+                              f"itself); use dec, or cla2 and up")
+    return ":".join([arch] + [f"{k}{values[k]}" for k in OPTIONS if k in values])
+
+
+def variant_flags(name):
+    """The train flags of a variant name: {"arch": ..., and "n_kv_head", "kv_share" if given}."""
+    arch, *options = name.split(":")
+    flags = {"arch": arch}
+    for option in options:
+        kind = option.rstrip("0123456789")
+        flags[OPTIONS[kind]] = int(option[len(kind):])
+    return flags
+
+
+def variant_folder(name):
+    """The variant in a form for folder names: dec:kv2 -> dec-kv2."""
+    return name.replace(":", "-")
+
+
+def variant_problem(name, flags):
+    """(what is wrong, what would fit) if the variant's options do not fit the model the other
+    flags make: kv<N> must divide n_head, cla<K> be at most n_layer; None if they fit."""
+    own = variant_flags(name)
+    config = cfg.make_config(**{**flags, "arch": own["arch"]})
+    kv, share = own.get("n_kv_head"), own.get("kv_share")
+    if kv is not None and config.n_head % kv:
+        fits = [f"kv{n}" for n in range(1, config.n_head + 1) if config.n_head % n == 0]
+        return f"kv{kv} needs n_kv_head {kv} to divide n_head {config.n_head}", \
+            f"use {', '.join(fits)}"
+    if share is not None and share > config.n_layer:
+        return f"cla{share} groups more layers than the model's n_layer {config.n_layer}", \
+            f"use cla2 to cla{config.n_layer}"
+    return None
+
+
+def check_variant(name, flags):
+    """ConfigError naming the variant if its options do not fit the model (variant_problem)."""
+    problem = variant_problem(name, flags)
+    if problem:
+        raise cfg.ConfigError(f"--archs {name}: {problem[0]}; {problem[1]}")
+
+
+def variant_style(name, names):
+    """(color, marker) of a variant in a figure of `names`: its arch's color, and a marker of
+    its own among that arch's variants."""
+    arch = variant_flags(name)["arch"]
+    mine = [n for n in names if variant_flags(n)["arch"] == arch]
+    return ARCH_COLORS[arch], "os^vDPX*"[mine.index(name) % 8]
+
+
+# -----------------------------------------------------------------------------
+# learning rates per arch (--lr)
+
+
+LR_FILE = os.path.join("out", "frontier", "lr.json")  # where `frontier.py --lr_sweep` writes
+LR_HELP = ("auto (the rates `python frontier.py --lr_sweep` chose, from --lr_file) or "
+           "name=rate,... per arch or variant, e.g. dec=3e-3,encdec=2e-3,bdd=2e-3 (a variant "
+           "without a rate of its own takes its arch's; min_lr is rate / 10)")
+
+
+def add_variant_flags(parser, archs, lr, lr_file, note=""):
+    """--archs, --lr and --lr_file as sweep.py and frontier.py take them; the defaults (in
+    words, for the help) are the caller's to fill in."""
+    parser.add_argument("--archs", help=f"comma-separated variants (default {archs}): "
+                        f"arch[:option]..., {OPTIONS_HELP}{note}")
+    parser.add_argument("--lr", help=f"learning rates (default {lr}): {LR_HELP}")
+    parser.add_argument("--lr_file", help=f"the lr.json that `python frontier.py --lr_sweep` "
+                        f"writes and --lr auto reads (default {lr_file})")
+
+
+def parse_lrs(text):
+    """--lr: "auto", or {variant name: learning rate} from "dec=3e-3,bdd:kv1=1e-3". ConfigError
+    for an entry that is not name=rate, an unknown name, a name given twice, or a rate that is
+    not a positive number."""
+    if text.strip() == "auto":
+        return "auto"
+    lrs = {}
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, eq, value = (part.strip() for part in entry.partition("="))
+        if not eq:
+            raise cfg.ConfigError(f"--lr {text!r}: {entry!r} is not name=rate; give e.g. --lr "
+                                  f"dec=3e-3,bdd=2e-3, or --lr auto")
+        name = variant_name(name, f"--lr {text!r}")
+        if name in lrs:
+            raise cfg.ConfigError(f"--lr {text!r}: {name} is given twice; give each once")
+        lrs[name] = positive_rate(value, f"--lr {text!r}: {name}")
+    if not lrs:
+        raise cfg.ConfigError(f"--lr {text!r} gives no rate; {LR_HELP}")
+    return lrs
+
+
+def positive_rate(value, where):
+    """float(value) if it is a positive, finite number; ConfigError otherwise."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not 0 < rate < math.inf:
+        raise cfg.ConfigError(f"{where}: {value!r} is not a learning rate; give a positive "
+                              f"number such as 2e-3")
+    return rate
+
+
+def read_lrs(path):
+    """The lr.json that `python frontier.py --lr_sweep` wrote at path, its "chosen" rates
+    {arch or variant: rate} checked; ConfigError if there is none, saying how to make one."""
+    make = "python frontier.py --lr_sweep" + ("" if path == LR_FILE else f" --lr_file {path}")
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise cfg.ConfigError(f"--lr auto: no tuned learning rates at {path}; run `{make}` "
+                              f"first, or give them with --lr dec=...,encdec=...,bdd=...") from None
+    except (OSError, ValueError) as e:
+        raise cfg.ConfigError(f"--lr auto: {path} is not a readable lr.json ({e}); run `{make}` "
+                              f"again, or give the rates with --lr") from None
+    chosen = doc.get("chosen") if isinstance(doc, dict) else None
+    if not isinstance(chosen, dict):
+        raise cfg.ConfigError(f"--lr auto: {path} has no chosen learning rates; run `{make}` again")
+    for name, rate in chosen.items():
+        positive_rate(rate, f"--lr auto: {path}: {variant_name(name, f'--lr auto: {path}')}")
+    return doc
+
+
+def learning_rates(text, path):
+    """(rates {name: rate}, where they come from) of --lr text and --lr_file path."""
+    lrs = parse_lrs(text)
+    return (read_lrs(path)["chosen"], path) if lrs == "auto" else (lrs, "--lr")
+
+
+def lr_flags(name, lrs, source="--lr"):
+    """{learning_rate, min_lr} of variant name: its own rate in lrs, else its arch's; min_lr is
+    a tenth of it, so every rate has the same cosine shape. ConfigError if lrs has neither."""
+    arch = variant_flags(name)["arch"]
+    rate = lrs.get(name, lrs.get(arch))
+    if rate is None:
+        raise cfg.ConfigError(f"{source} gives no learning rate for {name}"
+                              f"{'' if name == arch else f' or its arch {arch}'}; it has "
+                              f"{', '.join(lrs) or 'none'}")
+    return {"learning_rate": rate, "min_lr": rate / 10}
 
 
 # -----------------------------------------------------------------------------

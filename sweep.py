@@ -6,11 +6,14 @@ seed and recipe; their loss against non-embedding parameters, training FLOPs and
     python sweep.py --sizes xs,s --seeds 3   # a subset of the sizes, 3 seeds each
     python sweep.py --preset gpu --data corpus/   # the GPU grid: 8+4 layers, 0.6M to 38M
     python sweep.py --splits                 # bdd at 5:1, 2:1 and 1:1 against dec
+    python sweep.py --archs dec,bdd,dec:kv1 --lr auto   # variants, at frontier.py's tuned rates
 
+--archs takes frontier.py's variants. The sizes keep their head counts (cpu: 2, 3, 5, 7 heads
+of 16 dims), so a kv<N> is refused at a size whose heads it does not divide (kv2 fits xs only).
 Each run trains through the experiment runner (experiment.py) in its own folder,
-<out_dir>/<size>/<arch>[_<n_enc>+<n_dec>]_s<seed>/; running the same command again skips
-finished runs and resumes unfinished ones with train.py's exact resume. Written to --out_dir
-(default out/sweep):
+<out_dir>/<size>/<variant>[_<n_enc>+<n_dec>]_s<seed>/ (dec:kv1 -> dec-kv1); running the same
+command again skips finished runs and resumes unfinished ones with train.py's exact resume.
+Written to --out_dir (default out/sweep):
 - sweep.png: continuation loss against non-embedding parameters (with power-law fits), against
   training FLOPs (counted) and against decode-time cache bytes per context position (measured);
 - splits.png (--splits): bdd's loss against its decode-time KV fraction n_dec / n_layer;
@@ -36,7 +39,6 @@ import experiment as ex
 import files
 import measure
 import train
-from experiment import ARCH_COLORS
 from model import ARCHS, build_model
 
 
@@ -177,10 +179,10 @@ def multipliers(fits, n_ranges):
 # the plan, and what each run measures
 
 
-def run_name(size, config):
-    """<size>/<arch>[_<n_enc>+<n_dec>]_s<seed>: the run's folder under --out_dir."""
+def run_name(size, variant, config):
+    """<size>/<variant>[_<n_enc>+<n_dec>]_s<seed>: the run's folder under --out_dir."""
     split = "" if config.arch == "dec" else f"_{config.n_layer - config.n_dec}+{config.n_dec}"
-    return f"{size}/{config.arch}{split}_s{config.seed}"
+    return f"{size}/{ex.variant_folder(variant)}{split}_s{config.seed}"
 
 
 def budget_iters(values, tokens_per_param):
@@ -192,27 +194,35 @@ def budget_iters(values, tokens_per_param):
     return math.ceil(tokens_per_param * n / ex.tokens_per_iter(config))
 
 
-def plan(args, flags, sizes):
-    """The runs of this command in training order: seed, then size, then arch (or split)."""
+def size_flags(args, flags, size):
+    """The flags every run of a size shares."""
+    table = SIZES[args.preset]
+    return {**table.overrides, **table.sizes[size], **flags, "preset": args.preset}
+
+
+def plan(args, flags, sizes, lrs=None):
+    """The runs of this command in training order: seed, then size, then variant (or split).
+    lrs: {variant or arch: learning rate} (None: the preset's)."""
     table = SIZES[args.preset]
     base = flags.get("seed", cfg.TrainConfig.seed)
     runs = []
     for seed in range(base, base + args.seeds):
         for size in sizes:
-            values = {**table.overrides, **table.sizes[size], **flags, "seed": seed,
-                      "preset": args.preset}
+            values = {**size_flags(args, flags, size), "seed": seed}
             if table.tokens_per_param and "max_iters" not in flags:
                 values["max_iters"] = budget_iters(values, table.tokens_per_param)
             if args.splits:  # dec as the reference, then bdd at each split
                 n_layer = cfg.make_config(**values).n_layer
-                variants = [{"arch": "dec"}] + [{"arch": "bdd", "n_dec_layer": n_layer // (r + 1)}
-                                                for r in SPLITS]
+                variants = [("dec", {})] + [("bdd", {"n_dec_layer": n_layer // (r + 1)})
+                                            for r in SPLITS]
             else:
-                variants = [{"arch": arch} for arch in ARCHS]
-            for v in variants:
+                variants = [(name, {}) for name in args.archs]
+            for name, split in variants:
+                v = {**ex.variant_flags(name), **split,
+                     **(ex.lr_flags(name, lrs, args.lr) if lrs else {})}
                 config = cfg.make_config(**values, **v)
-                runs.append(ex.make_run(run_name(size, config), {**values, **v}, args.out_dir,
-                                        size=size))
+                runs.append(ex.make_run(run_name(size, name, config), {**values, **v},
+                                        args.out_dir, size=size, variant=name))
     return runs
 
 
@@ -222,9 +232,11 @@ def measure_run(done):
     run, history, c = done.run, done.history, done.run.config
     context = c.block_size // 2
     m = measure.measure_decode(cfg.load_model(c.out_dir, c.device)[0], context)
-    return {"name": run.name, "size": run.labels["size"], "arch": c.arch, "seed": c.seed,
-            "n_layer": c.n_layer, "n_dec_layer": None if c.arch == "dec" else c.n_dec,
-            "n_embd": c.n_embd, "n_head": c.n_head, "out_dir": c.out_dir,
+    return {"name": run.name, "size": run.labels["size"], "variant": run.labels["variant"],
+            "arch": c.arch, "seed": c.seed, "n_layer": c.n_layer,
+            "n_dec_layer": None if c.arch == "dec" else c.n_dec, "n_embd": c.n_embd,
+            "n_head": c.n_head, "n_kv_head": c.n_kv_head or c.n_head, "kv_share": c.kv_share,
+            "learning_rate": c.learning_rate, "min_lr": c.min_lr, "out_dir": c.out_dir,
             "status": {"new": "trained", "resume": "resumed", "done": "finished before"}[done.state],
             "iters": c.max_iters, "cont_loss": history["cont_loss"],
             "non_embedding_params": history["non_embedding_params"], "params": history["params"],
@@ -243,15 +255,16 @@ def measure_run(done):
 
 
 def summarize(rows):
-    """One point per (size, arch, split): the mean over seeds and its spread (sample std)."""
+    """One point per (size, variant, split): the mean over seeds and its spread (sample std)."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["size"], r["arch"], r["n_dec_layer"]), []).append(r)
+        groups.setdefault((r["size"], r["variant"], r["n_dec_layer"]), []).append(r)
     points = []
     for rs in groups.values():
         losses = [r["cont_loss"] for r in rs]
         points.append({**{k: rs[0][k] for k in (
-            "size", "arch", "n_layer", "n_dec_layer", "n_embd", "n_head", "non_embedding_params",
+            "size", "variant", "arch", "n_layer", "n_dec_layer", "n_embd", "n_head", "n_kv_head",
+            "kv_share", "learning_rate", "non_embedding_params",
             "train_tokens", "kv_bytes_per_position", "decode_layer_flops_per_token")},
             "train_flops": statistics.fmean(r["train_flops"] for r in rs),
             "loss": statistics.fmean(losses),
@@ -264,12 +277,11 @@ def sweep_section(rows, fit_mode):
     """Points, power-law fits of loss against non-embedding parameters, and multipliers."""
     points = summarize(rows)
     fits, ranges = {}, {}
-    for arch in ARCHS:
-        mine = [p for p in points if p["arch"] == arch]
-        if mine:
-            n = [p["non_embedding_params"] for p in mine]
-            fits[arch] = choose_fit(n, [p["loss"] for p in mine], fit_mode)
-            ranges[arch] = (min(n), max(n))
+    for name in dict.fromkeys(p["variant"] for p in points):
+        mine = [p for p in points if p["variant"] == name]
+        n = [p["non_embedding_params"] for p in mine]
+        fits[name] = choose_fit(n, [p["loss"] for p in mine], fit_mode)
+        ranges[name] = (min(n), max(n))
     return {"runs": rows, "points": points, "fits": fits,
             "multipliers": multipliers(fits, ranges)}
 
@@ -299,8 +311,9 @@ def law(fit):
 
 
 def plot_sweep(doc, path):
-    """Three panels, each arch's mean loss over seeds (error bars: std): against non-embedding
-    parameters with the fitted laws, against training FLOPs, against decode KV bytes/position."""
+    """Three panels, each variant's mean loss over seeds (error bars: std): against
+    non-embedding parameters with the fitted laws, against training FLOPs, against decode KV
+    bytes/position."""
     plt = ex.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     panels = [("non_embedding_params", "non-embedding parameters", "Loss against size"),
@@ -309,23 +322,25 @@ def plot_sweep(doc, path):
               ("kv_bytes_per_position", "decode-time KV cache bytes per context position "
                "(float32)",
                "Loss against decode memory (lower left is better)")]
+    names = list(doc["fits"])
     for ax, (key, label, title) in zip(axes, panels):
-        for arch in ARCHS:
-            pts = sorted((p for p in doc["points"] if p["arch"] == arch), key=lambda p: p[key])
-            if pts:
-                ax.errorbar([p[key] for p in pts], [p["loss"] for p in pts],
-                            yerr=[p["loss_std"] for p in pts], fmt="o" if ax is axes[0] else "o-",
-                            color=ARCH_COLORS[arch], capsize=3, label=arch)
+        for name in names:
+            pts = sorted((p for p in doc["points"] if p["variant"] == name), key=lambda p: p[key])
+            color, marker = ex.variant_style(name, names)
+            ax.errorbar([p[key] for p in pts], [p["loss"] for p in pts],
+                        yerr=[p["loss_std"] for p in pts],
+                        fmt=marker if ax is axes[0] else marker + "-", color=color, capsize=3,
+                        label=name)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel(f"continuation loss (nats per {doc['recipe']['tokenizer']} token)")
         ax.set_title(title)
-    for arch, fit in doc["fits"].items():
+    for name, fit in doc["fits"].items():
         if "error" not in fit:
-            n = [p["non_embedding_params"] for p in doc["points"] if p["arch"] == arch]
+            n = [p["non_embedding_params"] for p in doc["points"] if p["variant"] == name]
             grid = np.geomspace(min(n) / 1.3, max(n) * 1.3, 100)
-            axes[0].plot(grid, fitted_loss(fit, grid), "--", color=ARCH_COLORS[arch], lw=1,
-                         label=f"{arch}: {law(fit)}")
+            axes[0].plot(grid, fitted_loss(fit, grid), "--", color=ex.variant_style(name, names)[0],
+                         lw=1, label=f"{name}: {law(fit)}")
     for ax in axes:
         ax.legend(fontsize=8)
     L, n_dec = doc["recipe"]["n_layer"], max(p["n_dec_layer"] or 0 for p in doc["points"])
@@ -344,13 +359,13 @@ def plot_splits(doc, path):
     for arch, style in (("bdd", "o-"), ("dec", "s")):
         pts = [p for p in points if p["arch"] == arch]
         ax.errorbar([p["kv_fraction"] for p in pts], [p["loss"] for p in pts],
-                    yerr=[p["loss_std"] for p in pts], fmt=style, color=ARCH_COLORS[arch],
+                    yerr=[p["loss_std"] for p in pts], fmt=style, color=ex.ARCH_COLORS[arch],
                     capsize=3, label=arch)
         for p in pts:
             ax.annotate(p["split"], (p["kv_fraction"], p["loss"]), textcoords="offset points",
                         xytext=(6, 6), fontsize=9)
     dec = next(p for p in points if p["arch"] == "dec")
-    ax.axhline(dec["loss"], color=ARCH_COLORS["dec"], ls=":", lw=1)
+    ax.axhline(dec["loss"], color=ex.ARCH_COLORS["dec"], ls=":", lw=1)
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("decode-time KV fraction n_dec / n_layer (dec: 1)")
     ax.set_ylabel(f"continuation loss (nats per {doc['recipe']['tokenizer']} token)")
@@ -366,22 +381,24 @@ def loss_cell(p):
 
 
 def sweep_table(section):
-    """Per size the three losses and the ratios to dec; then the fits and the multipliers."""
-    by = {(p["size"], p["arch"]): p for p in section["points"]}
+    """Per size each variant's loss and its ratio to dec's; then the fits and the multipliers."""
+    by = {(p["size"], p["variant"]): p for p in section["points"]}
     sizes = list(dict.fromkeys(p["size"] for p in section["points"]))
-    lines = [["size", "N (dec)", *ARCHS, "bdd/dec", "encdec/dec"]]
+    names = list(section["fits"])
+    others = [n for n in names if n != "dec"] if "dec" in names else []
+    lines = [["size", "N (dec)", *names, *(f"{n}/dec" for n in others)]]
     for size in sizes:
-        row = {a: by.get((size, a)) for a in ARCHS}
-        dec = row["dec"]
-        ratios = [f"{row[a]['loss'] / dec['loss']:.3f}" if row[a] and dec else "-"
-                  for a in ("bdd", "encdec")]
+        row = {n: by.get((size, n)) for n in names}
+        dec = row.get("dec")
+        ratios = [f"{row[n]['loss'] / dec['loss']:.3f}" if row[n] and dec else "-"
+                  for n in others]
         lines.append([size, f"{dec['non_embedding_params']:,}" if dec else "-",
-                      *(loss_cell(row[a]) if row[a] else "-" for a in ARCHS), *ratios])
-    fits = [["arch", "fit of loss against non-embedding parameters N", "alpha", "rms", "why"]]
+                      *(loss_cell(row[n]) if row[n] else "-" for n in names), *ratios])
+    fits = [["variant", "fit of loss against non-embedding parameters N", "alpha", "rms", "why"]]
     for arch, fit in section["fits"].items():
         fits.append([arch, law(fit), f"{fit['alpha']:.3f}" if "alpha" in fit else "-",
                      f"{fit['rms']:.4f}" if "rms" in fit else "-", fit.get("why", "")])
-    mult = [["arch", "at loss", "x dec's parameters"]]
+    mult = [["variant", "at loss", "x dec's parameters"]]
     for arch, levels in section["multipliers"].items():
         for m in levels:
             value = "- (a fit never reaches it)" if m["multiplier"] is None else \
@@ -405,8 +422,13 @@ def splits_table(section):
 
 def parse(argv):
     p = ex.parser("The scaling sweep, or bdd's split trade-off (--splits).", "sweep",
-                  per_run={"arch": "the sweep trains every arch",
-                           "n_embd": "use --sizes", "n_head": "use --sizes"})
+                  per_run={"arch": "use --archs", "n_embd": "use --sizes", "n_head": "use --sizes",
+                           "n_kv_head": "use --archs with :kv<N>, e.g. dec:kv1",
+                           "kv_share": "use --archs with :cla<K>, e.g. dec:cla3"})
+    ex.add_variant_flags(p, ",".join(ARCHS), "the preset's --learning_rate for all", ex.LR_FILE,
+                         note=". The sizes keep their head counts (cpu: 2, 3, 5, 7 heads of 16 "
+                         "dims, as the published sweep): a kv<N> is refused at a size whose "
+                         "heads it does not divide (kv2 fits xs only, kv1 all)")
     p.add_argument("--splits", action="store_true", help="bdd at 5:1, 2:1 and 1:1 and dec, at "
                    "one size (the preset's split size, or --sizes NAME)")
     p.add_argument("--sizes", help="comma-separated size names of the preset (default: all): "
@@ -419,7 +441,26 @@ def parse(argv):
     args = p.parse_args(argv)
     flags = cfg.given_flags(args)
     args.preset = flags.get("preset") or cfg.make_config(**flags).preset
-    return args, flags, check_args(args, flags)
+    sizes = check_args(args, flags)
+    args.archs = ex.parse_archs(args.archs or ",".join(ARCHS))
+    args.lr_file = args.lr_file or ex.LR_FILE
+    for name in args.archs:
+        check_sizes(args, flags, name, sizes)
+    return args, flags, sizes
+
+
+def check_sizes(args, flags, name, sizes):
+    """ConfigError if the variant's options do not fit one of the sizes, naming those they fit."""
+    bad = [s for s in sizes if ex.variant_problem(name, size_flags(args, flags, s))]
+    if bad:
+        problem = ex.variant_problem(name, size_flags(args, flags, bad[0]))[0]
+        table = SIZES[args.preset].sizes
+        fits = [s for s in table if not ex.variant_problem(name, size_flags(args, flags, s))]
+        heads = ", ".join(f"{s} {v['n_head']}" for s, v in table.items())
+        raise cfg.ConfigError(f"--archs {name}: {problem} at size {bad[0]}; the {args.preset} "
+                              f"sizes keep their heads ({heads}), so {name} fits "
+                              + (f"size(s) {', '.join(fits)}: choose them with --sizes "
+                                 f"{','.join(fits)}" if fits else "none of them"))
 
 
 def check_args(args, flags):
@@ -439,6 +480,9 @@ def check_args(args, flags):
         (args.splits and n_layer % 6, f"--splits needs --n_layer divisible by 6 (for the 5:1, "
          f"2:1 and 1:1 splits), got {n_layer}"),
         (args.splits and "n_dec_layer" in flags, "--n_dec_layer is set per run by --splits"),
+        (args.splits and args.archs is not None, "--splits trains dec and bdd; drop --archs"),
+        (args.lr is not None and ("learning_rate" in flags or "min_lr" in flags),
+         "--lr sets each run's learning_rate and min_lr; drop --learning_rate and --min_lr"),
         (flags.get("max_iters") == 0, "--max_iters 0 trains nothing to fit; give at least 1"),
     ]
     for bad, message in problems:
@@ -451,14 +495,18 @@ def check_args(args, flags):
 
 def document(section, runs, args, started):
     """A section of sweep.json: what was run, how, and what came out."""
-    per_run = ("arch", "seed", "out_dir", "init_from", "n_embd", "n_head", "max_iters") + \
-        (("n_dec_layer",) if args.splits else ())
+    per_run = ("arch", "seed", "out_dir", "init_from", "n_embd", "n_head", "max_iters",
+               "n_kv_head", "kv_share") + (("n_dec_layer",) if args.splits else ()) + \
+        (("learning_rate", "min_lr") if args.lr else ())
     sizes = {r.labels["size"]: {"n_embd": r.config.n_embd, "n_head": r.config.n_head,
                                 "max_iters": r.config.max_iters} for r in runs}
     first = runs[0].config
     return {"preset": args.preset, "device": first.device, "torch": torch.__version__,
             "recipe": {k: v for k, v in asdict(first).items() if k not in per_run},
             "sizes": sizes, "seeds": sorted({r.config.seed for r in runs}),
+            "archs": list(dict.fromkeys(r.labels["variant"] for r in runs)),
+            "learning_rates": args.lr and {"lr": args.lr, "lr_file": args.lr_file, "rates": {
+                r.labels["variant"]: r.config.learning_rate for r in runs}},
             "wall_time": time.time() - started, **section}
 
 
@@ -478,7 +526,8 @@ def main(argv=None):
     with cli.guard("interrupted; run the same command again to resume where it stopped"):
         args, flags, sizes = parse(argv)
         started = time.time()
-        runs = plan(args, flags, sizes)
+        lrs = ex.learning_rates(args.lr, args.lr_file)[0] if args.lr else None
+        runs = plan(args, flags, sizes, lrs)
         with files.holding(args.out_dir, "experiment"):
             rows = [measure_run(done) for done in ex.execute(runs)]
             name = "splits" if args.splits else "sweep"

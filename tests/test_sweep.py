@@ -209,8 +209,60 @@ def test_fit_refuses_too_few_points(n_points, offset):
                                        else "offset")
 
 
+def test_sweep_takes_variants(tiny, sizes, tmp_path, monkeypatch, capsys):
+    """dec:kv1 beside dec: its own runs, folders and fits; at n_head 2 it holds half the K/V."""
+    folder, _, flags = tiny
+    calls = Calls(monkeypatch)
+    sweep.main([*flags, "--archs", "dec,dec:kv1", "--out_dir", str(tmp_path)])
+    assert [(c.arch, c.n_kv_head, c.n_embd) for c in calls.configs] == [
+        ("dec", None, 16), ("dec", 1, 16), ("dec", None, 32), ("dec", 1, 32)]
+    doc = json.loads((tmp_path / "sweep.json").read_text())["sweep"]
+    assert [r["name"] for r in doc["runs"]] == ["a/dec_s1337", "a/dec-kv1_s1337", "b/dec_s1337",
+                                                "b/dec-kv1_s1337"]
+    assert doc["archs"] == ["dec", "dec:kv1"] and set(doc["fits"]) == {"dec", "dec:kv1"}
+    by = {(p["size"], p["variant"]): p for p in doc["points"]}
+    for size in ("a", "b"):
+        dec, kv1 = by[(size, "dec")], by[(size, "dec:kv1")]
+        assert kv1["n_kv_head"] == 1 and dec["n_kv_head"] == 2
+        assert kv1["kv_bytes_per_position"] * 2 == dec["kv_bytes_per_position"]
+        assert kv1["non_embedding_params"] < dec["non_embedding_params"]
+    runs = {r["name"]: r for r in doc["runs"]}  # its own step counted: a narrower K/V projection
+    assert runs["a/dec-kv1_s1337"]["train_flops_per_token"] < \
+        runs["a/dec_s1337"]["train_flops_per_token"]
+    assert "dec:kv1/dec" in capsys.readouterr().out
+
+
+def test_a_variant_is_refused_at_sizes_it_does_not_fit(tiny, tmp_path, monkeypatch, capsys):
+    """Sizes of 2 and 3 heads: kv2 fits the first only, and is refused (naming it) at the second,
+    before anything trains."""
+    _, flags = tiny_sizes(tmp_path)
+    monkeypatch.setitem(sweep.SIZES, "cpu", sweep.Sizes(
+        sizes={"two": dict(n_embd=16, n_head=2), "three": dict(n_embd=24, n_head=3)},
+        split_size="two", overrides={}))
+    monkeypatch.setattr(sweep.train, "train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as e:
+        sweep.main([*flags, "--archs", "dec,dec:kv2", "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert ("error: --archs dec:kv2: kv2 needs n_kv_head 2 to divide n_head 3 at size three; the "
+            "cpu sizes keep their heads (two 2, three 3), so dec:kv2 fits size(s) two: choose "
+            "them with --sizes two") in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "a,q"], "--sizes 'a,q': unknown size(s) q; the cpu preset has a, b"),
+    (["--archs", "dec:kv3"], "--archs dec:kv3: kv3 needs n_kv_head 3 to divide n_head 2 at size "
+                             "a; the cpu sizes keep their heads (a 2, b 2), so dec:kv3 fits "
+                             "none of them"),
+    (["--archs", "dec,bdd:cla2"], "'bdd:cla2': cla (cross-layer K/V sharing) is a dec option"),
+    (["--archs", "dec,gpt"], "'gpt' is not an arch"),
+    (["--splits", "--archs", "dec"], "--splits trains dec and bdd; drop --archs"),
+    (["--lr", "dec=1e-3,bdd=-1"], "--lr 'dec=1e-3,bdd=-1': bdd: '-1' is not a learning rate"),
+    (["--lr", "dec=1e-3", "--learning_rate", "1e-3"], "--lr sets each run's learning_rate"),
+    (["--lr", "auto", "--lr_file", "nowhere/lr.json"], "--lr auto: no tuned learning rates at "
+                                                       "nowhere/lr.json; run `python frontier.py "
+                                                       "--lr_sweep --lr_file nowhere/lr.json`"),
+    (["--n_kv_head", "1"], "--n_kv_head is set per run here; use --archs with :kv<N>"),
     (["--seeds", "0"], "--seeds must be 1 to 100, got 0"),
     (["--seeds", "100000"], "--seeds must be 1 to 100, got 100000"),
     (["--max_iters", "0"], "--max_iters 0 trains nothing to fit"),
