@@ -10,19 +10,24 @@ from pathlib import Path
 
 import pytest
 
+import ablation
 import cli
 import compare
 import corpus
 import files
+import frontier
 import mask
 import sample
 import sweep
 import train
 
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
-           "sweep.py": sweep.main, "mask.py": mask.main, "corpus.py": corpus.main}
+           "sweep.py": sweep.main, "frontier.py": frontier.main, "ablation.py": ablation.main,
+           "mask.py": mask.main,
+           "corpus.py": corpus.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
-       "compare.py": ["--repeats", "x"], "sweep.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
+       "compare.py": ["--repeats", "x"], "sweep.py": ["--seeds", "x"],
+       "frontier.py": ["--seeds", "x"], "ablation.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
        "corpus.py": ["--tokenizer"]}
 
 
