@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fits
 import flops
 import sweep
 import train
@@ -177,25 +178,25 @@ def test_counted_step_includes_attention_backward():
 
 def test_fit_recovers_a_known_law():
     n = np.geomspace(1e5, 3e7, 6)
-    fit = sweep.fit_power_law(n, 1.7 + 40 * n ** -0.3)
+    fit = fits.fit_power_law(n, 1.7 + 40 * n ** -0.3)
     assert fit["form"] == "E + A*N^-alpha"
     assert fit["E"] == pytest.approx(1.7, rel=1e-6) and fit["A"] == pytest.approx(40, rel=1e-5)
     assert fit["alpha"] == pytest.approx(0.3, rel=1e-6)
-    pure = sweep.fit_power_law(n[:2], 12 * n[:2] ** -0.1, offset=False)
+    pure = fits.fit_power_law(n[:2], 12 * n[:2] ** -0.1, offset=False)
     assert pure["A"] == pytest.approx(12) and pure["alpha"] == pytest.approx(0.1)
     # auto: E is pinned by a law with an offset, not by one without
-    assert sweep.choose_fit(n, 1.7 + 40 * n ** -0.3)["form"] == "E + A*N^-alpha"
-    assert sweep.choose_fit(n, 12 * n ** -0.1)["form"] == "A*N^-alpha"
-    assert sweep.params_for_loss(fit, 1.7 + 40 * 1e6 ** -0.3) == pytest.approx(1e6)
-    assert sweep.params_for_loss(fit, 1.6) is None  # below E: never reached
+    assert fits.choose_fit(n, 1.7 + 40 * n ** -0.3)["form"] == "E + A*N^-alpha"
+    assert fits.choose_fit(n, 12 * n ** -0.1)["form"] == "A*N^-alpha"
+    assert fits.params_for_loss(fit, 1.7 + 40 * 1e6 ** -0.3) == pytest.approx(1e6)
+    assert fits.params_for_loss(fit, 1.6) is None  # below E: never reached
 
 
 def test_multiplier_of_a_law_shifted_in_size():
     """bdd's law equals dec's at 1.5x the parameters: the multiplier is 1.5 at every loss."""
     n = np.geomspace(1e5, 1e7, 5)
-    dec = sweep.fit_power_law(n, 2 + 30 * n ** -0.25)
-    bdd = sweep.fit_power_law(n, 2 + 30 * (n / 1.5) ** -0.25)
-    out = sweep.multipliers({"dec": dec, "bdd": bdd}, {"dec": (1e5, 1e7), "bdd": (1e5, 1e7)})
+    dec = fits.fit_power_law(n, 2 + 30 * n ** -0.25)
+    bdd = fits.fit_power_law(n, 2 + 30 * (n / 1.5) ** -0.25)
+    out = fits.multipliers({"dec": dec, "bdd": bdd}, {"dec": (1e5, 1e7), "bdd": (1e5, 1e7)})
     assert [m["multiplier"] for m in out["bdd"]] == pytest.approx([1.5] * 3, rel=1e-5)
     assert not out["bdd"][0]["extrapolated"]
 
@@ -204,8 +205,8 @@ def test_multiplier_of_a_law_shifted_in_size():
 def test_fit_refuses_too_few_points(n_points, offset):
     n = np.geomspace(1e5, 1e6, n_points)
     with pytest.raises(ValueError, match=f"{n_points} distinct sizes cannot fit"):
-        sweep.fit_power_law(n, 3 * n ** -0.1, offset=offset)
-    assert "error" in sweep.choose_fit(list(n), list(3 * n ** -0.1), "power" if not offset
+        fits.fit_power_law(n, 3 * n ** -0.1, offset=offset)
+    assert "error" in fits.choose_fit(list(n), list(3 * n ** -0.1), "power" if not offset
                                        else "offset")
 
 
