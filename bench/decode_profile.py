@@ -1,6 +1,6 @@
 """
-Where a decode step's time goes, dec against bdd, as the batch grows (issue 11: why does bdd's
-advantage in time per token shrink with the batch?).
+Where a decode step's time goes, dec against bdd, as the batch grows: how much of bdd's time per
+token is its decoder layers, and how much the per-step work every arch shares.
 
     python bench/decode_profile.py                          # CPU-preset shapes, context 128
     python bench/decode_profile.py --batches 1,64 --threads 1 --rounds 9
