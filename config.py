@@ -182,7 +182,7 @@ AGREE = [
     (lambda c: c.max_iters == 0 or c.warmup_iters <= c.max_iters,
      "--warmup_iters {warmup_iters} is longer than the run (--max_iters {max_iters}); lower "
      "--warmup_iters"),
-    (lambda c: decay_end(c) >= c.warmup_iters,
+    (lambda c: c.lr_decay_iters is None or c.lr_decay_iters >= c.warmup_iters,
      "--lr_decay_iters {lr_decay_iters} ends the decay before the warmup ends (--warmup_iters "
      "{warmup_iters}); raise --lr_decay_iters or leave it out"),
 ]

@@ -582,6 +582,20 @@ def test_cli_corrupt_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
     assert code == 2 and "ckpt.pt is not a readable checkpoint" in err
 
 
+@pytest.mark.parametrize("what, message", [
+    ("folder", "ckpt.pt is a folder, not a checkpoint file"),
+    ("list", "ckpt.pt holds a list, not a train.py checkpoint"),
+])
+def test_cli_checkpoint_that_is_not_one_says_what_it_is(tmp_path, capsys, monkeypatch, what,
+                                                        message):
+    if what == "folder":
+        (tmp_path / "ckpt.pt").mkdir()
+    else:
+        torch.save([1, 2], tmp_path / "ckpt.pt")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
 def test_span_model_fills_a_sentinel_t5_style():
     """A span-corruption encdec generates as trained: the encoder reads prompt + sentinel, the
     decoder starts from [eot, sentinel]; greedy tokens are the training forward's argmax."""

@@ -329,6 +329,10 @@ BAD = [  # (flags, what the error line must say)
      "short or not written by train.py; delete it, or use another --out_dir"),
     (["--init_from", "resume", "--out_dir", "{empty}"],
      "ckpt.pt is not a readable checkpoint: it is empty, so it was cut short"),
+    (["--init_from", "resume", "--out_dir", "{dirckpt}"], "ckpt.pt is a folder, not a "
+     "checkpoint file; remove it, or point --out_dir at a run's folder"),
+    (["--init_from", "resume", "--out_dir", "{list}"], "ckpt.pt holds a list, not a train.py "
+     "checkpoint"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--arch", "dec"], "holds a bdd model"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--n_embd", "64"],
      "n_embd 32 (this run: 64)"),
@@ -365,6 +369,12 @@ BAD = [  # (flags, what the error line must say)
     (["--max_iters", "-1"], "--max_iters -1 is out of range"),
     (["--n_head", "0"], "--n_head 0 is out of range: it must be at least 1"),
     (["--seed", "-1"], "--seed -1 is out of range: it must be at least 0 and at most 1e+18"),
+    # fields that must agree with each other (AGREE)
+    (["--min_lr", "0.01"], "--min_lr 0.01 is above --learning_rate 0.003: the schedule would "
+     "rise; lower --min_lr"),
+    (["--warmup_iters", "5"], "--warmup_iters 5 is longer than the run (--max_iters 2)"),
+    (["--max_iters", "10", "--warmup_iters", "5", "--lr_decay_iters", "3"], "--lr_decay_iters 3 "
+     "ends the decay before the warmup ends (--warmup_iters 5)"),
 ]
 
 
@@ -379,7 +389,20 @@ def placeholder(arg, trained, tmp_path):
         return arg.replace("{file}", str(tmp_path / "afile"))
     if arg in ("{truncated}", "{garbage}", "{empty}"):
         return corrupt(trained, tmp_path, arg.strip("{}"))
+    if arg == "{dirckpt}":
+        (tmp_path / "dirckpt" / "ckpt.pt").mkdir(parents=True)
+        return str(tmp_path / "dirckpt")
+    if arg == "{list}":
+        (tmp_path / "list").mkdir()
+        torch.save([1, 2], tmp_path / "list" / "ckpt.pt")
+        return str(tmp_path / "list")
     return arg
+
+
+def test_zero_iterations_with_the_default_warmup_are_accepted():
+    """--max_iters 0 evaluates the fresh model: its warmup never starts, so it cannot be too long
+    (it was refused with "--lr_decay_iters None ends the decay before the warmup ends")."""
+    assert cfg.TrainConfig(max_iters=0).warmup_iters == cfg.TrainConfig.warmup_iters > 0
 
 
 def test_every_numeric_field_has_a_range():
