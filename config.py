@@ -114,6 +114,9 @@ class TrainConfig:
     flex: bool = setting(False, "FlexAttention block masks (CUDA; elsewhere the dense masks, "
                          "the same function)")
     seed: int = setting(1337, "random seed (rank r uses seed + r)", "[0, 1e18]")
+    threads: int = setting(None, "CPU threads torch computes with (default: torch's, "
+                           "OMP_NUM_THREADS or one per core); 1 is often far faster on a machine "
+                           "busy with other work", "[1, 1024]")
 
     def __post_init__(self):
         if self.out_dir is None:
@@ -139,8 +142,8 @@ PRESETS = {
 }
 
 # What a resumed run keeps of the machine it runs on rather than of the checkpoint.
-MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "init_from", "out_dir", "overwrite",
-                  "rehash", "preset")
+MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "threads", "init_from", "out_dir",
+                  "overwrite", "rehash", "preset")
 # Checkpoint and run must agree on these, or the weights do not fit the model.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_kv_head",
                 "kv_share", "n_embd", "bias")
@@ -191,7 +194,7 @@ AGREE = [
     (lambda c: c.max_iters == 0 or c.warmup_iters <= c.max_iters,
      "--warmup_iters {warmup_iters} is longer than the run (--max_iters {max_iters}); lower "
      "--warmup_iters"),
-    (lambda c: decay_end(c) >= c.warmup_iters,
+    (lambda c: c.lr_decay_iters is None or c.lr_decay_iters >= c.warmup_iters,
      "--lr_decay_iters {lr_decay_iters} ends the decay before the warmup ends (--warmup_iters "
      "{warmup_iters}); raise --lr_decay_iters or leave it out"),
 ]
@@ -219,18 +222,7 @@ def check(config):
     """Raise ConfigError for the first setting that cannot work: each field against what it
     allows, the fields against each other (AGREE), then the device."""
     for f in fields(config):
-        value, allowed = getattr(config, f.name), f.metadata["allowed"]
-        if value == "" and f.name in PATH_FIELDS:
-            raise ConfigError(f"--{f.name} is empty; give a path, or leave --{f.name} out for "
-                              f"its default")
-        if value is None or allowed is None:
-            continue
-        if isinstance(allowed, tuple) and value not in allowed:
-            raise ConfigError(f"--{f.name} {value!r} is unknown; choose one of "
-                              f"{', '.join(allowed)}")
-        if isinstance(allowed, str) and not in_interval(value, allowed):
-            raise ConfigError(f"--{f.name} {value} is out of range: it must be "
-                              f"{describe_interval(allowed)}")
+        check_setting(f.name, getattr(config, f.name))
     for holds, message in AGREE:
         if not holds(config):
             raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
@@ -241,6 +233,19 @@ def check(config):
 
 def refuse(problems):
     cli.refuse(problems, ConfigError)
+
+
+def check_setting(name, value):
+    """Raise ConfigError unless value is what TrainConfig's field `name` allows (its metadata).
+    sample.py checks its --seed and --threads here too, against the same ranges."""
+    allowed = TrainConfig.__dataclass_fields__[name].metadata["allowed"]
+    interval = allowed if isinstance(allowed, str) and value is not None else None
+    refuse([(value == "" and name in PATH_FIELDS, f"--{name} is empty; give a path, or leave "
+                                                  f"--{name} out for its default"),
+            (isinstance(allowed, tuple) and value is not None and value not in allowed,
+             f"--{name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
+            (interval and not in_interval(value, interval),
+             f"--{name} {value} is out of range: it must be {interval and describe_interval(interval)}")])
 
 
 def check_device(device):

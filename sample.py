@@ -14,11 +14,14 @@ The model's prefill/decode (model.py) keep real KV caches; here they are driven 
 - encdec re-encodes the whole history each turn (its encoder is bidirectional).
 One-turn generation keeps only what its decode steps read (bdd's encoder cache is freed).
 A batch of prompts of different lengths is left-padded and each row gets what it would get alone;
---num_samples prefills a prompt once and copies its cache into each sample's row.
+--num_samples prefills a prompt once and copies its cache into each sample's row. The memory a
+request needs is computed from the model's shape before anything is allocated, and a request over
+its limit (--memory_limit_mb; by default half the memory available) is refused with one line.
 Cache bytes are every byte the cache tensors hold; FLOPs are counted by torch's FlopCounterMode.
 """
 
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -232,7 +235,10 @@ def read_prompts(args):
     if args.prompts is None:
         text = "\n" if args.prompt is None else args.prompt
         if text.startswith("FILE:"):
-            text = read_text(text[len("FILE:"):], "prompt file")
+            path = text[len("FILE:"):]
+            text = read_text(path, "prompt file")
+            if not text:
+                raise ValueError(f"the prompt file {path} is empty; write the prompt in it")
         if not text:
             raise ValueError("the prompt is empty; give some text with --prompt")
         return [("the prompt", text)]
@@ -247,6 +253,27 @@ def read_prompts(args):
         raise ValueError(f"line {empty[0]} of {args.prompts} is empty ({len(empty)} empty lines in "
                          f"all); every line is a prompt: remove the empty ones")
     return [(f"line {i + 1} of {args.prompts}", line) for i, line in enumerate(lines)]
+
+
+def fit_prompts(prompts, args, room, block_size):
+    """[(where, ids)] -> [ids] that fit in the context with --max_new_tokens: each
+    left-truncated with --truncate, else refused (ValueError) naming the first that does not
+    fit and what would."""
+    new_tokens = args.max_new_tokens
+    if new_tokens > room:  # no prompt fits, not even cut to its last token
+        where, ids = max(prompts, key=lambda p: len(p[1]))
+        where = where if len(prompts) == 1 else f"the longest prompt, {where},"
+        most = room - len(ids) + 1
+        if args.truncate:
+            advice = f"use at most {room} (--truncate cuts a prompt down to its last token)"
+        elif most < 1:
+            advice = f"{where} alone has {len(ids)} tokens: shorten it, or pass --truncate"
+        else:
+            advice = f"{where} has {len(ids)} tokens, which leave room for at most {most}"
+        raise ValueError(f"--max_new_tokens {new_tokens} runs past the model's context "
+                         f"(block_size {block_size}); {advice}")
+    return [fit_prompt(ids, room - new_tokens + 1, where, args, block_size)
+            for where, ids in prompts]
 
 
 def fit_prompt(ids, fit, where, args, block_size):
@@ -274,6 +301,94 @@ def format_stats(gen, prompt_lens):
             + ", ".join(f"{device} {n:,} B" for device, n in sorted(b["held"].items())))
 
 
+# -----------------------------------------------------------------------------
+# the memory a request needs, computed before anything is allocated
+
+# The share of the memory free now that a request may take (--memory_limit_mb overrides it). The
+# machine's memory is shared with every other process and the estimate leaves out the
+# allocator's slack; a GPU's free memory is this device's alone. (Other devices: the CPU's.)
+MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.8}
+
+
+def cache_bytes(model, rows, prompt_len, new_tokens, element_size, span=False):
+    """Bytes the KV cache of a one-turn request holds after its last decode step (DESIGN.md
+    section 3), from the model's shape alone: for each layer cache the decode steps read (dec:
+    one per K/V-projecting layer; bdd: each decoder layer's [cross | self] buffer; encdec: each
+    decoder layer's self and cross K/V), its columns rounded up to the chunk it grows by, x rows
+    x 2 (K and V) x n_kv_head x head size x element_size."""
+    c = model.config
+    cache = model.new_cache()  # empty: which layer caches there are and how each grows
+    if cache.cross:  # encdec: the decoder starts at the last prompt token (span: [eot, sentinel])
+        stream, source = (2 if span else 1) + new_tokens - 1, prompt_len + (1 if span else -1)
+    else:
+        stream, source = prompt_len + new_tokens - 1, 0
+    columns = sum(math.ceil(stream / kv.chunk) * kv.chunk for kv in cache.layers) + \
+        sum(math.ceil(source / kv.chunk) * kv.chunk for kv in cache.cross)
+    return columns * rows * 2 * c.n_kv_head * (c.n_embd // c.n_head) * element_size
+
+
+def request_bytes(model, prompt_lens, new_tokens, num_samples, element_size, span=False):
+    """The memory one batch of a one-turn request needs at its peak, estimated: its KV cache
+    after the last step (cache_bytes; rows: the prompts x num_samples, each as long as the
+    longest) and which of its columns are real (a byte per row and column), plus a step's
+    logits in float32 four times over (the copies sampling makes), plus the prefill's largest
+    activations (per prompt, one layer's attention scores and MLP states in float32)."""
+    c, P = model.config, max(prompt_lens)
+    rows = len(prompt_lens) * num_samples
+    valid = rows * (P + new_tokens + 1)
+    logits = 4 * rows * c.vocab_size * 4
+    prefill = len(prompt_lens) * P * (c.n_head * P + 8 * c.n_embd) * 4
+    return cache_bytes(model, rows, P, new_tokens, element_size, span) + valid + logits + prefill
+
+
+def available_memory(device):
+    """Bytes free for this process on device now: the GPU's free memory, or the machine's
+    available memory (MemAvailable: free plus what the kernel can reclaim), within the
+    container's memory limit (cgroup v2) if it has one."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no /proc: all of it
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                free = min(free, int(limit) - int(g.read()))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return free
+
+
+def check_memory(model, batches, args, device, span):
+    """Refuse (ValueError, one line) a request whose largest batch of prompt ids would need more
+    memory (request_bytes) than its limit: --memory_limit_mb, else MEMORY_SHARE of the memory
+    free now on the device."""
+    def need(batch):
+        return request_bytes(model, [len(ids) for ids in batch], args.max_new_tokens,
+                             args.num_samples, cfg.DTYPES[args.dtype].itemsize, span)
+    batch = max(batches, key=need)
+    if args.memory_limit_mb is not None:
+        limit, what = args.memory_limit_mb * 1e6, "--memory_limit_mb"
+    else:
+        share, free = MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"]), available_memory(device)
+        limit = share * free
+        what = f"{share:.0%} of the {in_words(free)} free on {device.type}; --memory_limit_mb " \
+               f"sets another"
+    if need(batch) > limit:
+        rows = len(batch) * args.num_samples
+        raise ValueError(f"this request needs about {in_words(need(batch))} ({rows:,} rows: "
+                         f"{len(batch)} prompt(s) x --num_samples {args.num_samples}, of up to "
+                         f"{max(map(len, batch)) + args.max_new_tokens - 1} positions: their "
+                         f"KV cache, logits and prefill), over its limit of {in_words(limit)} "
+                         f"({what}); lower --num_samples, --batch_size or --max_new_tokens")
+
+
+def in_words(nbytes):
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 # flag: (allowed, what it must be)
 FLAG_RULES = {
     "max_new_tokens": (lambda v: v >= 1, "at least 1"),
@@ -281,7 +396,14 @@ FLAG_RULES = {
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)"),
     "top_k": (lambda v: v >= 1, "at least 1"),
+    "memory_limit_mb": (lambda v: v is None or math.isfinite(v) and v > 0,
+                        "a finite number above 0"),
 }
+
+
+def train_flag(name):
+    """The help and range of train.py's flag of that name (TrainConfig's metadata)."""
+    return cfg.TrainConfig.__dataclass_fields__[name].metadata
 
 
 def parse_args(argv):
@@ -296,7 +418,13 @@ def parse_args(argv):
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed of the sampling (allowed "
+                   f"{train_flag('seed')['allowed']}, as in train.py)")
+    p.add_argument("--threads", type=int, help=f"{train_flag('threads')['help']} (allowed "
+                   f"{train_flag('threads')['allowed']})")
+    p.add_argument("--memory_limit_mb", type=float, help="refuse a request whose estimated "
+                   "memory (KV cache, logits, prefill) is larger (default: half the memory "
+                   "available on the CPU, 80%% of the free GPU memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    choices=["float32", "bfloat16", "float16"])
@@ -313,6 +441,11 @@ def parse_args(argv):
     for name, (allowed, what) in FLAG_RULES.items():
         if not allowed(getattr(args, name)):
             cli.fail(f"--{name} must be {what}, got {getattr(args, name)}")
+    for name in ("seed", "threads"):  # train.py's flags of the same name, the same ranges
+        try:
+            cfg.check_setting(name, getattr(args, name))
+        except cfg.ConfigError as e:
+            cli.fail(str(e))
     if args.chat and (args.prompts or args.num_samples > 1):
         cli.fail("--chat continues one conversation: drop --prompts and --num_samples")
     if args.prompts is not None and args.prompt is not None:
@@ -347,19 +480,17 @@ def main(argv=None):
 
 
 def sample(args):
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device, model, ckpt, enc = open_model(args)
     span = ckpt["arch"] == "encdec" and ckpt.get("objective") == "span"
     span_args = dict(span_sentinel=enc.n_vocab, eot=enc.eot_token) if span else {}
     room = Session(model, **span_args).room()
-    if args.max_new_tokens > room:
+    if args.chat and args.max_new_tokens > room:  # each turn's reply is cut to the room left
         cli.fail(f"--max_new_tokens {args.max_new_tokens} runs past the model's context "
                  f"(block_size {model.config.block_size}); use at most {room}")
-    prompts = []
     try:
-        for where, text in ([] if args.chat else read_prompts(args)):
-            ids = enc.encode(text, disallowed_special=())
-            prompts.append((text, fit_prompt(ids, room - args.max_new_tokens + 1, where, args,
-                                             model.config.block_size)))
+        batches = [] if args.chat else prompt_batches(args, enc, model, room, device, span)
     except ValueError as e:
         cli.fail(str(e))
     torch.manual_seed(args.seed)
@@ -368,8 +499,8 @@ def sample(args):
     sampling = dict(temperature=args.temperature, top_k=args.top_k,
                     generator=torch.Generator(device=device).manual_seed(args.seed))
     print(f"{ckpt['arch']} model from {args.out_dir} (iter {ckpt.get('iter_num', '?')}, "
-          f"{model.num_params() / 1e6:.2f}M non-embedding parameters, {ckpt['tokenizer']} tokens)",
-          file=sys.stderr)
+          f"{model.num_params() / 1e6:.2f}M non-embedding parameters, {ckpt['tokenizer']} tokens) "
+          f"on {device}, {torch.get_num_threads()} thread(s)", file=sys.stderr)
 
     def text_of(tokens, n):
         ids = [t for t in tokens[:n].tolist() if t < enc.n_vocab and t != enc.eot_token]
@@ -378,13 +509,27 @@ def sample(args):
     if args.chat:
         chat(Session(model, **span_args, prefix_cache=args.prefix_cache), enc, text_of, args,
              sampling, ctx)
-    else:
-        for first in range(0, len(prompts), args.batch_size):
-            batch = prompts[first:first + args.batch_size]
-            label = "" if args.prompts is None else (
-                f"[prompts {first + 1}-{first + len(batch)}] " if len(batch) > 1
-                else f"[prompt {first + 1}] ")
-            generate_batch(model, batch, text_of, args, sampling, span_args, ctx, label)
+    first = 1
+    for batch in batches:
+        label = "" if args.prompts is None else (
+            f"[prompts {first}-{first + len(batch) - 1}] " if len(batch) > 1
+            else f"[prompt {first}] ")
+        generate_batch(model, batch, text_of, args, sampling, span_args, ctx, label)
+        first += len(batch)
+
+
+def prompt_batches(args, enc, model, room, device, span):
+    """The prompts to generate from, [(text, ids)] in batches of --batch_size: each fitted into
+    the context after --max_new_tokens (fit_prompts), the largest batch within the memory limit
+    (check_memory). A prompt that cannot be is a ValueError."""
+    read = [(where, text, enc.encode(text, disallowed_special=()))
+            for where, text in read_prompts(args)]
+    fitted = fit_prompts([(where, ids) for where, _, ids in read], args, room,
+                         model.config.block_size)
+    prompts = [(text, ids) for (_, text, _), ids in zip(read, fitted)]
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    check_memory(model, [[ids for _, ids in batch] for batch in batches], args, device, span)
+    return batches
 
 
 def generate_batch(model, batch, text_of, args, sampling, span_args, ctx, label):

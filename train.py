@@ -313,6 +313,8 @@ def train(config, log=print):
     LossNotFinite if training diverges, cli.CannotWrite if a checkpoint cannot be written."""
     t_start = time.time()
     cfg.check_folders(config)
+    if config.threads is not None:  # the process's setting: what follows the run uses it too
+        torch.set_num_threads(config.threads)
     rank, world, device = setup_distributed(config.device)
     log = log if rank == 0 else (lambda *a: None)
     try:

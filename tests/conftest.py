@@ -2,6 +2,8 @@
 
 import math
 import signal
+import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -70,3 +72,15 @@ def default_sigint():
     with SIGINT ignored, and a child inherits that, so a suite run in the background would send
     its Ctrl-C into the void. The child gets the default handler (Python's KeyboardInterrupt)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def user_visible_warnings():
+    """Record the warnings a user's terminal would show: Python's default filters, which show
+    every warning but import and resource warnings and the deprecations that libraries raise."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                       ResourceWarning):
+            warnings.simplefilter("ignore", hidden)
+        yield caught

@@ -123,6 +123,28 @@ def test_block_by_block_equals_the_dense_mask(groups, kw):
         assert max((g - h).abs().max() for g, h in zip(ga, gb)) < 1e-5, (T, layouts)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("path", ["compiled", "flex"])
+def test_the_dense_path_gives_each_group_of_rows_its_own_layout(path, sharp, monkeypatch):
+    """Compiled code and FlexAttention take the dense masks, from per-row block ids that the
+    forward expands from G layouts: row r must get the layout of its group, r // (B / G), not
+    r % G (the two agree only when G is 1 or B). 6 rows in 3 groups, rows 1 to 4 differ;
+    compiled is stood in for by is_compiling(), flex runs eagerly on the CPU."""
+    torch.manual_seed(0)
+    model = sharp(build_model("bdd", tiny(n_layer=4, n_dec_layer=2))).eval()
+    dense = model
+    if path == "flex":
+        dense = build_model("bdd", tiny(n_layer=4, n_dec_layer=2, flex=True)).double().eval()
+        dense.load_state_dict(model.state_dict())
+    T = 16
+    batch = {"x": torch.randint(0, V, (6, T)), "block_ids": block_ids(T, [[3, 9], [], [5, 6, 12]])}
+    with torch.no_grad():
+        by_block = model(batch)[0]
+        if path == "compiled":
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert (dense(batch)[0] - by_block).abs().max() < 1e-9
+
+
 def test_block_ids_must_fit_the_rows():
     model = build_model("bdd", tiny())
     with pytest.raises(ValueError, match="does not fit x"):

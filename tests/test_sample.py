@@ -13,12 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import default_sigint
+from conftest import default_sigint, user_visible_warnings
 
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
 from pack import N_SENTINELS
 from measure import measure_decode
+import sample
 from sample import Session, generate, main
 from test_model import OPTIONS
 
@@ -397,6 +398,20 @@ def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsy
     (["--device", "bogus"], "is not usable here"),
     (["--prefix_cache", "sometimes"], "invalid choice: 'sometimes'"),
     (["--chat", "--prefix_cache", "offload", "--device", "cpu"], "it needs CUDA"),
+    # the range train.py's --seed allows (torch.manual_seed overflows past 2**64)
+    (["--seed", "99999999999999999999999"], "--seed 99999999999999999999999 is out of range: "
+     "it must be at least 0 and at most 1e+18"),
+    (["--seed", -1], "--seed -1 is out of range"),
+    (["--threads", 0], "--threads 0 is out of range: it must be at least 1"),
+    (["--memory_limit_mb", 0], "--memory_limit_mb must be a finite number above 0"),
+    # the advice counts the prompt's tokens: 64 - 6 + 1 fit after "ROMEO:"
+    (["--prompt", "ROMEO:", "--max_new_tokens", 100], "runs past the model's context (block_size "
+     "64); the prompt has 6 tokens, which leave room for at most 59"),
+    (["--prompt", "x" * 80, "--max_new_tokens", 100], "the prompt alone has 80 tokens: shorten "
+     "it, or pass --truncate"),
+    (["--prompt", "ROMEO:", "--max_new_tokens", 100, "--truncate"], "use at most 64 (--truncate "
+     "cuts a prompt down to its last token)"),
+    (["--chat", "--max_new_tokens", 100], "use at most 64"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(ckpt_dir, capsys, monkeypatch, args, message):
     if "--out_dir" not in args:
@@ -406,6 +421,76 @@ def test_cli_bad_input_exits_2_with_one_line(ckpt_dir, capsys, monkeypatch, args
     assert message in err and "Traceback" not in err
     assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1
     assert "model from" not in err  # the error is the only line
+
+
+def test_cli_empty_prompt_file_is_named(ckpt_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty.txt").write_text("")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--prompt",
+                              f"FILE:{tmp_path / 'empty.txt'}")
+    assert code == 2 and out == ""
+    assert err == f"error: the prompt file {tmp_path / 'empty.txt'} is empty; write the prompt in it\n"
+
+
+def test_cli_longest_prompt_of_a_file_sets_the_advice(ckpt_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "p.txt").write_text("a\n" + "y" * 40 + "\nbb\n")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--prompts",
+                              tmp_path / "p.txt", "--max_new_tokens", 1000)
+    assert code == 2 and out == ""
+    assert f"the longest prompt, line 2 of {tmp_path / 'p.txt'}, has 40 tokens, which leave room " \
+           f"for at most 25\n" in err and err.count("\n") == 1
+
+
+def test_cli_threads_sets_torchs_thread_count(ckpt_dir, capsys, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--max_new_tokens",
+                                  3, "--threads", 1)
+        assert code == 0, err
+        assert torch.get_num_threads() == 1 and "on cpu, 1 thread(s)" in err
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_refuses_a_request_over_the_memory_limit_before_allocating(ckpt_dir, tmp_path, capsys,
+                                                                       monkeypatch):
+    """1,000 rows of 20 positions of the test model need about 8 MB (KV cache 4.1 MB, logits
+    4.1 MB): refused under --memory_limit_mb 1, and under the default limit (half the memory
+    available) when 10 MB are; 4 rows fit. --batch_size x --num_samples rows count alike."""
+    real_turn = Session.turn
+    monkeypatch.setattr(Session, "turn", lambda *a, **k: pytest.fail("generated anyway"))
+    flags = ["--out_dir", ckpt_dir, "--max_new_tokens", 20]
+    code, out, err = run_main(capsys, monkeypatch, *flags, "--num_samples", 1000,
+                              "--memory_limit_mb", 1)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: this request needs about 8.2 MB (1,000 rows: 1 prompt(s) x "
+                          "--num_samples 1000, of up to 20 positions") and \
+        "over its limit of 1.0 MB (--memory_limit_mb)" in err
+    monkeypatch.setattr(sample, "available_memory", lambda device: 10e6)
+    code, out, err = run_main(capsys, monkeypatch, *flags, "--num_samples", 1000)
+    assert code == 2 and "over its limit of 5.0 MB (50% of the 10.0 MB free on cpu" in err
+    (tmp_path / "p.txt").write_text("line\n" * 40)
+    code, out, err = run_main(capsys, monkeypatch, *flags, "--prompts", tmp_path / "p.txt",
+                              "--batch_size", 40, "--num_samples", 50)
+    assert code == 2 and "(2,000 rows: 40 prompt(s) x --num_samples 50, of up to 23" in err
+    monkeypatch.setattr(Session, "turn", real_turn)
+    code, out, err = run_main(capsys, monkeypatch, *flags, "--num_samples", 4,
+                              "--memory_limit_mb", 1)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_shows_no_library_warnings(ckpt_dir, span_dir, tmp_path, capsys, monkeypatch, dtype):
+    (tmp_path / "p.txt").write_text("To be\nor not to be\nQ\n")
+    with user_visible_warnings() as caught:
+        for folder in (ckpt_dir, span_dir):
+            for flags in (["--prompts", tmp_path / "p.txt", "--num_samples", 2],
+                          ["--chat", "--prefix_cache", "drop"]):
+                code, out, err = run_main(capsys, monkeypatch, "--out_dir", folder, "--dtype",
+                                          dtype, "--max_new_tokens", 8, "--stats", *flags,
+                                          stdin="hello\nthere\n")
+                assert code == 0, err
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_cli_unknown_tokenizer_in_checkpoint(tmp_path, capsys, monkeypatch):
@@ -495,6 +580,20 @@ def test_cli_corrupt_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
     assert code == 2 and "ckpt.pt is not a readable checkpoint" in err
+
+
+@pytest.mark.parametrize("what, message", [
+    ("folder", "ckpt.pt is a folder, not a checkpoint file"),
+    ("list", "ckpt.pt holds a list, not a train.py checkpoint"),
+])
+def test_cli_checkpoint_that_is_not_one_says_what_it_is(tmp_path, capsys, monkeypatch, what,
+                                                        message):
+    if what == "folder":
+        (tmp_path / "ckpt.pt").mkdir()
+    else:
+        torch.save([1, 2], tmp_path / "ckpt.pt")
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", tmp_path)
+    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_span_model_fills_a_sentinel_t5_style():

@@ -5,6 +5,7 @@ section 3 for batches, and sample.py's --prompts is safe."""
 import pytest
 import torch
 
+import sample
 from model import ARCHS, ModelConfig, build_model
 from sample import Session, generate
 
@@ -126,6 +127,44 @@ def test_num_samples_share_one_prefill(arch, logged):
                        num_samples=4).tokens for _ in range(2)]
     assert torch.equal(seeded[0], seeded[1])
     assert len({tuple(r.tolist()) for r in seeded[0]}) > 1  # independent samples
+
+
+@pytest.mark.parametrize("arch, objective", CASES)
+def test_num_samples_of_prompts_of_different_lengths_equal_each_prompt_alone(arch, objective,
+                                                                            logged):
+    """Rows b * n .. b * n + n - 1 continue prompt b: the prefill's cache is copied row by row
+    (interleaved), not the whole batch n times over (tiled), which would give row 1 the cache of
+    prompt 1 and the logits of prompt 0. Greedy, so that every sample of a prompt is its tokens
+    alone; a stop token makes some rows feed padding."""
+    model = model_of(arch)
+    span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
+    prompts, n = prompts_of([5, 1, 9]), 3
+    stops = stops_for(model, prompts, span)
+    batched = turn_and_logits(Session(model, **span), prompts, logged, max_new_tokens=8,
+                              stop_tokens=stops, num_samples=n)
+    alone = [turn_and_logits(Session(model, **span), [p], logged, max_new_tokens=8,
+                             stop_tokens=stops) for p in prompts]
+    assert_rows_equal_alone(batched, [one for one in alone for _ in range(n)])
+
+
+@pytest.mark.parametrize("arch, objective, kw", [(arch, None, {}) for arch in ARCHS] + [
+    ("encdec", "span", {}), ("dec", None, dict(n_layer=5, kv_share=2, n_head=4, n_kv_head=2)),
+    ("bdd", None, dict(n_head=4, n_kv_head=1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cache_a_request_needs_is_known_before_it_is_allocated(arch, objective, kw, dtype):
+    """sample.cache_bytes, from the model's shape alone, is every byte of K/V that the cache of
+    a one-turn request holds after its last step, its 16-column growth included: what sample.py
+    weighs against its memory limit before it allocates anything. (The rest a cache holds is a
+    byte per column and row saying which are real, where some row stopped: span models.)"""
+    model = model_of(arch, **kw)
+    span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
+    for P, G, n in ((1, 1, 1), (7, 10, 3), (16, 17, 2), (29, 11, 1)):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            gen = generate(model, torch.stack(prompts_of([P, P])), G, temperature=0,
+                           num_samples=n, **span)
+        need = sample.cache_bytes(model, 2 * n, P, G, dtype.itemsize, span=bool(objective))
+        valid = 0 if gen.cache.valid is None else gen.cache.valid.numel()
+        assert gen.cache.nbytes()["held"] == {"cpu": need + valid}, (P, G, n)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

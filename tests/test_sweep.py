@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import files
 import fits
 import flops
 import sweep
@@ -129,6 +130,16 @@ def test_second_run_trains_nothing(tiny, sizes, monkeypatch, capsys):
     after = sweep_json(folder)["sweep"]
     assert {r["status"] for r in after["runs"]} == {"finished before"}
     assert [r["cont_loss"] for r in after["runs"]] == [r["cont_loss"] for r in before["runs"]]
+
+
+def test_a_second_sweep_into_a_held_folder_is_refused(tiny, sizes, capsys):
+    folder, calls, flags = tiny
+    trained = len(calls.configs)
+    with files.holding(folder / "out", "experiment"):
+        with pytest.raises(SystemExit) as e:
+            sweep.main([*flags, "--out_dir", str(folder / "out")])
+    assert e.value.code == 2 and "is in use by another experiment" in capsys.readouterr().err
+    assert len(calls.configs) == trained
 
 
 def test_killed_run_resumes_where_it_stopped(tiny, sizes, tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import default_sigint
+from conftest import default_sigint, user_visible_warnings
 
 import config as cfg
 import files
@@ -329,6 +329,10 @@ BAD = [  # (flags, what the error line must say)
      "short or not written by train.py; delete it, or use another --out_dir"),
     (["--init_from", "resume", "--out_dir", "{empty}"],
      "ckpt.pt is not a readable checkpoint: it is empty, so it was cut short"),
+    (["--init_from", "resume", "--out_dir", "{dirckpt}"], "ckpt.pt is a folder, not a "
+     "checkpoint file; remove it, or point --out_dir at a run's folder"),
+    (["--init_from", "resume", "--out_dir", "{list}"], "ckpt.pt holds a list, not a train.py "
+     "checkpoint"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--arch", "dec"], "holds a bdd model"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--n_embd", "64"],
      "n_embd 32 (this run: 64)"),
@@ -355,10 +359,22 @@ BAD = [  # (flags, what the error line must say)
     (["--beta1", "2"], "--beta1 2.0 is out of range: it must be at least 0 and below 1"),
     (["--dropout", "1.5"], "--dropout 1.5 is out of range: it must be at least 0 and below 1"),
     (["--dropout", "nan"], "--dropout nan is out of range"),
+    # a finite exclusive bound is refused at its edge (dropout 1 drops everything, beta 1 never
+    # forgets)
+    (["--dropout", "1"], "--dropout 1.0 is out of range: it must be at least 0 and below 1"),
+    (["--beta1", "1"], "--beta1 1.0 is out of range: it must be at least 0 and below 1"),
+    (["--beta2", "1"], "--beta2 1.0 is out of range: it must be at least 0 and below 1"),
+    (["--threads", "0"], "--threads 0 is out of range: it must be at least 1 and at most 1024"),
     (["--lr_decay_iters", "-5"], "--lr_decay_iters -5 is out of range"),
     (["--max_iters", "-1"], "--max_iters -1 is out of range"),
     (["--n_head", "0"], "--n_head 0 is out of range: it must be at least 1"),
     (["--seed", "-1"], "--seed -1 is out of range: it must be at least 0 and at most 1e+18"),
+    # fields that must agree with each other (AGREE)
+    (["--min_lr", "0.01"], "--min_lr 0.01 is above --learning_rate 0.003: the schedule would "
+     "rise; lower --min_lr"),
+    (["--warmup_iters", "5"], "--warmup_iters 5 is longer than the run (--max_iters 2)"),
+    (["--max_iters", "10", "--warmup_iters", "5", "--lr_decay_iters", "3"], "--lr_decay_iters 3 "
+     "ends the decay before the warmup ends (--warmup_iters 5)"),
 ]
 
 
@@ -373,7 +389,20 @@ def placeholder(arg, trained, tmp_path):
         return arg.replace("{file}", str(tmp_path / "afile"))
     if arg in ("{truncated}", "{garbage}", "{empty}"):
         return corrupt(trained, tmp_path, arg.strip("{}"))
+    if arg == "{dirckpt}":
+        (tmp_path / "dirckpt" / "ckpt.pt").mkdir(parents=True)
+        return str(tmp_path / "dirckpt")
+    if arg == "{list}":
+        (tmp_path / "list").mkdir()
+        torch.save([1, 2], tmp_path / "list" / "ckpt.pt")
+        return str(tmp_path / "list")
     return arg
+
+
+def test_zero_iterations_with_the_default_warmup_are_accepted():
+    """--max_iters 0 evaluates the fresh model: its warmup never starts, so it cannot be too long
+    (it was refused with "--lr_decay_iters None ends the decay before the warmup ends")."""
+    assert cfg.TrainConfig(max_iters=0).warmup_iters == cfg.TrainConfig.warmup_iters > 0
 
 
 def test_every_numeric_field_has_a_range():
@@ -477,6 +506,28 @@ def test_a_second_run_into_a_held_folder_is_refused(corpus, tmp_path, capsys):
             train.main(flags(tiny(corpus, tmp_path, max_iters=2)))
     assert exit.value.code == 2 and "is in use by another run" in error_line(capsys)
     assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_threads_sets_torchs_thread_count_and_the_start_line_shows_it(corpus, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    lines = []
+    try:
+        train.train(tiny(corpus, tmp_path, max_iters=2, log_interval=1, threads=1),
+                    log=lines.append)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    first_progress = next(i for i, line in enumerate(lines) if line.startswith("iter "))
+    assert any(line.endswith("1 process(es) on cpu, 1 thread(s)") for line in lines[:first_progress])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_run_shows_no_library_warnings(corpus, tmp_path, dtype):
+    """The user's screen shows the run's own lines, no warning of torch, numpy or Python."""
+    with user_visible_warnings() as caught:
+        train.train(tiny(corpus, tmp_path, max_iters=2, dtype=dtype), log=quiet)
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_cuda_without_gpu_exits_2(corpus, tmp_path, capsys):
