@@ -227,3 +227,20 @@ def joined(a, b):
     va = torch.ones_like(ta, dtype=torch.bool) if va is None else va
     vb = torch.ones_like(tb, dtype=torch.bool) if vb is None else vb
     return torch.cat([ta, tb], 1), torch.cat([va, vb], 1)
+
+
+def bytes_after(model, rows, prompt_len, new_tokens, element_size, span=False):
+    """Bytes the KV cache of a one-turn request holds after its last decode step (DESIGN.md
+    section 3), from the model's shape alone: for each layer cache the decode steps read (dec:
+    one per K/V-projecting layer; bdd: each decoder layer's [cross | self] buffer; encdec: each
+    decoder layer's self and cross K/V), its columns rounded up to the chunk it grows by, x rows
+    x 2 (K and V) x n_kv_head x head size x element_size."""
+    c = model.config
+    cache = model.new_cache()  # empty: which layer caches there are and how each grows
+    if cache.cross:  # encdec: the decoder starts at the last prompt token (span: [eot, sentinel])
+        stream, source = (2 if span else 1) + new_tokens - 1, prompt_len + (1 if span else -1)
+    else:
+        stream, source = prompt_len + new_tokens - 1, 0
+    columns = sum(math.ceil(stream / kv.chunk) * kv.chunk for kv in cache.layers) + \
+        sum(math.ceil(source / kv.chunk) * kv.chunk for kv in cache.cross)
+    return columns * rows * 2 * c.n_kv_head * (c.n_embd // c.n_head) * element_size

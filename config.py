@@ -221,8 +221,7 @@ def describe_interval(interval):
 def check(config):
     """Raise ConfigError for the first setting that cannot work: each field against what it
     allows, the fields against each other (AGREE), then the device."""
-    for f in fields(config):
-        check_setting(f.name, getattr(config, f.name))
+    check_fields(config)
     for holds, message in AGREE:
         if not holds(config):
             raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
@@ -235,17 +234,23 @@ def refuse(problems):
     cli.refuse(problems, ConfigError)
 
 
-def check_setting(name, value):
-    """Raise ConfigError unless value is what TrainConfig's field `name` allows (its metadata).
-    sample.py checks its --seed and --threads here too, against the same ranges."""
-    allowed = TrainConfig.__dataclass_fields__[name].metadata["allowed"]
-    interval = allowed if isinstance(allowed, str) and value is not None else None
-    refuse([(value == "" and name in PATH_FIELDS, f"--{name} is empty; give a path, or leave "
-                                                  f"--{name} out for its default"),
-            (isinstance(allowed, tuple) and value is not None and value not in allowed,
-             f"--{name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
-            (interval and not in_interval(value, interval),
-             f"--{name} {value} is out of range: it must be {interval and describe_interval(interval)}")])
+def check_fields(obj):
+    """Raise ConfigError for the first field of a dataclass of settings (TrainConfig, sample.py's
+    SampleConfig) whose value its metadata does not allow."""
+    for f in fields(obj):
+        value, allowed = getattr(obj, f.name), f.metadata["allowed"]
+        interval = allowed if isinstance(allowed, str) and value is not None else None
+        refuse([(value == "" and f.name in PATH_FIELDS, f"--{f.name} is empty; give a path, or "
+                                                        f"leave --{f.name} out for its default"),
+                (isinstance(allowed, tuple) and value is not None and value not in allowed,
+                 f"--{f.name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
+                (interval and not in_interval(value, interval), f"--{f.name} {value} is out of "
+                 f"range: it must be {interval and describe_interval(interval)}")])
+
+
+def allowed(name):
+    """What TrainConfig's field `name` allows (sample.py shares --seed's and --threads')."""
+    return TrainConfig.__dataclass_fields__[name].metadata["allowed"]
 
 
 def check_device(device):
@@ -313,14 +318,15 @@ def default_out_dir(flags):
     return os.path.join("out", flags.get("arch", TrainConfig.arch))
 
 
-def add_flags(parser, per_run=None, skip=()):
-    """One flag per TrainConfig field, its help and range from the field's metadata. Unset
-    flags stay out of the namespace (SUPPRESS), so make_config can tell them from flags given
-    with their default value. per_run: {field: what to use instead}, fields an experiment sets
-    for each of its runs; giving one of them is refused with that advice. skip: fields left to
-    the caller, who defines a flag of the same name."""
+def add_flags(parser, per_run=None, skip=(), settings=None):
+    """One flag per field of settings (a dataclass of setting() fields; default TrainConfig),
+    its help and range from the field's metadata. Unset flags stay out of the namespace
+    (SUPPRESS), so make_config can tell them from flags given with their default value.
+    per_run: {field: what to use instead}, fields an experiment sets for each of its runs;
+    giving one of them is refused with that advice. skip: fields left to the caller, who
+    defines a flag of the same name."""
     per_run = per_run or {}
-    for f in fields(TrainConfig):
+    for f in fields(settings or TrainConfig):
         allowed = f.metadata["allowed"]
         if f.name in skip:  # the caller's own flag of that name
             continue
@@ -328,7 +334,8 @@ def add_flags(parser, per_run=None, skip=()):
             parser.add_argument(f"--{f.name}", action=Refused, advice=per_run[f.name],
                                 help=argparse.SUPPRESS, default=argparse.SUPPRESS)
             continue
-        gpu = f", gpu preset {PRESETS['gpu'][f.name]}" if f.name in PRESETS["gpu"] else ""
+        gpu = f", gpu preset {PRESETS['gpu'][f.name]}" if f.name in PRESETS["gpu"] and \
+            settings is None else ""
         limits = f", allowed {allowed}" if isinstance(allowed, str) else ""
         kw = dict(help=f"{f.metadata['help']} (default {f.default}{gpu}{limits})",
                   default=argparse.SUPPRESS)
@@ -351,9 +358,9 @@ class Refused(argparse.Action):
         parser.error(f"{option_string} is set per run here; {self.advice}")
 
 
-def given_flags(args):
-    """The TrainConfig fields of a parsed namespace that the user gave."""
-    names = {f.name for f in fields(TrainConfig)}
+def given_flags(args, settings=None):
+    """The fields of settings (default TrainConfig) in a parsed namespace: the flags given."""
+    names = {f.name for f in fields(settings or TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in names}
 
 

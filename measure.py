@@ -2,18 +2,18 @@
 What a model costs, measured on the live process: the experiments' measurements, each taken one
 way for every experiment.
 
-- measure_decode: greedy generation through sample.generate (the code path a user runs) from
+- measure_decode: greedy generation through generate.generate (the code path a user runs) from
   random prompts; the cache bytes it holds, the time per decoded token, the FLOPs of one step;
 - kv_by_context: decode-time cache bytes at several context lengths;
 - serving: decode throughput by batch, and at a memory budget that each arch fills with as
   many sequences as the bytes it holds allow;
-- multi_turn: conversations of several turns (sample.Session, the code path of --chat) served
+- multi_turn: conversations of several turns (generate.Session, the code path of --chat) served
   at the same budget, as many as each arch and prefix-cache policy holds: time to first token
   of each turn, decode throughput, held bytes, encoder tokens per turn;
 - step_times: training steps timed in rounds that alternate between the archs;
 - train_flops_per_token: a training step's FLOPs counted on a run's own batches;
 - chat_eval: the loss on each speech of held-out dialogue scenes (dialogue_scenes), fed turn by
-  turn through sample.Session as `sample.py --chat` runs, by turn position and overall.
+  turn through generate.Session as `sample.py --chat` runs, by turn position and overall.
 
 Timings alternate between the archs round by round and report medians, so that the machine's
 drift does not become a difference between archs.
@@ -34,7 +34,7 @@ import train
 from cache import held_bytes
 from corpus import DataError, get_tokenizer
 from flops import decode_flops, step_flops
-from sample import Session, generate
+from generate import Session, generate
 
 DECODE_TOKENS = 32   # decode steps timed per measurement, fewer for short contexts
 FLOP_BATCHES = 4     # real batches whose counted FLOPs are averaged (shapes vary for encdec)
@@ -60,7 +60,7 @@ def sync(device):
 
 @torch.no_grad()
 def measure_decode(model, context_len, batch_size=1, seed=0, count_flops=True):
-    """Generate one turn (sample.generate, the code path a user runs) after random prompts of
+    """Generate one turn (generate.generate, the code path a user runs) after random prompts of
     batch_size rows, so that context_len positions are fed after decode_tokens(context_len)
     greedy decode steps, and report from the live cache:
     held_bytes_per_seq: the bytes of every tensor the cache holds on the model's device, per

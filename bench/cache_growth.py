@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache import CHUNK  # noqa: E402
 from model import ModelConfig, build_model  # noqa: E402
-from sample import sample_next  # noqa: E402
+from generate import sample_next  # noqa: E402
 
 SHAPES = {"cpu": dict(vocab_size=257, block_size=256, n_layer=6, n_dec_layer=2, n_head=4,
                       n_embd=128),

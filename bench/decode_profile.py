@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import ModelConfig, build_model  # noqa: E402
-from sample import sample_next  # noqa: E402
+from generate import sample_next  # noqa: E402
 
 SHAPE = dict(vocab_size=257, block_size=256, n_layer=6, n_dec_layer=2, n_head=4, n_embd=128)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import corpus
-import sample
+import generate
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -37,8 +37,8 @@ def shakespeare():
 def logged(monkeypatch):
     """Every logits tensor sample_next is given, in order."""
     seen = []
-    real = sample.sample_next
-    monkeypatch.setattr(sample, "sample_next", lambda logits, *a, **k: (
+    real = generate.sample_next
+    monkeypatch.setattr(generate, "sample_next", lambda logits, *a, **k: (
         seen.append(logits.clone()), real(logits, *a, **k))[1])
     return seen
 

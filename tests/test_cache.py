@@ -9,7 +9,7 @@ import cache as C
 from cache import CHUNK
 from model import ARCHS, ModelConfig, build_model
 from measure import measure_decode
-from sample import Session, generate
+from generate import Session, generate
 from test_model import OPTIONS
 from test_sample import V, forward_logits
 

@@ -197,7 +197,7 @@ def test_offloaded_prefix_cache_gives_the_uncached_logits_on_cuda(arch):
 @needs_cuda
 def test_offload_session_writes_what_keep_writes_on_cuda():
     """A padded batch, three greedy turns: the same tokens under keep, drop and offload."""
-    from sample import Session
+    from generate import Session
     model = tiny_model("bdd").eval()
     g = torch.Generator().manual_seed(0)
     prompts = [[torch.randint(0, 97, (n,), generator=g) for n in lengths]
@@ -238,7 +238,7 @@ def test_held_bytes_are_what_cuda_allocated(arch, policy):
     generate() (bdd's encoder cache freed), or two padded turns of a session under each policy,
     memory_allocated() has grown by the cache's held cuda bytes, up to the allocator's rounding
     of each storage (BLOCK); offload's encoder cache is in pinned host memory, not on the GPU."""
-    from sample import Session, generate
+    from generate import Session, generate
     model = tiny_model(arch).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 97, (n,), generator=g).cuda() for n in (30, 17)]

@@ -20,7 +20,8 @@ from model import ARCHS, ModelConfig, build_model
 from pack import N_SENTINELS
 from measure import measure_decode
 import sample
-from sample import Session, generate, main
+from generate import Session, generate
+from sample import main
 from test_model import OPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -386,14 +387,14 @@ def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsy
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "x" * 80], "only 45 fit"),
     (["--max_new_tokens", 100], "runs past the model's context"),
-    (["--temperature", -1], "--temperature must be a finite number >= 0"),
-    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
-    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--temperature", -1], "--temperature -1.0 is out of range: it must be at least 0"),
+    (["--temperature", "nan"], "--temperature nan is out of range: it must be at least 0"),
+    (["--temperature", "inf"], "--temperature inf is out of range: it must be at least 0"),
     (["--chat", "--num_samples", 2], "--chat continues one conversation"),
     (["--prompt", "a", "--prompts", "p.txt"], "give --prompt or --prompts, not both"),
     (["--prompts", "/no/such/file"], "cannot read the prompts file"),
-    (["--batch_size", 0], "--batch_size must be at least 1"),
-    (["--top_k", 0], "--top_k must be at least 1"),
+    (["--batch_size", 0], "--batch_size 0 is out of range: it must be at least 1"),
+    (["--top_k", 0], "--top_k 0 is out of range: it must be at least 1"),
     (["--prompt", "FILE:/no/such/file"], "cannot read the prompt file"),
     (["--device", "bogus"], "is not usable here"),
     (["--prefix_cache", "sometimes"], "invalid choice: 'sometimes'"),
@@ -403,7 +404,9 @@ def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsy
      "it must be at least 0 and at most 1e+18"),
     (["--seed", -1], "--seed -1 is out of range"),
     (["--threads", 0], "--threads 0 is out of range: it must be at least 1"),
-    (["--memory_limit_mb", 0], "--memory_limit_mb must be a finite number above 0"),
+    (["--memory_limit_mb", 0], "--memory_limit_mb 0.0 is out of range: it must be above 0"),
+    (["--memory_limit_mb", "inf"], "--memory_limit_mb inf is out of range"),
+    (["--num_samples", 0], "--num_samples 0 is out of range: it must be at least 1"),
     # the advice counts the prompt's tokens: 64 - 6 + 1 fit after "ROMEO:"
     (["--prompt", "ROMEO:", "--max_new_tokens", 100], "runs past the model's context (block_size "
      "64); the prompt has 6 tokens, which leave room for at most 59"),

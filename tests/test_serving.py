@@ -5,9 +5,9 @@ section 3 for batches, and sample.py's --prompts is safe."""
 import pytest
 import torch
 
-import sample
+import cache
 from model import ARCHS, ModelConfig, build_model
-from sample import Session, generate
+from generate import Session, generate
 
 V = 41
 SPAN = V - 5  # span models: the last ids play the sentinels, eot just before them
@@ -152,7 +152,7 @@ def test_num_samples_of_prompts_of_different_lengths_equal_each_prompt_alone(arc
     ("bdd", None, dict(n_head=4, n_kv_head=1))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_cache_a_request_needs_is_known_before_it_is_allocated(arch, objective, kw, dtype):
-    """sample.cache_bytes, from the model's shape alone, is every byte of K/V that the cache of
+    """cache.bytes_after, from the model's shape alone, is every byte of K/V that the cache of
     a one-turn request holds after its last step, its 16-column growth included: what sample.py
     weighs against its memory limit before it allocates anything. (The rest a cache holds is a
     byte per column and row saying which are real, where some row stopped: span models.)"""
@@ -162,7 +162,7 @@ def test_the_cache_a_request_needs_is_known_before_it_is_allocated(arch, objecti
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             gen = generate(model, torch.stack(prompts_of([P, P])), G, temperature=0,
                            num_samples=n, **span)
-        need = sample.cache_bytes(model, 2 * n, P, G, dtype.itemsize, span=bool(objective))
+        need = cache.bytes_after(model, 2 * n, P, G, dtype.itemsize, span=bool(objective))
         valid = 0 if gen.cache.valid is None else gen.cache.valid.numel()
         assert gen.cache.nbytes()["held"] == {"cpu": need + valid}, (P, G, n)
 
