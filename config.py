@@ -455,6 +455,33 @@ def load_model(out_dir, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def starting_checkpoint(config):
+    """The checkpoint a run starts from: its own (init_from resume), checked to be resumable; a
+    fine-tune's source (init_from a run's folder), checked to fit; None from scratch."""
+    if config.init_from == "resume":
+        path = checkpoint_path(config.out_dir)
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, config, path)
+        return ckpt
+    return None if init_source(config) is None else load_source(config)
+
+
+def load_source(config):
+    """The checkpoint a fine-tune starts from, checked to fit this run's model. Only its weights
+    are used: the optimizer's moments belong to the source's schedule and data, and the fine-tune
+    warms up its own (AdamW re-estimates them during the warmup)."""
+    path = init_source(config)
+    if not path.exists():
+        raise ConfigError(f"--init_from {config.init_from}: there is no checkpoint at {path}; "
+                              f"give scratch, resume, or the folder of a trained run to fine-tune "
+                              f"from")
+    ckpt = load_checkpoint(path)
+    check_fits(ckpt, config, path, "give this run the same shape (a fine-tune takes its "
+                   "flags from the command, not from its source)",
+                   f"give --arch {ckpt['arch']} (a fine-tune keeps its source's model)")
+    return ckpt
+
+
 def check_resumable(ckpt, config, path):
     """Refuse to load weights into a model of another arch or shape, or to stop a run before
     the iteration its checkpoint has reached."""

@@ -7,11 +7,10 @@ config.TrainConfig is a flag; unset ones come from config.PRESETS (cpu, or gpu o
     python train.py --init_from out/bdd --out_dir out/bdd_ft --boundaries turns --max_iters 200
     torchrun --standalone --nproc_per_node=4 train.py --arch bdd     # DistributedDataParallel
 
-The third line fine-tunes: a new run in its own folder whose model starts from out/bdd's weights
-(nothing else of that run: a fresh optimizer, schedule and history; out/bdd is only read).
-Other scripts call train(config.make_config(arch=..., ...)) and read the history it returns. A
-run holds its --out_dir while it lives. Exit codes (cli.py): 2 bad input, 1 nan loss, 3 a
-checkpoint could not be written, 130 Ctrl-C; the last whole checkpoint is always kept.
+(The third fine-tunes: a new run that starts from out/bdd's weights only; out/bdd is only read.)
+Other scripts call train(config.make_config(arch=...)) and read the history it returns. A run
+holds its --out_dir while it lives. Exit codes (cli.py): 2 bad input, 1 nan loss, 3 a checkpoint
+could not be written, 130 Ctrl-C; the last whole checkpoint is always kept.
 """
 
 import json
@@ -161,12 +160,9 @@ def evaluate(model, sets, ctx):
 
 
 def new_history(config, model):
-    """What a run reports: arch, config, non_embedding_params, params, train_tokens (rows x
-    block_size over all steps and ranks), supervised_fraction and padding_fraction (means over
-    the training batches), train_time and train_tokens_per_sec (training only), wall_time, curve
-    (one {iter, tokens, train_loss, val_loss, cont_loss} per evaluation: train_loss and val_loss
-    of the arch's own objective, cont_loss the shared yardstick), cont_loss (the last one),
-    iter_losses (every iteration's training loss), and under DDP "ddp"."""
+    """What a run reports. train_tokens: rows x block_size over all steps and ranks; the
+    fractions: means over the training batches; curve: one {iter, tokens, train_loss, val_loss,
+    cont_loss} per evaluation (the arch's own objective, then the shared yardstick)."""
     return {"arch": config.arch, "config": asdict(config),
             "non_embedding_params": model.num_params(non_embedding=True),
             "params": model.num_params(non_embedding=False),
@@ -176,10 +172,9 @@ def new_history(config, model):
 
 
 def start_log(config, iter_num):
-    """Make out_dir/log.jsonl agree with ckpt.pt before the first step: a fresh run starts an
-    empty log, removing first the checkpoint of the run it replaces (--overwrite); a resumed run
-    keeps the evaluations up to the checkpoint's iteration (a run killed after its last save may
-    have logged later ones, or half a line, and it is about to run them again)."""
+    """Make out_dir/log.jsonl agree with ckpt.pt before the first step: a fresh run removes the
+    run it replaces (--overwrite); a resumed one cuts the log back to its checkpoint's iteration
+    (a run killed after its last save may have logged later ones, or half a line)."""
     if config.init_from != "resume":
         cfg.checkpoint_path(config.out_dir).unlink(missing_ok=True)
     files.cut_log(Path(config.out_dir) / "log.jsonl", iter_num if config.init_from == "resume"
@@ -192,8 +187,7 @@ def param_checksum(model):
 
 
 def gather_ranks(model, local_loss, device, world):
-    """Every rank's parameter checksum (equal when DDP keeps the ranks in sync) and last local
-    training loss (different, as each rank reads different batches)."""
+    """Every rank's parameter checksum (equal: DDP keeps them in sync) and last loss (not)."""
     mine = torch.stack([param_checksum(model).to(device), local_loss.double().to(device)])
     everyone = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
@@ -253,26 +247,20 @@ class Training:
 
 
 def start(config, rank, world, device, log, t_start):
-    """The run at its first step: fresh, restored from its checkpoint (weights, optimizer,
-    generators; other ranks than 0 go on with fresh seeds), or a fine-tune: fresh but for the
-    weights of the run it starts from."""
-    ckpt = source = None
-    if config.init_from == "resume":
-        ckpt = cfg.load_checkpoint(cfg.checkpoint_path(config.out_dir))
-        cfg.check_resumable(ckpt, config, cfg.checkpoint_path(config.out_dir))
-    elif cfg.init_source(config) is not None:
-        source = fine_tune_source(config)
+    """The run at its first step: fresh; resumed (weights, optimizer, generators: rank 0's, the
+    others reseeded); or a fine-tune, fresh but for its source's weights."""
+    ckpt = cfg.starting_checkpoint(config)
     batches = load_batches(config, rank, world, log)
     # the same seed on every rank (DDP also broadcasts rank 0's weights); rank r's dropout: + r
     model = cfg.fresh_model(config, device, seed=config.seed + rank)
     optimizer = configure_optimizer(model, config, torch.device(device).type)
     run = Training(config, model, model, optimizer, batches, new_history(config, model), rank,
                    world, device, log, t_start)
-    if source is not None:
-        model.load_state_dict(source["model"])
-        run.history["init_from"] = {"out_dir": config.init_from, "iter": source["iter_num"]}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    if ckpt is not None and config.init_from != "resume":  # a fine-tune: the weights only
+        run.history["init_from"] = {"out_dir": config.init_from, "iter": ckpt["iter_num"]}
+    elif ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         run.iter_num = run.last_saved = ckpt["iter_num"]
         run.best_cont_loss, run.history = ckpt["best_cont_loss"], ckpt["history"]
@@ -289,22 +277,6 @@ def start(config, rank, world, device, log, t_start):
         ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
         run.train_model = DDP(run.train_model, device_ids=ids)
     return run
-
-
-def fine_tune_source(config):
-    """The checkpoint a fine-tune starts from, checked to fit this run's model. Only its weights
-    are used: the optimizer's moments belong to the source's schedule and data, and the fine-tune
-    warms up its own (AdamW re-estimates them during the warmup)."""
-    path = cfg.init_source(config)
-    if not path.exists():
-        raise cfg.ConfigError(f"--init_from {config.init_from}: there is no checkpoint at {path}; "
-                              f"give scratch, resume, or the folder of a trained run to fine-tune "
-                              f"from")
-    ckpt = cfg.load_checkpoint(path)
-    cfg.check_fits(ckpt, config, path, "give this run the same shape (a fine-tune takes its "
-                   "flags from the command, not from its source)",
-                   f"give --arch {ckpt['arch']} (a fine-tune keeps its source's model)")
-    return ckpt
 
 
 def train(config, log=print):
