@@ -314,6 +314,7 @@ def main(argv=None):
         args, flags = parse(argv)
         started = time.time()
         runs = plan(args, flags)
+        ex.use_threads(runs)
         with files.holding(args.out_dir, "experiment"):
             scenes = dialogue(runs, args.chat_scenes)
             rows = [score(done, scenes) for done in ex.execute(runs)]

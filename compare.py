@@ -364,6 +364,7 @@ def main(argv=None):
                    "command again to resume"):
         args, flags = parse(argv)
         runs = plan(ex.parse_archs(args.archs), flags, args.out_dir)
+        ex.use_threads(runs)
         budget = serving_budget(runs, args)  # before any training: a budget that cannot work
         with files.holding(args.out_dir, "experiment"):
             compare(runs, budget, args)

@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 import cli
 import config as cfg
 import files
@@ -58,6 +60,14 @@ class Done:
 
 
 DIVERGED = "diverged.json"  # in a run's folder: the run's settings and how it diverged
+
+
+def use_threads(runs):
+    """The process's torch threads: the runs' --threads, set before anything is measured or
+    trained (train() sets it too, but an experiment counts FLOPs and measures before)."""
+    threads = runs[0].config.threads if runs else None
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def make_run(name, flags, out_root, **labels):

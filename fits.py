@@ -72,10 +72,14 @@ def fitted_loss(fit, n):
 
 
 def params_for_loss(fit, loss):
-    """The N at which the fitted law reaches `loss`; None if it never does (loss <= E)."""
+    """The N at which the fitted law reaches `loss`; None if it never does (loss <= E), or only
+    beyond any float (a nearly flat law)."""
     if loss <= fit["E"]:
         return None
-    return (fit["A"] / (loss - fit["E"])) ** (1 / fit["alpha"])
+    try:
+        return (fit["A"] / (loss - fit["E"])) ** (1 / fit["alpha"])
+    except OverflowError:
+        return None
 
 
 def multipliers(fits, n_ranges):

@@ -205,6 +205,7 @@ def lr_table(doc):
 def lr_sweep(args, flags):
     started = time.time()
     runs = lr_plan(args, flags)
+    ex.use_threads(runs)
     cfg.writable_folder(os.path.dirname(args.lr_file) or ".", "lr_file")
     with files.holding(args.out_dir, "experiment"):
         done = ex.execute(runs, allow_diverged=True)
@@ -359,6 +360,7 @@ def frontier(args, flags):
     started = time.time()
     lrs, source = ex.learning_rates(args.lr, args.lr_file)
     runs = plan(args, flags, lrs, source)
+    ex.use_threads(runs)
     first = runs[0].config
     measure.check_measurable(first.block_size)
     if source == args.lr_file:

@@ -421,6 +421,7 @@ def main(argv=None):
         started = time.time()
         lrs = ex.learning_rates(args.lr, args.lr_file)[0] if args.lr else None
         runs = plan(args, flags, sizes, lrs)
+        ex.use_threads(runs)
         with files.holding(args.out_dir, "experiment"):
             rows = [measure_run(done) for done in ex.execute(runs)]
             name = "splits" if args.splits else "sweep"
