@@ -393,3 +393,19 @@ def test_the_default_budget_fits_a_tiny_model(tmp_path, capsys):
     assert not results["serving"]["budget_given"]
     in_budget = [r["serving"]["budget_batch"] for r in results["archs"].values()]
     assert 1 <= min(in_budget) and max(in_budget) <= measure.MAX_BUDGET_BATCHES * 2
+
+
+def test_threads_apply_before_anything_is_measured(tmp_path, monkeypatch):
+    """--threads is the process's setting: a --skip_train comparison (which trains nothing, so
+    train() never sets it) measures with it."""
+    import torch
+    seen = []
+    real = compare.measure.kv_by_context
+    monkeypatch.setattr(compare.measure, "kv_by_context",
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    try:
+        compare.main(["--skip_train", "--out_dir", str(tmp_path), "--threads", "2", *TINY[4:]])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
