@@ -3,7 +3,8 @@
 Seeded training batches and seed-independent evaluation batches for the three architectures and
 encdec's two pretraining objectives (prefix-LM, T5 span corruption), plus continuation_batch(),
 the one yardstick shared by all three (DESIGN.md 4), and supervision_stats(): how much of a batch
-trains and how much is padding.
+trains and how much is padding. A task's fixed-length rows with loss on some targets only
+(write_rows, load_rows: probe.py's associative recall) are drawn whole (row_batch).
 
 bdd's block boundaries follow one of four strategies (BOUNDARIES, DESIGN.md 2):
     random:   1 to max_blocks - 1 boundaries (count uniform) at uniformly random positions
@@ -24,12 +25,14 @@ Batch contract (all int64 except enc_mask; y == -1 means no loss):
 """
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from corpus import DataError, get_tokenizer, load_meta
+import files
+from corpus import DataError, get_tokenizer, load_meta, token_dtype
 from mask import block_ids
 
 ARCHS = ("dec", "bdd", "encdec")
@@ -132,11 +135,15 @@ def bdd_batch(w, max_blocks, gen, layouts=None, boundaries="random", turns=None)
 
 
 def prefix_lm_batch(w, eot, gen):
-    """encdec prefix-LM: split each row at a random p in [1, T-1]; the encoder reads x[:p], the
-    decoder gets x[p:T] and predicts y[p:T]. Rows are right-padded to the batch's longest."""
-    x, y = w[:, :-1], w[:, 1:]
-    B, T = x.shape
-    p = torch.randint(1, T, (B, 1), generator=gen)  # (B,1)
+    """encdec prefix-LM: split each row at a random p in [1, T-1] (split_batch)."""
+    B, T = w.shape[0], w.shape[1] - 1
+    return split_batch(w[:, :-1], w[:, 1:], torch.randint(1, T, (B, 1), generator=gen), eot)
+
+
+def split_batch(x, y, p, eot):
+    """encdec: the encoder reads x[:p] of each row, the decoder gets x[p:T] and predicts y[p:T];
+    p (B,1) in [1, T-1]. Rows are right-padded to the batch's longest."""
+    T = x.shape[1]
     Te, Td = int(p.max()), int(T - p.min())
     enc_mask = torch.arange(Te) < p  # (B,Te)
     idx = p + torch.arange(Td)  # (B,Td) source position of each decoder slot
@@ -262,6 +269,87 @@ def supervision_stats(batch, n_vocab, block_size):
 
 
 # ---------------------------------------------------------------------------------------------
+# task rows: a prepared dataset of fixed-length rows whose loss is on some targets only, such as
+# probe.py's associative recall. Batches draws whole rows from it instead of random windows.
+
+ROWS_FORMAT = 1
+
+
+def row_batch(arch, w, loss, gen, max_blocks, eot, layouts=None, boundaries="random"):
+    """The training batch of `arch` from a task's rows w (B, T+1) and loss (B, T+1) bool (True:
+    this token is a target that carries loss): y = -1 at every other target. dec and bdd: their
+    batch (bdd's blocks from `boundaries`); encdec: the encoder reads each row's prompt, x up to
+    its first supervised target (prompt_lengths), the decoder the rest."""
+    y = w[:, 1:].masked_fill(~loss[:, 1:], -1)  # (B,T)
+    if arch == "encdec":
+        return split_batch(w[:, :-1], y, prompt_lengths(y)[:, None], eot)
+    batch = bdd_batch(w, max_blocks, gen, layouts, boundaries) if arch == "bdd" else lm_batch(w)
+    return {**batch, "y": y}
+
+
+def prompt_lengths(y):
+    """(B,) the position of each row's first target that carries loss (y (B, T), -1: none): the
+    length of the prompt before it. Every row has one, and a prompt of at least one token."""
+    supervised = y != -1
+    assert supervised.any(1).all() and not supervised[:, 0].any(), "a row without a prompt"
+    return supervised.int().argmax(1)
+
+
+def is_rows(data):
+    """Whether --data names a folder of task rows (write_rows), used as it is."""
+    try:
+        meta = json.loads((Path(data) / "meta.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "rows" in meta
+
+
+def write_rows(folder, splits, tokenizer, name, about):
+    """Write a task's rows into folder: {split}.bin (the tokens) and {split}.loss (a byte per
+    token, 1 where the token is a target that carries loss), each written whole, then meta.json.
+    splits: {"train": (tokens, loss), "val": (tokens, loss)}, arrays (rows, L) of one L; about:
+    what the rows hold (kept in meta.json)."""
+    enc, folder = get_tokenizer(tokenizer), Path(folder)
+    (L,) = {tokens.shape[1] for tokens, _ in splits.values()}
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(enc.n_vocab)
+    for split, (tokens, loss) in splits.items():
+        assert tokens.shape == loss.shape and tokens.max() < enc.n_vocab
+        for suffix, array in (("bin", tokens.astype(dtype)), ("loss", loss.astype(np.uint8))):
+            with files.written_whole(folder / f"{split}.{suffix}") as tmp:
+                array.tofile(tmp)
+    meta = {"rows": {"format": ROWS_FORMAT, "length": L}, "name": name, "tokenizer": tokenizer,
+            "n_vocab": enc.n_vocab, "eot": enc.eot_token, "dtype": dtype, "turns": None,
+            "tokens": {split: int(tokens.size) for split, (tokens, _) in splits.items()},
+            "about": about}
+    with files.written_whole(folder / "meta.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1))
+
+
+def load_rows(folder, tokenizer):
+    """meta of a folder of task rows (is_rows), with "dir"; DataError if it is of another format,
+    for another tokenizer, or cut short."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    if meta["rows"].get("format") != ROWS_FORMAT:
+        raise DataError(f"{folder} holds task rows of format {meta['rows'].get('format')}, this "
+                        f"pack.py reads format {ROWS_FORMAT}; write them again (probe.py)")
+    if meta["tokenizer"] != tokenizer:
+        raise DataError(f"--data {folder} holds {meta['tokenizer']} tokens; use --tokenizer "
+                        f"{meta['tokenizer']}")
+    for split in ("train", "val"):
+        n = meta["tokens"][split]
+        try:
+            sizes = {suffix: (Path(folder) / f"{split}.{suffix}").stat().st_size
+                     for suffix in ("bin", "loss")}
+        except OSError:
+            sizes = None
+        if sizes != {"bin": n * np.dtype(meta["dtype"]).itemsize, "loss": n}:
+            raise DataError(f"{folder}: its {split} split is not the {n:,} tokens its meta.json "
+                            f"says (cut short?); write it again (probe.py)")
+    return {**meta, "dir": str(folder)}
+
+
+# ---------------------------------------------------------------------------------------------
 # batch source
 
 
@@ -275,6 +363,10 @@ class Batches:
     encdec, max_blocks, layouts and boundaries by bdd. The settings are the caller's to check
     (asserted here); what depends on the data raises DataError. notes: lines for the caller to
     show, such as how many windows hold no turn start and fall back to random boundaries.
+
+    Task rows (meta from load_rows): every batch row is a whole row of the task, drawn at random
+    for training and evenly spaced for evaluation, with y = -1 at the targets that carry no loss
+    (row_batch); block_size must be the rows' length less one.
     """
 
     def __init__(self, meta, arch, block_size, batch_size, objective="prefix_lm", max_blocks=8,
@@ -295,9 +387,27 @@ class Batches:
                                 f"use a smaller block_size or more data")
             self.data[split] = np.memmap(Path(self.meta["dir"]) / f"{split}.bin",
                                          dtype=self.meta["dtype"], mode="r")
-        if arch == "bdd" and boundaries == "turns":
+        self.row_len = self.meta["rows"]["length"] if "rows" in self.meta else None
+        if self.row_len:
+            self.load_loss()
+        elif arch == "bdd" and boundaries == "turns":
             self.load_turns()
         self.gen = torch.Generator().manual_seed(seed)
+
+    def load_loss(self):
+        """The loss bytes of a task's rows; DataError for settings the rows cannot take."""
+        name, T = self.meta["name"], self.row_len - 1
+        if self.block_size != T:
+            raise DataError(f"{name} holds rows of {T} tokens (and their last target); use "
+                            f"--block_size {T}")
+        if self.arch == "bdd" and self.boundaries == "turns":
+            raise DataError(f"--boundaries turns: the rows of {name} have no turns; use other "
+                            f"--boundaries")
+        if self.arch == "encdec" and self.objective == "span":
+            raise DataError(f"--objective span: the rows of {name} say what encdec encodes (the "
+                            f"prompt before the first answer); drop --objective")
+        self.loss = {split: np.memmap(Path(self.meta["dir"]) / f"{split}.loss", dtype=np.uint8,
+                                      mode="r") for split in ("train", "val")}
 
     def load_turns(self):
         """The turn starts of both splits (sorted token offsets); DataError if the training split
@@ -339,6 +449,10 @@ class Batches:
 
     def build(self, split, offsets, gen):
         """The arch's own training batch from the windows at offsets."""
+        if self.row_len:
+            loss = np.stack([self.loss[split][o:o + self.row_len] for o in offsets])
+            return row_batch(self.arch, self.windows(split, offsets), torch.from_numpy(loss > 0),
+                             gen, self.max_blocks, self.eot, self.layouts, self.boundaries)
         turns = self.row_turns(split, offsets) if self.turns else None
         return build_batch(self.arch, self.windows(split, offsets), gen, self.objective,
                            self.max_blocks, self.n_vocab, self.eot, self.layouts, self.boundaries,
@@ -348,13 +462,23 @@ class Batches:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def get_batch(self, split):
-        """A training batch of batch_size random windows of block_size + 1 tokens."""
-        high = len(self.data[split]) - self.block_size  # starts 0 .. n-T-1 leave T+1 tokens
-        offsets = torch.randint(high, (self.batch_size,), generator=self.gen).tolist()
+        """A training batch of batch_size random windows of block_size + 1 tokens (whole rows of
+        a task's rows)."""
+        if self.row_len:
+            rows = torch.randint(len(self.data[split]) // self.row_len, (self.batch_size,),
+                                 generator=self.gen)
+            offsets = (rows * self.row_len).tolist()
+        else:
+            high = len(self.data[split]) - self.block_size  # starts 0 .. n-T-1 leave T+1 tokens
+            offsets = torch.randint(high, (self.batch_size,), generator=self.gen).tolist()
         return self.to_device(self.build(split, offsets, self.gen))
 
     def eval_offsets(self, split, n):
-        """n offsets evenly spaced over the split: the same for every seed."""
+        """n offsets evenly spaced over the split (a task's: of whole rows): the same for every
+        seed."""
+        if self.row_len:
+            rows = np.linspace(0, len(self.data[split]) // self.row_len - 1, n).round()
+            return (rows.astype(np.int64) * self.row_len).tolist()
         last = len(self.data[split]) - self.block_size - 1
         return np.linspace(0, last, n).round().astype(np.int64).tolist()
 

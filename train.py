@@ -89,12 +89,15 @@ def load_batches(config, rank=0, world=1, log=print):
     supervision_stats there needs no device sync, and to_device overlaps the copies."""
     kw = dict(text_field=config.text_field, turn_regex=config.turn_regex,
               **({} if config.data_root is None else {"root": config.data_root}))
-    if rank == 0:
-        meta = corpus.prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        meta = corpus.prepare(config.data, config.tokenizer, **kw)
+    if pack.is_rows(config.data):  # a task's fixed-length rows (probe.py): nothing to prepare
+        meta = pack.load_rows(config.data, config.tokenizer)
+    else:
+        if rank == 0:
+            meta = corpus.prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            meta = corpus.prepare(config.data, config.tokenizer, **kw)
     batches = pack.Batches(meta, config.arch, config.block_size, config.batch_size,
                            objective=config.objective, max_blocks=config.max_blocks,
                            layouts=config.block_layouts, boundaries=config.boundaries,

@@ -1,0 +1,218 @@
+"""probe.py: the MQAR rows hold what they say (an oracle that reads a row answers every query, a
+guesser scores chance; keys are distinct), bdd's block starts at the first query, pack's row mode
+draws whole rows and puts the loss on the answers only, the copy probe's cached logits equal the
+training forward's, a tiny run of both probes writes its results, and bad input gets one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import corpus
+import pack
+import probe
+from model import ARCHS, ModelConfig, build_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rows(pairs=8, length=64, vocab=64, n=200, seed=0):
+    return probe.mqar_rows(n, length, pairs, vocab, np.random.default_rng(seed))
+
+
+def oracle(row, answer_at):
+    """The value that follows the query's first occurrence in the row: read from the row alone."""
+    key = row[answer_at - 1]
+    first = int(np.flatnonzero(row == key)[0])
+    return row[first + 1]
+
+
+@pytest.mark.parametrize("pairs,length", [(1, 8), (4, 64), (16, 64), (32, 128)])
+def test_an_oracle_that_reads_the_row_answers_every_query(pairs, length):
+    tokens, loss = rows(pairs, length)
+    assert (loss.sum(1) == pairs).all() and not loss[:, :2 * pairs + 1].any()
+    assert all(oracle(row, p) == row[p] for row, mask in zip(tokens, loss)
+               for p in np.flatnonzero(mask))
+
+
+def test_a_guesser_scores_about_one_in_the_value_range():
+    vocab = 64
+    tokens, loss = rows(pairs=8, vocab=vocab, n=2000)
+    guesses = np.random.default_rng(1).integers(vocab // 2, vocab, loss.sum())
+    assert abs((guesses == tokens[loss]).mean() - 2 / vocab) < 0.006
+
+
+def test_keys_are_distinct_and_apart_from_values_and_filler():
+    vocab, pairs, length = 64, 32, 128
+    tokens, loss = rows(pairs, length, vocab)
+    keys, values = tokens[:, 0:2 * pairs:2], tokens[:, 1:2 * pairs:2]
+    assert all(len(set(row)) == pairs for row in keys)
+    assert (keys < vocab // 2).all() and (values >= vocab // 2).all()
+    asked = np.zeros_like(loss)
+    asked[:, :-1] = loss[:, 1:]  # the queries: the tokens before the answers
+    queries = tokens[asked].reshape(len(tokens), pairs)
+    assert all(sorted(q) == sorted(k) for q, k in zip(queries, keys))
+    assert (queries != keys).any(axis=1).mean() > 0.9  # in a random order
+    filler = ~(asked | loss)
+    filler[:, :2 * pairs] = False
+    assert (tokens[filler] >= vocab // 2).all()
+
+
+def test_queries_land_anywhere_after_the_pairs():
+    tokens, loss = rows(pairs=1, length=64, n=400)
+    answers = loss.argmax(1)
+    assert answers.min() == 3 and answers.max() == 63 and len(set(answers)) == 31  # 31 slots
+
+
+def test_bdd_block_and_encdec_source_start_at_the_first_query():
+    pairs, length = 4, 32
+    tokens, loss = rows(pairs, length, n=16)
+    w = torch.from_numpy(tokens)
+    first = loss.argmax(1) - 1  # each row's first query
+    assert len(set(first)) > 1
+    batch = pack.row_batch("bdd", w, torch.from_numpy(loss), torch.Generator(), 8, 256)
+    ids = probe.prompt_blocks(batch["y"])
+    encdec = pack.row_batch("encdec", w, torch.from_numpy(loss), torch.Generator(), 8, 256)
+    for i, f in enumerate(first.tolist()):
+        assert (ids[i, :f] == 0).all() and (ids[i, f:] == 1).all()
+        assert w[i, f] < 32 and batch["y"][i, f] == w[i, f + 1]
+        assert encdec["enc_mask"][i].sum() == f and torch.equal(encdec["enc_x"][i, :f], w[i, :f])
+        assert torch.equal(encdec["dec_x"][i, :length - f], w[i, f:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# pack's row mode
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A folder of 40 + 12 rows of 17 tokens whose first token numbers the row."""
+    tokens, loss = rows(pairs=2, length=16, n=52)
+    tokens[:, 0] = np.arange(52)  # row ids (keys no longer distinct: only pack reads these)
+    folder = tmp_path_factory.mktemp("task")
+    pack.write_rows(folder, {"train": (tokens[:40], loss[:40]), "val": (tokens[40:], loss[40:])},
+                    "byte", "tiny", {"what": "test"})
+    return pack.load_rows(folder, "byte"), tokens, loss
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_row_mode_draws_whole_rows_and_masks_exactly_the_other_targets(task, arch):
+    meta, tokens, loss = task
+    batches = pack.Batches(meta, arch, 16, 8, seed=3)
+    for batch in [batches.get_batch("train"), *batches.eval_batches("val", 12)]:
+        x = batch["enc_x"][:, :1] if arch == "encdec" else batch["x"][:, :1]
+        for i, row in enumerate(x[:, 0].tolist()):
+            target, answers = torch.from_numpy(tokens[row, 1:]), torch.from_numpy(loss[row, 1:])
+            y = batch["y"][i]
+            if arch == "encdec":  # the decoder's targets are the row's from the prompt on
+                first = int(batch["enc_mask"][i].sum())
+                target, answers, y = target[first:], answers[first:], y[:len(target) - first]
+                assert torch.equal(batch["enc_x"][i, :first], torch.from_numpy(tokens[row, :first]))
+            else:
+                assert torch.equal(batch["x"][i], torch.from_numpy(tokens[row, :-1]))
+            assert torch.equal(y, target.masked_fill(~answers, -1))
+
+
+def test_row_mode_refuses_settings_its_rows_cannot_take(task):
+    meta = task[0]
+    with pytest.raises(corpus.DataError, match="--block_size 16") as e:
+        pack.Batches(meta, "dec", 32, 4)
+    assert "\n" not in str(e.value)
+    with pytest.raises(corpus.DataError, match="--tokenizer byte"):
+        pack.load_rows(meta["dir"], "gpt2")
+
+
+# ---------------------------------------------------------------------------------------------
+# the copy probe
+
+
+def test_copy_strings_hold_ordinary_tokens_only():
+    seq = probe.copy_strings(64, 300, "byte", torch.Generator().manual_seed(0))
+    assert torch.equal(seq[:, :64], seq[:, 64:])
+    assert seq.max() == 255 and seq.min() == 0  # every byte, never eot (256)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_copy_probe_cached_logits_equal_the_training_forward(arch, sharp):
+    torch.manual_seed(0)
+    model = sharp(build_model(arch, ModelConfig(vocab_size=257, block_size=32, n_layer=3,
+                                                n_head=2, n_embd=16))).eval()
+    n = 8
+    seq = probe.copy_strings(n, 3, "byte", torch.Generator().manual_seed(1))
+    for start in probe.copy_starts(arch, n).values():
+        cached = probe.cached_logits(model, seq, start)
+        uncached = probe.uncached_logits(model, arch, seq, start)
+        assert cached.shape == uncached.shape == (3, 2 * n - 1 - start, 257)
+        torch.testing.assert_close(cached, uncached, rtol=0, atol=1e-9)
+        a, b = probe.copy_scores(cached, seq, start), probe.copy_scores(uncached, seq, start)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-9) and len(a["loss_by_offset"]) == n - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+TINY = ["--lengths", "16,24", "--pairs", "1,2,4", "--vocab", "16", "--eval_rows", "8",
+        "--n_embd", "16", "--batch_size", "4", "--max_iters", "3", "--eval_interval", "3",
+        "--eval_iters", "1", "--warmup_iters", "1", "--log_interval", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny MQAR run of the three archs and their variants, then the copy probe of two of its
+    runs into the same folder; returns the folder."""
+    out = tmp_path_factory.mktemp("probes")
+    probe.main(["--mqar", "--variants", *TINY, "--out_dir", str(out)])
+    probe.main(["--copy", str(out / "L16_dec"), str(out / "L16_bdd"), "--copy_lengths", "2,4,8",
+                "--copy_samples", "4", "--out_dir", str(out)])
+    return out
+
+
+def test_tiny_probes_write_both_sections_and_the_figure(tiny, capsys):
+    results = json.loads((tiny / "probes.json").read_text())
+    runs = results["mqar"]["runs"]
+    assert {(r["length"], r["variant"]) for r in runs} == {
+        (l, v) for l in (16, 24) for v in ["dec", "encdec", "bdd", *probe.VARIANTS]}
+    for r in runs:
+        assert set(r["accuracy"]) == {"1", "2", "4"}
+        assert all(0 <= a <= 1 for a in r["accuracy"].values())
+        assert ("accuracy_random_boundaries" in r) == (r["arch"] == "bdd")
+    assert results["mqar"]["bdd_training_boundaries"] == "random"
+    ckpts = results["copy"]["checkpoints"]
+    assert [c["arch"] for c in ckpts] == ["dec", "bdd"]
+    assert set(ckpts[0]["splits"]) == {"end"} and set(ckpts[1]["splits"]) == {"end", "inside"}
+    assert [s["n"] for s in ckpts[1]["splits"]["inside"]] == [2, 4, 8]
+    assert (tiny / "probes.png").read_bytes().startswith(PNG)
+    meta = json.loads((tiny / "task_L16" / "meta.json").read_text())
+    assert meta["rows"]["length"] == 17 and meta["about"]["pairs"] == [1, 2, 4]
+
+
+def test_a_second_mqar_run_trains_nothing_and_keeps_the_copy_section(tiny, capsys):
+    probe.main(["--mqar", "--variants", *TINY, "--out_dir", str(tiny)])
+    out = capsys.readouterr().out
+    assert "10 runs: 10 finished, 0 to resume, 0 new" in out and "2 pairs" in out
+    assert "copy" in json.loads((tiny / "probes.json").read_text())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mqar", "--pairs", "4,17", "--lengths", "64"], "--pairs 17 does not fit --lengths 64"),
+    (["--mqar", "--pairs", "16", "--lengths", "64", "--vocab", "16"], "too few for 16 distinct"),
+    (["--mqar", "--pairs", "4,x"], "--pairs '4,x'"),
+    (["--mqar", "--vocab", "300"], "--vocab 300"),
+    (["--copy", "NOWHERE"], "no checkpoint at NOWHERE"),
+    (["--copy", "GARBAGE"], "not a readable checkpoint"),
+    (["--copy", "NOWHERE", "--max_iters", "5"], "--max_iters is a training flag"),
+    ([], "nothing to probe"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    argv = [a.replace("NOWHERE", str(tmp_path / "nowhere"))
+            .replace("GARBAGE", str(tmp_path / "garbage")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        probe.main([*argv, "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message.replace("NOWHERE", str(tmp_path / "nowhere")) \
+        in err, err
