@@ -17,6 +17,7 @@ import corpus
 import files
 import frontier
 import mask
+import probe
 import sample
 import sweep
 import train
@@ -24,11 +25,11 @@ import train
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
            "sweep.py": sweep.main, "frontier.py": frontier.main, "ablation.py": ablation.main,
            "mask.py": mask.main,
-           "corpus.py": corpus.main}
+           "corpus.py": corpus.main, "probe.py": probe.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
        "compare.py": ["--repeats", "x"], "sweep.py": ["--seeds", "x"],
        "frontier.py": ["--seeds", "x"], "ablation.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
-       "corpus.py": ["--tokenizer"]}
+       "corpus.py": ["--tokenizer"], "probe.py": ["--vocab", "x"]}
 
 
 def call(script, argv, monkeypatch):
