@@ -30,9 +30,11 @@ Written to --out_dir (default out/probes): probes.json and probes.png (each mode
 section and keeps the other's), the tables printed. The task's rows and the runs live beside them.
 """
 
+import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,18 +77,13 @@ COPY_SAMPLES = 64
 def check_task(vocab, pairs, lengths):
     """ConfigError unless every pair count fits every length and the vocabulary holds enough
     distinct keys."""
-    if not 4 <= vocab <= 256:
-        raise cfg.ConfigError(f"--vocab {vocab}: the task's tokens are byte ids, so 4 to 256")
-    for length in lengths:
-        too_many = [d for d in pairs if 4 * d > length + 1]
-        if too_many:
-            raise cfg.ConfigError(f"--pairs {too_many[0]} does not fit --lengths {length}: D "
-                                  f"pairs and their D queries take 4 D tokens of the L + 1; use "
-                                  f"at most {(length + 1) // 4} pairs, or a longer length")
-    if max(pairs) > vocab // 2:
-        raise cfg.ConfigError(f"--vocab {vocab} has {vocab // 2} keys, too few for {max(pairs)} "
-                              f"distinct keys per row; raise --vocab to {2 * max(pairs)} or use "
-                              f"fewer --pairs")
+    pair, length = next(((d, n) for n in lengths for d in pairs if 4 * d > n + 1), (None, None))
+    cfg.refuse([(pair is not None, f"--pairs {pair} does not fit --lengths {length}: D pairs and "
+                 f"their D queries take 4 D tokens of the L + 1; use at most "
+                 f"{((length or 0) + 1) // 4} pairs, or a longer length"),
+                (max(pairs) > vocab // 2, f"--vocab {vocab} has {vocab // 2} keys, too few for "
+                 f"{max(pairs)} distinct keys per row; raise --vocab to {2 * max(pairs)} or use "
+                 f"fewer --pairs")])
 
 
 def mqar_rows(n, length, pairs, vocab, rng):
@@ -385,61 +382,66 @@ def plot_copy(ax, section):
 # command line
 
 
+@dataclass
+class ProbeConfig:
+    """probe.py's own flags (--copy aside), their help and what they allow (config.setting, as in
+    TrainConfig): the parser is made from them, and a ProbeConfig checks itself when it is made,
+    turning the comma-separated lists into sorted lists of ints."""
+    mqar: bool = cfg.setting(False, "train and score multi-query associative recall")
+    archs: str = cfg.setting(",".join(ARCHS), "MQAR: the archs to train")
+    variants: bool = cfg.setting(False, "MQAR: also " + ", ".join(
+        f"{a} with {' '.join(f'{k} {v}' for k, v in o.items())}" for a, o in VARIANTS.values()))
+    pairs: str = cfg.setting(",".join(map(str, PAIRS)), "MQAR: key-value pair counts, "
+                             "comma-separated (each trained in an even mix, scored apart)")
+    lengths: str = cfg.setting(",".join(map(str, LENGTHS)), "MQAR: row lengths, comma-separated "
+                               "(tokens in; one model per arch and length)")
+    vocab: int = cfg.setting(VOCAB, "MQAR: byte ids used; keys are the lower half, values and "
+                             "filler the upper half", "[4, 256]")
+    eval_rows: int = cfg.setting(EVAL_ROWS, "MQAR: held-out rows per pair count and length",
+                                 "[1, inf)")
+    copy_lengths: str = cfg.setting(None, "copy: string lengths n, comma-separated (unset: 8, "
+                                    "16, ... up to half a checkpoint's block_size)")
+    copy_samples: int = cfg.setting(COPY_SAMPLES, "copy: strings per n", "[1, inf)")
+
+    def __post_init__(self):
+        cfg.check_fields(self)
+        self.pairs, self.lengths = int_list(self.pairs, "pairs", 1), int_list(self.lengths,
+                                                                              "lengths", 4)
+        self.copy_lengths = self.copy_lengths and int_list(self.copy_lengths, "copy_lengths", 2)
+        if self.mqar:
+            check_task(self.vocab, self.pairs, self.lengths)
+
+
 def int_list(text, flag, least):
     """"4,8,16" -> [4, 8, 16], sorted and each once; ConfigError unless all are ints >= least."""
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
         values = []
-    if not values or values[0] < least:
-        raise cfg.ConfigError(f"--{flag} {text!r}: give comma-separated whole numbers of at "
-                              f"least {least}, e.g. --{flag} {least},{2 * least}")
+    cfg.refuse([(not values or values[0] < least, f"--{flag} {text!r}: give comma-separated "
+                 f"whole numbers of at least {least}, e.g. --{flag} {least},{2 * least}")])
     return values
 
 
 def parse(argv):
+    """(args: the ProbeConfig's fields with out_dir and copy, flags: the train.py flags given)."""
     p = ex.parser("Probe recall: MQAR for every arch, trained from scratch, and a copy probe of "
                   "checkpoints.", "probes",
                   per_run={"arch": "use --archs", "data": "probe.py writes the task's rows",
                            "block_size": "use --lengths", "tokenizer": "the task is byte ids"})
-    p.add_argument("--mqar", action="store_true", help="train and score multi-query "
-                   "associative recall")
     p.add_argument("--copy", nargs="+", metavar="RUN_DIR", default=[], help="run folders (each "
                    "holding a ckpt.pt) to give the copy probe")
-    p.add_argument("--archs", default=",".join(ARCHS), help="MQAR: the archs to train")
-    p.add_argument("--variants", action="store_true", help="MQAR: also " + ", ".join(
-        f"{a} with {' '.join(f'{k} {v}' for k, v in o.items())}" for a, o in VARIANTS.values()))
-    p.add_argument("--pairs", default=",".join(map(str, PAIRS)), help="MQAR: key-value pair "
-                   "counts, comma-separated (each trained in an even mix, scored apart)")
-    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="MQAR: row lengths "
-                   "(tokens in; one model per arch and length)")
-    p.add_argument("--vocab", type=int, default=VOCAB, help="MQAR: byte ids used; keys are the "
-                   "lower half, values and filler the upper half")
-    p.add_argument("--eval_rows", type=int, default=EVAL_ROWS, help="MQAR: held-out rows per "
-                   "pair count and length")
-    p.add_argument("--copy_lengths", help="copy: string lengths n (default: 8, 16, ... up to "
-                   "half a checkpoint's block_size)")
-    p.add_argument("--copy_samples", type=int, default=COPY_SAMPLES, help="copy: strings per n")
-    args = p.parse_args(argv)
+    args = cfg.add_flags(p, settings=ProbeConfig).parse_args(argv)
     flags = cfg.given_flags(args)
-    if not (args.mqar or args.copy):
-        raise cfg.ConfigError("nothing to probe: give --mqar, --copy RUN_DIR ..., or both")
-    training = [k for k in flags if k not in ("device", "out_dir")]
-    if training and not args.mqar:
-        raise cfg.ConfigError(f"--{training[0]} is a training flag, for --mqar's runs; the "
-                              f"copy probe reads trained checkpoints")
-    args.pairs, args.lengths = int_list(args.pairs, "pairs", 1), int_list(args.lengths,
-                                                                           "lengths", 4)
-    args.copy_lengths = args.copy_lengths and int_list(args.copy_lengths, "copy_lengths", 2)
-    for flag in ("eval_rows", "copy_samples"):
-        if getattr(args, flag) < 1:
-            raise cfg.ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not args.out_dir:
-        raise cfg.ConfigError("--out_dir is empty; give a folder, or leave it out for "
-                              "out/probes")
-    if args.mqar:
-        check_task(args.vocab, args.pairs, args.lengths)
-    return args, flags
+    training = next((k for k in flags if k not in ("device", "out_dir")), None)
+    probe = ProbeConfig(**cfg.given_flags(args, ProbeConfig))
+    cfg.refuse([(not (probe.mqar or args.copy),
+                 "nothing to probe: give --mqar, --copy RUN_DIR ..., or both"),
+                (training and not probe.mqar, f"--{training} is a training flag, for "
+                 f"--mqar's runs; the copy probe reads trained checkpoints"),
+                (not args.out_dir, "--out_dir is empty; give a folder, or leave it out for "
+                 "out/probes")])
+    return argparse.Namespace(**vars(probe), out_dir=args.out_dir, copy=args.copy), flags
 
 
 def earlier_results(path):

@@ -1,6 +1,6 @@
 """
 Decode speed with caches that grow as they fill against caches allocated for the whole context
-up front, dec and bdd (issue 19: growing must not make decoding measurably slower).
+up front, dec and bdd: growing must not make decoding measurably slower.
 
     python bench/cache_growth.py                       # cpu-preset shapes, batches 1 and 64
     python bench/cache_growth.py --threads 2 --rounds 9
@@ -8,8 +8,8 @@ up front, dec and bdd (issue 19: growing must not make decoding measurably slowe
 
 "grown" is the library as it is: each KV cache grows cache.CHUNK columns at a time, copying the
 filled ones into the larger buffer. "whole" sets each cache's chunk to block_size before the
-prefill, so its first append allocates every column of the context at once, as the caches did
-before they grew (the library's default is not touched). Fresh models of the preset's shape;
+prefill, so its first append allocates every column of the context at once, as a preallocating
+cache does (the library's default is not touched). Fresh models of the preset's shape;
 each measurement is a one-turn generation as generate() runs it (bdd's encoder cache dropped,
 no token history): a prefill of --prompt tokens, then --steps greedy decode steps timed as one
 span, so that the copies on growth (one per CHUNK steps) are inside it; ms per step = span /
