@@ -304,9 +304,7 @@ def check_args(args, flags):
          f"(--warmup_iters {warmup}); give more steps or a shorter warmup"),
         (flags.get("max_iters") == 0, "--max_iters 0 trains nothing to compare; give at least 1"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise cfg.ConfigError(message)
+    cfg.refuse(problems)
 
 
 def main(argv=None):
@@ -328,12 +326,10 @@ def main(argv=None):
                             "speeches": sum(len(s.starts) for s in scenes)},
                    "runs": rows, "points": summarize(scratch),
                    "fine_tune": fine_tune_section(rows, args, runs)}
-            doc["wall_time"] = time.time() - started
-            ex.write_json(doc, os.path.join(args.out_dir, "ablation.json"))
-            plot(doc, os.path.join(args.out_dir, "ablation.png"))
+            written = ex.write_results(doc, os.path.join(args.out_dir, "ablation.json"),
+                                       os.path.join(args.out_dir, "ablation.png"), plot, started)
     print(table(doc))
-    print(f"wrote {os.path.join(args.out_dir, 'ablation.json')} and ablation.png in "
-          f"{train.duration(doc['wall_time'])}")
+    print(written)
 
 
 if __name__ == "__main__":

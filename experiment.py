@@ -402,6 +402,15 @@ def lr_flags(name, lrs, source="--lr"):
 # reports: JSON, figures, tables
 
 
+def write_results(doc, json_path, figure_path, plot, started):
+    """Stamp doc's wall_time (seconds since started), write it to json_path and plot(doc,
+    figure_path), each whole; returns the line that says so."""
+    doc["wall_time"] = time.time() - started
+    write_json(doc, json_path)
+    plot(doc, figure_path)
+    return f"wrote {json_path} and {figure_path} in {train.duration(doc['wall_time'])}"
+
+
 def write_json(obj, path):
     """obj as JSON in path, written whole."""
     with files.written_whole(path) as tmp, open(tmp, "w") as f:

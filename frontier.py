@@ -383,12 +383,10 @@ def frontier(args, flags):
                "seeds": sorted({r.config.seed for r in runs}),
                "learning_rates": {"source": source, "rates": lrs}, "serving": serving,
                "runs": rows, "variants": summarize(rows, args.archs, serving)}
-        doc["wall_time"] = time.time() - started
-        ex.write_json(doc, os.path.join(args.out_dir, "frontier.json"))
-        plot(doc, os.path.join(args.out_dir, "frontier.png"))
+        written = ex.write_results(doc, os.path.join(args.out_dir, "frontier.json"),
+                                   os.path.join(args.out_dir, "frontier.png"), plot, started)
     print(table(doc))
-    print(f"wrote {args.out_dir}/frontier.json and {args.out_dir}/frontier.png in "
-          f"{train.duration(doc['wall_time'])}")
+    print(written)
 
 
 # -----------------------------------------------------------------------------

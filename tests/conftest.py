@@ -10,6 +10,7 @@ import torch
 
 import corpus
 import generate
+import train
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -84,3 +85,24 @@ def user_visible_warnings():
                        ResourceWarning):
             warnings.simplefilter("ignore", hidden)
         yield caught
+
+
+class Calls:
+    """Wraps train.train and train.train_step, counting calls; train_step can die at a call."""
+
+    def __init__(self, monkeypatch, die_at=None):
+        self.configs, self.steps, self.die_at = [], 0, die_at
+        real_train, real_step = train.train, train.train_step
+
+        def counted_train(config, **kw):
+            self.configs.append(config)
+            return real_train(config, **kw)
+
+        def counted_step(*args, **kw):
+            self.steps += 1
+            if self.steps == self.die_at:
+                raise KeyboardInterrupt  # as a Ctrl-C or a kill would stop an experiment
+            return real_step(*args, **kw)
+
+        monkeypatch.setattr(train, "train", counted_train)
+        monkeypatch.setattr(train, "train_step", counted_step)

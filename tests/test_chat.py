@@ -23,6 +23,7 @@ import corpus
 import mask
 import measure
 import train
+from conftest import Calls
 from model import ModelConfig, build_model
 
 NAMES = ["Ann", "Bob", "Cyril"]
@@ -245,25 +246,6 @@ def test_bad_fine_tunes_exit_2_with_one_line(talk, source, tmp_path, capsys, fla
 
 # -----------------------------------------------------------------------------
 # the ablation
-
-
-class Calls:
-    """Counts train.train calls (their configs) and training steps."""
-
-    def __init__(self, monkeypatch):
-        self.configs, self.steps = [], 0
-        real_train, real_step = train.train, train.train_step
-
-        def counted_train(config, **kw):
-            self.configs.append(config)
-            return real_train(config, **kw)
-
-        def counted_step(*args, **kw):
-            self.steps += 1
-            return real_step(*args, **kw)
-
-        monkeypatch.setattr(train, "train", counted_train)
-        monkeypatch.setattr(train, "train_step", counted_step)
 
 
 def ablation_flags(talk):

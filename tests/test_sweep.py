@@ -13,7 +13,7 @@ import files
 import fits
 import flops
 import sweep
-import train
+from conftest import Calls
 
 RUN_KEYS = {"name", "size", "arch", "seed", "n_layer", "n_dec_layer", "n_embd", "n_head",
             "out_dir", "status", "iters", "cont_loss", "non_embedding_params", "params",
@@ -40,27 +40,6 @@ def tiny_sizes(folder):
              "--log_interval", "2", "--data", str(folder / "tiny.txt"),
              "--data_root", str(folder / "data")]
     return sizes, flags
-
-
-class Calls:
-    """Wraps train.train and train.train_step, counting calls; train_step can die at a call."""
-
-    def __init__(self, monkeypatch, die_at=None):
-        self.configs, self.steps, self.die_at = [], 0, die_at
-        real_train, real_step = train.train, train.train_step
-
-        def counted_train(config, **kw):
-            self.configs.append(config)
-            return real_train(config, **kw)
-
-        def counted_step(*args, **kw):
-            self.steps += 1
-            if self.steps == self.die_at:
-                raise KeyboardInterrupt  # as a Ctrl-C or a kill would stop the sweep
-            return real_step(*args, **kw)
-
-        monkeypatch.setattr(train, "train", counted_train)
-        monkeypatch.setattr(train, "train_step", counted_step)
 
 
 @pytest.fixture(scope="module")
