@@ -433,7 +433,7 @@ def parse(argv):
                    "holding a ckpt.pt) to give the copy probe")
     args = cfg.add_flags(p, settings=ProbeConfig).parse_args(argv)
     flags = cfg.given_flags(args)
-    training = next((k for k in flags if k not in ("device", "out_dir")), None)
+    training = next((k for k in flags if k not in ("device", "out_dir", "threads")), None)
     probe = ProbeConfig(**cfg.given_flags(args, ProbeConfig))
     cfg.refuse([(not (probe.mqar or args.copy),
                  "nothing to probe: give --mqar, --copy RUN_DIR ..., or both"),
@@ -457,6 +457,8 @@ def main(argv=None):
     with cli.guard("interrupted (Ctrl-C); probes.json and probes.png are replaced whole or not "
                    "at all; run the same command again to resume the MQAR runs"):
         args, flags = parse(argv)
+        if "threads" in flags:  # checked as train.py checks it, set before anything runs
+            torch.set_num_threads(cfg.make_config(threads=flags["threads"]).threads)
         with files.holding(args.out_dir, "experiment"):
             path = os.path.join(args.out_dir, "probes.json")
             results = earlier_results(path)

@@ -165,7 +165,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("probes")
     probe.main(["--mqar", "--variants", *TINY, "--out_dir", str(out)])
     probe.main(["--copy", str(out / "L16_dec"), str(out / "L16_bdd"), "--copy_lengths", "2,4,8",
-                "--copy_samples", "4", "--out_dir", str(out)])
+                "--copy_samples", "4", "--threads", "1", "--out_dir", str(out)])
     return out
 
 
@@ -203,6 +203,7 @@ def test_a_second_mqar_run_trains_nothing_and_keeps_the_copy_section(tiny, capsy
     (["--copy", "NOWHERE"], "no checkpoint at NOWHERE"),
     (["--copy", "GARBAGE"], "not a readable checkpoint"),
     (["--copy", "NOWHERE", "--max_iters", "5"], "--max_iters is a training flag"),
+    (["--copy", "NOWHERE", "--threads", "0"], "--threads 0 is out of range"),
     ([], "nothing to probe"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
