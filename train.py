@@ -4,13 +4,11 @@ config.TrainConfig is a flag; unset ones come from config.PRESETS (cpu, or gpu o
 
     python train.py --arch bdd                                  # CPU: a small BDD on Shakespeare
     python train.py --arch bdd --init_from resume --max_iters 600    # continue out/bdd/ckpt.pt
-    python train.py --init_from out/bdd --out_dir out/bdd_ft --boundaries turns --max_iters 200
+    python train.py --init_from out/bdd --out_dir out/ft --boundaries turns  # fine-tune out/bdd
     torchrun --standalone --nproc_per_node=4 train.py --arch bdd     # DistributedDataParallel
 
-(The third fine-tunes: a new run that starts from out/bdd's weights only; out/bdd is only read.)
-Other scripts call train(config.make_config(arch=...)) and read the history it returns. A run
-holds its --out_dir while it lives. Exit codes (cli.py): 2 bad input, 1 nan loss, 3 a checkpoint
-could not be written, 130 Ctrl-C; the last whole checkpoint is always kept.
+Other scripts call train(config.make_config(...)); a run holds its --out_dir while it lives and
+keeps its last whole checkpoint. Exit codes: 2 bad input, 1 nan loss, 3 unwritable, 130 Ctrl-C.
 """
 
 import json
@@ -84,14 +82,13 @@ def to_device(batch, device):
 
 
 def load_batches(config, rank=0, world=1, log=print):
-    """Training and evaluation batches; rank 0 prepares (tokenizes) the data, the others then
-    find it ready. Every rank draws its own training batches (seed + rank). Built on the CPU:
-    supervision_stats there needs no device sync, and to_device overlaps the copies."""
+    """Training and evaluation batches, each rank drawing its own (seed + rank); built on the CPU,
+    where supervision_stats needs no device sync, and to_device overlaps the copies."""
     kw = dict(text_field=config.text_field, turn_regex=config.turn_regex,
               **({} if config.data_root is None else {"root": config.data_root}))
     if pack.is_rows(config.data):  # a task's fixed-length rows (probe.py): nothing to prepare
         meta = pack.load_rows(config.data, config.tokenizer)
-    else:
+    else:  # rank 0 prepares (tokenizes) the data; the others wait, then find it ready
         if rank == 0:
             meta = corpus.prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)
         if world > 1:
