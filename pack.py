@@ -4,7 +4,7 @@ Seeded training batches and seed-independent evaluation batches for the three ar
 encdec's two pretraining objectives (prefix-LM, T5 span corruption), plus continuation_batch(),
 the one yardstick shared by all three (DESIGN.md 4), and supervision_stats(): how much of a batch
 trains and how much is padding. A task's fixed-length rows with loss on some targets only
-(write_rows, load_rows: probe.py's associative recall) are drawn whole (row_batch).
+(rows.py: probe.py's associative recall) are drawn whole (row_batch).
 
 bdd's block boundaries follow one of four strategies (BOUNDARIES, DESIGN.md 2):
     random:   1 to max_blocks - 1 boundaries (count uniform) at uniformly random positions
@@ -25,14 +25,12 @@ Batch contract (all int64 except enc_mask; y == -1 means no loss):
 """
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import files
-from corpus import DataError, get_tokenizer, load_meta, token_dtype
+from corpus import DataError, get_tokenizer, load_meta
 from mask import block_ids
 
 ARCHS = ("dec", "bdd", "encdec")
@@ -272,9 +270,6 @@ def supervision_stats(batch, n_vocab, block_size):
 # task rows: a prepared dataset of fixed-length rows whose loss is on some targets only, such as
 # probe.py's associative recall. Batches draws whole rows from it instead of random windows.
 
-ROWS_FORMAT = 1
-
-
 def row_batch(arch, w, loss, gen, max_blocks, eot, layouts=None, boundaries="random"):
     """The training batch of `arch` from a task's rows w (B, T+1) and loss (B, T+1) bool (True:
     this token is a target that carries loss): y = -1 at every other target. dec and bdd: their
@@ -293,60 +288,6 @@ def prompt_lengths(y):
     supervised = y != -1
     assert supervised.any(1).all() and not supervised[:, 0].any(), "a row without a prompt"
     return supervised.int().argmax(1)
-
-
-def is_rows(data):
-    """Whether --data names a folder of task rows (write_rows), used as it is."""
-    try:
-        meta = json.loads((Path(data) / "meta.json").read_text())
-    except (TypeError, OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "rows" in meta
-
-
-def write_rows(folder, splits, tokenizer, name, about):
-    """Write a task's rows into folder: {split}.bin (the tokens) and {split}.loss (a byte per
-    token, 1 where the token is a target that carries loss), each written whole, then meta.json.
-    splits: {"train": (tokens, loss), "val": (tokens, loss)}, arrays (rows, L) of one L; about:
-    what the rows hold (kept in meta.json)."""
-    enc, folder = get_tokenizer(tokenizer), Path(folder)
-    (L,) = {tokens.shape[1] for tokens, _ in splits.values()}
-    folder.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(enc.n_vocab)
-    for split, (tokens, loss) in splits.items():
-        assert tokens.shape == loss.shape and tokens.max() < enc.n_vocab
-        for suffix, array in (("bin", tokens.astype(dtype)), ("loss", loss.astype(np.uint8))):
-            with files.written_whole(folder / f"{split}.{suffix}") as tmp:
-                array.tofile(tmp)
-    meta = {"rows": {"format": ROWS_FORMAT, "length": L}, "name": name, "tokenizer": tokenizer,
-            "n_vocab": enc.n_vocab, "eot": enc.eot_token, "dtype": dtype, "turns": None,
-            "tokens": {split: int(tokens.size) for split, (tokens, _) in splits.items()},
-            "about": about}
-    with files.written_whole(folder / "meta.json") as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=1))
-
-
-def load_rows(folder, tokenizer):
-    """meta of a folder of task rows (is_rows), with "dir"; DataError if it is of another format,
-    for another tokenizer, or cut short."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    if meta["rows"].get("format") != ROWS_FORMAT:
-        raise DataError(f"{folder} holds task rows of format {meta['rows'].get('format')}, this "
-                        f"pack.py reads format {ROWS_FORMAT}; write them again (probe.py)")
-    if meta["tokenizer"] != tokenizer:
-        raise DataError(f"--data {folder} holds {meta['tokenizer']} tokens; use --tokenizer "
-                        f"{meta['tokenizer']}")
-    for split in ("train", "val"):
-        n = meta["tokens"][split]
-        try:
-            sizes = {suffix: (Path(folder) / f"{split}.{suffix}").stat().st_size
-                     for suffix in ("bin", "loss")}
-        except OSError:
-            sizes = None
-        if sizes != {"bin": n * np.dtype(meta["dtype"]).itemsize, "loss": n}:
-            raise DataError(f"{folder}: its {split} split is not the {n:,} tokens its meta.json "
-                            f"says (cut short?); write it again (probe.py)")
-    return {**meta, "dir": str(folder)}
 
 
 # ---------------------------------------------------------------------------------------------

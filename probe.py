@@ -12,7 +12,7 @@ MQAR: a row of L + 1 tokens (inputs L, targets L) holds D key-value pairs, fille
 again in a random order, each followed by its value. The loss is on those values only (the
 answers), as in Zoology: every other token is random. One model per arch and length is trained
 from scratch on an even mix of the pair counts, through train.train() on the task's rows (a
-prepared dataset of fixed-length rows, pack.write_rows); accuracy is top-1 over the whole
+prepared dataset of fixed-length rows, rows.write_rows); accuracy is top-1 over the whole
 vocabulary on held-out rows (the val split), per pair count. bdd trains with the default random
 boundaries and is evaluated twice: with its block starting at the first query (prompt = the pairs
 and filler, answers generated) and with random boundaries (1 to 7 per row).
@@ -47,6 +47,7 @@ import corpus
 import experiment as ex
 import files
 import pack
+import rows
 from mask import block_ids
 from model import ARCHS
 
@@ -123,13 +124,13 @@ def task_splits(length, pairs, vocab, train_rows, eval_rows, seed):
 
 
 def write_task(folder, about):
-    """The task's rows in folder (pack.write_rows), unless it already holds these; returns the
+    """The task's rows in folder (rows.write_rows), unless it already holds these; returns the
     held-out rows {pairs: (tokens, loss)}."""
     splits = task_splits(about["length"], about["pairs"], about["vocab"], about["train_rows"],
                          about["eval_rows"], about["seed"])
     meta = Path(folder) / "meta.json"
-    if not (pack.is_rows(folder) and json.loads(meta.read_text()).get("about") == about):
-        pack.write_rows(folder, splits, "byte", f"mqar_L{about['length']}", about)
+    if not (rows.is_rows(folder) and json.loads(meta.read_text()).get("about") == about):
+        rows.write_rows(folder, splits, "byte", f"mqar_L{about['length']}", about)
     n, (tokens, loss) = about["eval_rows"], splits["val"]
     return {d: (tokens[i * n:(i + 1) * n], loss[i * n:(i + 1) * n])
             for i, d in enumerate(about["pairs"])}
@@ -258,10 +259,10 @@ def plan(args, flags):
                              args.out_dir, length=length, variant=name)
                  for name, (arch, options) in names.items()]
         # about one pass over the training rows in the longest run
-        rows = max(r.config.max_iters * r.config.batch_size * r.config.gradient_accumulation_steps
-                   for r in runs)
+        train_rows = max(r.config.max_iters * r.config.batch_size *
+                         r.config.gradient_accumulation_steps for r in runs)
         tasks[length] = folder, {"length": length, "pairs": list(args.pairs), "vocab": args.vocab,
-                                 "train_rows": rows, "eval_rows": args.eval_rows, "seed": SEED}
+                                 "train_rows": train_rows, "eval_rows": args.eval_rows, "seed": SEED}
     return tasks, runs
 
 
@@ -318,11 +319,11 @@ def mqar_table(section):
 
 def copy_table(section):
     """Loss / accuracy of the second copy by n, a row per checkpoint and split."""
-    rows = [(c, split, scores) for c in section["checkpoints"]
-            for split, scores in c["splits"].items()]
-    ns = sorted({s["n"] for _, _, scores in rows for s in scores})
+    entries = [(c, split, scores) for c in section["checkpoints"]
+               for split, scores in c["splits"].items()]
+    ns = sorted({s["n"] for _, _, scores in entries for s in scores})
     lines = [["checkpoint, prefill", *[f"n={n}" for n in ns]]]
-    for c, split, scores in rows:
+    for c, split, scores in entries:
         by_n = {s["n"]: f"{s['loss']:.2f} / {s['accuracy']:.2f}" for s in scores}
         lines.append([f"{c['dir']} ({c['arch']}), {split}", *[by_n.get(n, "-") for n in ns]])
     return ex.format_table(lines) + "\n(loss in nats / top-1 accuracy, second copy from its " \

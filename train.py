@@ -29,6 +29,7 @@ import config as cfg
 import corpus
 import files
 import pack
+import rows
 
 
 class LossNotFinite(cli.Stop):
@@ -86,8 +87,8 @@ def load_batches(config, rank=0, world=1, log=print):
     where supervision_stats needs no device sync, and to_device overlaps the copies."""
     kw = dict(text_field=config.text_field, turn_regex=config.turn_regex,
               **({} if config.data_root is None else {"root": config.data_root}))
-    if pack.is_rows(config.data):  # a task's fixed-length rows (probe.py): nothing to prepare
-        meta = pack.load_rows(config.data, config.tokenizer)
+    if rows.is_rows(config.data):  # a task's fixed-length rows (probe.py): nothing to prepare
+        meta = rows.load_rows(config.data, config.tokenizer)
     else:  # rank 0 prepares (tokenizes) the data; the others wait, then find it ready
         if rank == 0:
             meta = corpus.prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)

@@ -13,6 +13,7 @@ import corpus
 import pack
 import probe
 from model import ARCHS, ModelConfig, build_model
+from rows import load_rows, write_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -91,9 +92,9 @@ def task(tmp_path_factory):
     tokens, loss = rows(pairs=2, length=16, n=52)
     tokens[:, 0] = np.arange(52)  # row ids (keys no longer distinct: only pack reads these)
     folder = tmp_path_factory.mktemp("task")
-    pack.write_rows(folder, {"train": (tokens[:40], loss[:40]), "val": (tokens[40:], loss[40:])},
+    write_rows(folder, {"train": (tokens[:40], loss[:40]), "val": (tokens[40:], loss[40:])},
                     "byte", "tiny", {"what": "test"})
-    return pack.load_rows(folder, "byte"), tokens, loss
+    return load_rows(folder, "byte"), tokens, loss
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -120,7 +121,7 @@ def test_row_mode_refuses_settings_its_rows_cannot_take(task):
         pack.Batches(meta, "dec", 32, 4)
     assert "\n" not in str(e.value)
     with pytest.raises(corpus.DataError, match="--tokenizer byte"):
-        pack.load_rows(meta["dir"], "gpt2")
+        load_rows(meta["dir"], "gpt2")
 
 
 # ---------------------------------------------------------------------------------------------
