@@ -1,6 +1,6 @@
 """
 The headline experiment: train dec, encdec and bdd side by side at one size and one seed, then
-measure their inference. It is the one-size case of the experiment runner that sweep.py uses, so
+measure their inference. It is the one-size case of the experiment runner that lab/sweep.py uses, so
 it resumes the same way: run the same command again and finished runs are only measured.
 
     python compare.py                       # the cpu preset without a GPU: 5 to 10 minutes on 2 cores
@@ -8,7 +8,7 @@ it resumes the same way: run the same command again and finished runs are only m
     python compare.py --archs dec,bdd --max_iters 600   # any train.py flag overrides the preset
 
 Every arch gets the same width, heads, depth, data, tokens, optimiser and seed, trained by
-train.py's train(); decoding is sample.py's KV-cached generation (measure.py). Written to
+train.py's train(); decoding is sample.py's KV-cached generation (lab/measure.py). Written to
 --out_dir (default out/compare), beside each arch's run folder:
 - compare.png: continuation loss against training tokens (DESIGN.md section 4), decode-time cache
   bytes against context length, per-token decode cost (FLOPs counted, ms measured), decode
@@ -27,11 +27,11 @@ import torch
 
 import cli
 import config as cfg
-import experiment as ex
+from lab import experiment as ex
 import files
-import measure
+from lab import measure
 from model import ARCHS
-from experiment import ARCH_COLORS
+from lab.experiment import ARCH_COLORS
 
 
 def plan(archs, flags, out_dir):

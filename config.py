@@ -5,7 +5,7 @@ The configuration of a nanoBDD run, in one place:
   (an interval such as "[0, 1)", or a tuple of choices) as metadata: train.py's flags and the
   checks are made from them, and a TrainConfig checks itself when it is made;
 - AGREE: how fields must agree with each other, checked after each field on its own;
-- PRESETS: the cpu and gpu recipes that train.py, compare.py and sweep.py all start from;
+- PRESETS: the cpu and gpu recipes that train.py, compare.py and lab/sweep.py all start from;
 - model_config(): the model's shape from a run's config, and fresh_model();
 - checkpoints: save, load (one reader, with every check), the model of a checkpoint, and the
   checks a resumed run must pass.
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import cli
-import corpus
+from corpus import prepare as corpus
 import files
 import pack
-import sources
+from corpus import sources
 from model import ARCHS, ModelConfig, build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,17 +1,17 @@
-"""Batches for nanoBDD: prepared token streams (corpus.py) -> a batch dict for `model(batch)`.
+"""Batches for nanoBDD: prepared token streams (corpus/prepare.py) -> a batch dict for `model(batch)`.
 
 Seeded training batches and seed-independent evaluation batches for the three architectures and
 encdec's two pretraining objectives (prefix-LM, T5 span corruption), plus continuation_batch(),
 the one yardstick shared by all three (DESIGN.md 4), and supervision_stats(): how much of a batch
 trains and how much is padding. A task's fixed-length rows with loss on some targets only
-(rows.py: probe.py's associative recall) are drawn whole (row_batch).
+(corpus/rows.py: lab/probe.py's associative recall) are drawn whole (row_batch).
 
 bdd's block boundaries follow one of four strategies (BOUNDARIES, DESIGN.md 2):
     random:   1 to max_blocks - 1 boundaries (count uniform) at uniformly random positions
     logspace: block lengths log-uniform in 1..T-1, drawn from the row's start until the row is
               full or has max_blocks blocks; the last block takes the rest
     single:   one boundary, uniform in 1..T-1: the prompt-then-reply shape (max_blocks unused)
-    turns:    a boundary at each turn start in the window (corpus.py's turn streams), at most
+    turns:    a boundary at each turn start in the window (corpus/prepare.py's turn streams), at most
               max_blocks - 1 of them (a random subset when there are more); a row without one
               gets random boundaries. One layout per row: `layouts` does not apply.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus import DataError, get_tokenizer, load_meta
+from corpus.prepare import DataError, get_tokenizer, load_meta
 from mask import block_ids
 
 ARCHS = ("dec", "bdd", "encdec")
@@ -268,7 +268,7 @@ def supervision_stats(batch, n_vocab, block_size):
 
 # ---------------------------------------------------------------------------------------------
 # task rows: a prepared dataset of fixed-length rows whose loss is on some targets only, such as
-# probe.py's associative recall. Batches draws whole rows from it instead of random windows.
+# lab/probe.py's associative recall. Batches draws whole rows from it instead of random windows.
 
 def row_batch(arch, w, loss, gen, max_blocks, eot, layouts=None, boundaries="random"):
     """The training batch of `arch` from a task's rows w (B, T+1) and loss (B, T+1) bool (True:

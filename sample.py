@@ -22,8 +22,8 @@ import torch
 import cli
 import config as cfg
 from cache import PREFIX_POLICIES, bytes_after
-from corpus import get_tokenizer
-from flops import decode_flops
+from corpus.prepare import get_tokenizer
+from lab.flops import decode_flops
 from generate import Session, generate
 
 

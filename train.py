@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
 import config as cfg
-import corpus
+from corpus import prepare as corpus
 import files
 import pack
-import rows
+from corpus import rows
 
 
 class LossNotFinite(cli.Stop):
@@ -87,7 +87,7 @@ def load_batches(config, rank=0, world=1, log=print):
     where supervision_stats needs no device sync, and to_device overlaps the copies."""
     kw = dict(text_field=config.text_field, turn_regex=config.turn_regex,
               **({} if config.data_root is None else {"root": config.data_root}))
-    if rows.is_rows(config.data):  # a task's fixed-length rows (probe.py): nothing to prepare
+    if rows.is_rows(config.data):  # a task's fixed-length rows (lab/probe.py): nothing to prepare
         meta = rows.load_rows(config.data, config.tokenizer)
     else:  # rank 0 prepares (tokenizes) the data; the others wait, then find it ready
         if rank == 0:

@@ -12,7 +12,7 @@ Benchmark of corpus.prepare() at scale: the three goals of preparing a large cor
    set size (PSS) of the main process and its tokenizer workers, sampled 20 times a second,
    above the main process's PSS at the baseline. PSS splits shared pages between the processes
    that share them, so the sum is what the whole prepare holds.
-2. gpt2 tokenization throughput of corpus.py's parallel path (encode_chunks, one process per core)
+2. gpt2 tokenization throughput of corpus/prepare.py's parallel path (encode_chunks, one process per core)
    against tiktoken's single-threaded encode_ordinary, on the same text in the same chunks, with
    a warm tokenizer: median of --repeats alternating runs, and their ratio.
 3. The time to open the already prepared dataset: prepare() again, in a fresh process.
@@ -39,8 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402  (after the path to the repository)
-import corpus  # noqa: E402
-import sources  # noqa: E402
+from corpus import prepare as corpus  # noqa: E402
+from corpus import sources  # noqa: E402
 
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-import corpus
+from corpus import prepare as corpus
 import generate
 import train
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import corpus
+from corpus import prepare as corpus
 import mask
 import model as M
 import pack
-import sources
+from corpus import sources
 from model import build_model
 from test_corpus import stream
 from test_model import V, tiny
@@ -316,7 +316,7 @@ def test_old_format_folder_is_re_prepared_or_refused(tmp_path, capsys):
 def test_turn_regex_that_does_not_compile_exits_2(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.txt").write_text("text\n")
     for regex, message in (("(", "does not compile"), ("x*", "matches the empty text")):
-        monkeypatch.setattr(sys, "argv", ["corpus.py", "--data", str(tmp_path / "a.txt"),
+        monkeypatch.setattr(sys, "argv", ["corpus/prepare.py", "--data", str(tmp_path / "a.txt"),
                                           "--turn_regex", regex])
         with pytest.raises(SystemExit) as e:
             corpus.main()

@@ -8,7 +8,7 @@ import torch
 import cache as C
 from cache import CHUNK
 from model import ARCHS, ModelConfig, build_model
-from measure import measure_decode
+from lab.measure import measure_decode
 from generate import Session, generate
 from test_model import OPTIONS
 from test_sample import V, forward_logits

@@ -1,5 +1,5 @@
 """Chat measured turn by turn (measure.chat_eval), the turn-aligned fine-tune (train.py
---init_from a run's folder) and the boundary ablation (ablation.py): the chat losses equal the
+--init_from a run's folder) and the boundary ablation (lab/ablation.py): the chat losses equal the
 uncached forward with the same boundaries for every arch, each turn position gets its own
 speeches, the scenes are whole speeches at the corpus's turn starts, a fine-tune starts from its
 source's weights and leaves the source as it was, and the ablation runs end to end, resumes
@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ablation
+from lab import ablation
 import config as cfg
-import corpus
+from corpus import prepare as corpus
 import mask
-import measure
+from lab import measure
 import train
 from conftest import Calls
 from model import ModelConfig, build_model

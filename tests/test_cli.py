@@ -10,26 +10,26 @@ from pathlib import Path
 
 import pytest
 
-import ablation
+from lab import ablation
 import cli
 import compare
-import corpus
+from corpus import prepare as corpus
 import files
-import frontier
+from lab import frontier
 import mask
-import probe
+from lab import probe
 import sample
-import sweep
+from lab import sweep
 import train
 
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
-           "sweep.py": sweep.main, "frontier.py": frontier.main, "ablation.py": ablation.main,
+           "lab/sweep.py": sweep.main, "lab/frontier.py": frontier.main, "lab/ablation.py": ablation.main,
            "mask.py": mask.main,
-           "corpus.py": corpus.main, "probe.py": probe.main}
+           "corpus/prepare.py": corpus.main, "lab/probe.py": probe.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
-       "compare.py": ["--repeats", "x"], "sweep.py": ["--seeds", "x"],
-       "frontier.py": ["--seeds", "x"], "ablation.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
-       "corpus.py": ["--tokenizer"], "probe.py": ["--vocab", "x"]}
+       "compare.py": ["--repeats", "x"], "lab/sweep.py": ["--seeds", "x"],
+       "lab/frontier.py": ["--seeds", "x"], "lab/ablation.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
+       "corpus/prepare.py": ["--tokenizer"], "lab/probe.py": ["--vocab", "x"]}
 
 
 def call(script, argv, monkeypatch):

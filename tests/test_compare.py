@@ -12,7 +12,7 @@ import pytest
 import compare
 import config as cfg
 import files
-import measure
+from lab import measure
 from model import ARCHS, ModelConfig, build_model
 
 KEYS = ("non_embedding_params", "train_tokens", "supervised_fraction", "padding_fraction",

@@ -1,4 +1,4 @@
-"""corpus.py: prepared data loses nothing, caches safely, streams corpora of any size, and
+"""corpus/prepare.py: prepared data loses nothing, caches safely, streams corpora of any size, and
 refuses bad input with one clear line."""
 
 import functools
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import corpus
-import sources
+from corpus import prepare as corpus
+from corpus import sources
 from model import ARCHS
 
 # letters, digits, whitespace, punctuation and multi-byte UTF-8 (2, 3 and 4 bytes)

@@ -1,4 +1,4 @@
-"""frontier.py and the variants and learning rates of experiment.py: variant names parse (and
+"""lab/frontier.py and the variants and learning rates of lab/experiment.py: variant names parse (and
 bad ones get one line, exit 2, nothing trained); the learning-rate sweep picks on one half of the
 validation windows and reports on the other; lr.json round trips and --lr auto without it says
 how to make it; a tiny frontier trains every run once, a second invocation trains nothing, and
@@ -11,8 +11,8 @@ import random
 import pytest
 
 import config as cfg
-import experiment as ex
-import frontier
+from lab import experiment as ex
+from lab import frontier
 import train
 
 TINY = ["--block_size", "32", "--batch_size", "4", "--max_iters", "4", "--eval_interval", "2",
@@ -145,7 +145,7 @@ def test_bad_input_one_line_exit_2_nothing_trained(argv, message, capsys, monkey
 def test_lr_auto_without_lr_json_says_which_command_makes_it(capsys, monkeypatch, tmp_path):
     err = bad(TINY, capsys, monkeypatch, tmp_path / "out")
     assert f"--lr auto: no tuned learning rates at {tmp_path / 'out' / 'lr.json'}" in err
-    assert "python frontier.py --lr_sweep --lr_file" in err and "or give them with --lr" in err
+    assert "python -m lab.frontier --lr_sweep --lr_file" in err and "or give them with --lr" in err
 
 
 # -----------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def test_the_multi_turn_workload_offloads_on_cuda():
     """On CUDA the workload serves bdd offload too: on the GPU it holds what drop holds, turn by
     turn; in host memory, the encoder cache (what keep holds more than drop on the GPU); every
     case's peak of memory_allocated() covers what it holds."""
-    import measure
+    from lab import measure
     models = {arch: tiny_model(arch).eval() for arch in ("dec", "bdd")}
     plan = measure.multi_turn_plan(models, 4e6)
     cases = measure.multi_turn(models, plan, 1)["cases"]

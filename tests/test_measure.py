@@ -1,4 +1,4 @@
-"""The multi-turn serving workload (measure.py): its numbers follow from what it measures.
+"""The multi-turn serving workload (lab/measure.py): its numbers follow from what it measures.
 Conversations in the budget are the budget over the peak bytes one conversation holds, counted
 from every storage the session holds; at the 2:1 split bdd drop holds at most 0.36x dec's
 while decoding and bdd keep about dec's; each arch's prefill encodes what DESIGN.md section 3
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import measure
+from lab import measure
 import generate
 from model import ARCHS, ModelConfig, build_model
 from test_cache import per_device, reachable_storages

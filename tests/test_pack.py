@@ -4,7 +4,7 @@ the same continuation targets for all three."""
 import pytest
 import torch
 
-import corpus
+from corpus import prepare as corpus
 import pack
 from test_corpus import stream, write_corpus
 

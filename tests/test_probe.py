@@ -1,4 +1,4 @@
-"""probe.py: the MQAR rows hold what they say (an oracle that reads a row answers every query, a
+"""lab/probe.py: the MQAR rows hold what they say (an oracle that reads a row answers every query, a
 guesser scores chance; keys are distinct), bdd's block starts at the first query, pack's row mode
 draws whole rows and puts the loss on the answers only, the copy probe's cached logits equal the
 training forward's, a tiny run of both probes writes its results, and bad input gets one line."""
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import corpus
+from corpus import prepare as corpus
 import pack
-import probe
+from lab import probe
 from model import ARCHS, ModelConfig, build_model
-from rows import load_rows, write_rows
+from corpus.rows import load_rows, write_rows
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -18,7 +18,7 @@ from conftest import default_sigint, user_visible_warnings
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
 from pack import N_SENTINELS
-from measure import measure_decode
+from lab.measure import measure_decode
 import sample
 from generate import Session, generate
 from sample import main

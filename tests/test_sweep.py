@@ -1,4 +1,4 @@
-"""sweep.py: a tiny sweep runs end to end and writes every field; a second run trains nothing; a
+"""lab/sweep.py: a tiny sweep runs end to end and writes every field; a second run trains nothing; a
 killed run resumes where it stopped; --splits reuses the sweep's runs; the fit recovers a known
 law; bad input gets one line and exit 2."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import files
-import fits
-import flops
-import sweep
+from lab import fits
+from lab import flops
+from lab import sweep
 from conftest import Calls
 
 RUN_KEYS = {"name", "size", "arch", "seed", "n_layer", "n_dec_layer", "n_embd", "n_head",
@@ -251,7 +251,7 @@ def test_a_variant_is_refused_at_sizes_it_does_not_fit(tiny, tmp_path, monkeypat
     (["--lr", "dec=1e-3,bdd=-1"], "--lr 'dec=1e-3,bdd=-1': bdd: '-1' is not a learning rate"),
     (["--lr", "dec=1e-3", "--learning_rate", "1e-3"], "--lr sets each run's learning_rate"),
     (["--lr", "auto", "--lr_file", "nowhere/lr.json"], "--lr auto: no tuned learning rates at "
-                                                       "nowhere/lr.json; run `python frontier.py "
+                                                       "nowhere/lr.json; run `python -m lab.frontier "
                                                        "--lr_sweep --lr_file nowhere/lr.json`"),
     (["--n_kv_head", "1"], "--n_kv_head is set per run here; use --archs with :kv<N>"),
     (["--seeds", "0"], "--seeds must be 1 to 100, got 0"),

@@ -1,6 +1,6 @@
 """
 A task's rows on disk: a prepared dataset of fixed-length rows whose loss is on some targets only,
-such as probe.py's associative recall. {split}.bin holds the tokens, {split}.loss a byte per token
+such as lab/probe.py's associative recall. {split}.bin holds the tokens, {split}.loss a byte per token
 (1: a target that carries loss), meta.json a "rows" entry; train.py reads such a folder as --data
 as it is (nothing to prepare), and pack.Batches draws whole rows from it (pack.row_batch).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import files
-from corpus import DataError, get_tokenizer, token_dtype
+from corpus.prepare import DataError, get_tokenizer, token_dtype
 
 ROWS_FORMAT = 1
 
@@ -53,7 +53,7 @@ def load_rows(folder, tokenizer):
     meta = json.loads((Path(folder) / "meta.json").read_text())
     if meta["rows"].get("format") != ROWS_FORMAT:
         raise DataError(f"{folder} holds task rows of format {meta['rows'].get('format')}, this "
-                        f"pack.py reads format {ROWS_FORMAT}; write them again (probe.py)")
+                        f"pack.py reads format {ROWS_FORMAT}; write them again (lab/probe.py)")
     if meta["tokenizer"] != tokenizer:
         raise DataError(f"--data {folder} holds {meta['tokenizer']} tokens; use --tokenizer "
                         f"{meta['tokenizer']}")
@@ -66,5 +66,5 @@ def load_rows(folder, tokenizer):
             sizes = None
         if sizes != {"bin": n * np.dtype(meta["dtype"]).itemsize, "loss": n}:
             raise DataError(f"{folder}: its {split} split is not the {n:,} tokens its meta.json "
-                            f"says (cut short?); write it again (probe.py)")
+                            f"says (cut short?); write it again (lab/probe.py)")
     return {**meta, "dir": str(folder)}

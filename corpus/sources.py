@@ -12,7 +12,7 @@ whole), and how they split into train and val:
   (SHAKESPEARE_TURNS for the plays, --turn_regex for other corpora) while the text streams by;
 - the split: every 10th document goes to val (split_documents).
 
-corpus.py tokenizes what this file reads. It imports nothing of the project but cli.py.
+corpus/prepare.py tokenizes what this file reads. It imports nothing of the project but cli.py.
 """
 
 import collections
@@ -33,7 +33,7 @@ from pathlib import Path
 import cli
 
 # Anchored at the repository, not the working directory, so every script finds the same cache.
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 DOWNLOADS = DATA / "_downloads"
 
 # Pinned sdists: (pip requirement, file name, sha256). Only downloaded, never installed

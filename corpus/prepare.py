@@ -3,7 +3,7 @@ Documents -> prepared token streams: the tokenizers and prepare().
 
 1. Tokenizers, both tiktoken.Encoding: "byte" (256 bytes + <|endoftext|>) and "gpt2" (GPT-2's BPE,
    read offline out of the `openai-whisper` sdist, pinned by sha256).
-2. prepare(): the documents of a corpus (sources.py: Shakespeare by default, or --data) tokenized
+2. prepare(): the documents of a corpus (corpus/sources.py: Shakespeare by default, or --data) tokenized
    once into data/<name>_<tokenizer>/{train,val}.bin + meta.json, streaming: documents are read
    in pieces and tokenized in chunks by one process per core, so a corpus larger than memory
    works. Documents go whole to train or val, each followed by <|endoftext|>. Re-use is decided
@@ -12,7 +12,7 @@ Documents -> prepared token streams: the tokenizers and prepare().
    streams by) are kept beside the tokens as {train,val}.turns, sorted; pack.py's `turns` block
    boundaries read them.
 
-pack.py cuts the prepared streams into batches. Run `python corpus.py [--data PATH] [--tokenizer
+pack.py cuts the prepared streams into batches. Run `python -m corpus.prepare [--data PATH] [--tokenizer
 byte|gpt2]` to prepare a dataset and print a summary.
 """
 
@@ -37,8 +37,8 @@ import numpy as np
 import tiktoken
 
 import cli
-import sources
-from sources import DataError, DownloadError  # noqa: F401 (corpus.DataError: raised by both)
+from corpus import sources
+from corpus.sources import DataError, DownloadError  # noqa: F401 (corpus.DataError: raised by both)
 
 WHISPER = ("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
            "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96")
@@ -462,10 +462,10 @@ def load_meta(data_dir):
         meta = json.loads((data_dir / "meta.json").read_text())
     except OSError:
         raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); "
-                        f"run corpus.py") from None
+                        f"run corpus/prepare.py") from None
     if meta.get("format") != FORMAT:
-        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this corpus.py "
-                        f"reads format {FORMAT}; prepare it again (corpus.py, or train.py, with "
+        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this corpus/prepare.py "
+                        f"reads format {FORMAT}; prepare it again (corpus/prepare.py, or train.py, with "
                         f"the same --data)")
     return {**meta, "dir": str(data_dir)}
 

@@ -5,7 +5,7 @@ FLOPs counted, not estimated: torch's FlopCounterMode around a real call, attent
     decode_flops(model, idx_next, cache)      # one decode step: {"layers", "head"}
     step_flops(model, batch, ctx)             # one training step's forward and backward
 
-Used by sample.py's --stats and by the experiments (measure.py). It imports nothing of the
+Used by sample.py's --stats and by the experiments (lab/measure.py). It imports nothing of the
 project.
 """
 

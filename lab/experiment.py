@@ -1,5 +1,5 @@
 """
-The experiment runner that compare.py, sweep.py and frontier.py share: a plan of runs, each
+The experiment runner that compare.py, lab/sweep.py and lab/frontier.py share: a plan of runs, each
 trained through train.train() in its own folder, resumed where it stopped, and skipped once
 finished; the variants of --archs (an arch with fewer keys and values: dec:kv2, dec:cla3,
 bdd:kv1); per-arch learning rates (--lr); and the JSON, figure and table helpers of the reports.
@@ -27,7 +27,7 @@ import torch
 import cli
 import config as cfg
 import files
-import measure
+from lab import measure
 import train
 from model import ARCHS
 
@@ -309,19 +309,19 @@ def variant_style(name, names):
 # learning rates per arch (--lr)
 
 
-LR_FILE = os.path.join("out", "frontier", "lr.json")  # where `frontier.py --lr_sweep` writes
-LR_HELP = ("auto (the rates `python frontier.py --lr_sweep` chose, from --lr_file) or "
+LR_FILE = os.path.join("out", "frontier", "lr.json")  # where `lab/frontier.py --lr_sweep` writes
+LR_HELP = ("auto (the rates `python -m lab.frontier --lr_sweep` chose, from --lr_file) or "
            "name=rate,... per arch or variant, e.g. dec=3e-3,encdec=2e-3,bdd=2e-3 (a variant "
            "without a rate of its own takes its arch's; min_lr is rate / 10)")
 
 
 def add_variant_flags(parser, archs, lr, lr_file, note=""):
-    """--archs, --lr and --lr_file as sweep.py and frontier.py take them; the defaults (in
+    """--archs, --lr and --lr_file as lab/sweep.py and lab/frontier.py take them; the defaults (in
     words, for the help) are the caller's to fill in."""
     parser.add_argument("--archs", help=f"comma-separated variants (default {archs}): "
                         f"arch[:option]..., {OPTIONS_HELP}{note}")
     parser.add_argument("--lr", help=f"learning rates (default {lr}): {LR_HELP}")
-    parser.add_argument("--lr_file", help=f"the lr.json that `python frontier.py --lr_sweep` "
+    parser.add_argument("--lr_file", help=f"the lr.json that `python -m lab.frontier --lr_sweep` "
                         f"writes and --lr auto reads (default {lr_file})")
 
 
@@ -361,9 +361,9 @@ def positive_rate(value, where):
 
 
 def read_lrs(path):
-    """The lr.json that `python frontier.py --lr_sweep` wrote at path, its "chosen" rates
+    """The lr.json that `python -m lab.frontier --lr_sweep` wrote at path, its "chosen" rates
     {arch or variant: rate} checked; ConfigError if there is none, saying how to make one."""
-    make = "python frontier.py --lr_sweep" + ("" if path == LR_FILE else f" --lr_file {path}")
+    make = "python -m lab.frontier --lr_sweep" + ("" if path == LR_FILE else f" --lr_file {path}")
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -2,15 +2,15 @@
 The paper's scaling experiment: dec, encdec and bdd trained at several sizes with the same data,
 seed and recipe; their loss against non-embedding parameters, training FLOPs and decode cost.
 
-    python sweep.py                          # cpu preset: 4 sizes x 3 archs, about 12 minutes
-    python sweep.py --sizes xs,s --seeds 3   # a subset of the sizes, 3 seeds each
-    python sweep.py --preset gpu --data corpus/   # the GPU grid: 8+4 layers, 0.6M to 38M
-    python sweep.py --splits                 # bdd at 5:1, 2:1 and 1:1 against dec
-    python sweep.py --archs dec,bdd,dec:kv1 --lr auto   # variants, at frontier.py's tuned rates
+    python -m lab.sweep                          # cpu preset: 4 sizes x 3 archs, about 12 minutes
+    python -m lab.sweep --sizes xs,s --seeds 3   # a subset of the sizes, 3 seeds each
+    python -m lab.sweep --preset gpu --data corpus/   # the GPU grid: 8+4 layers, 0.6M to 38M
+    python -m lab.sweep --splits                 # bdd at 5:1, 2:1 and 1:1 against dec
+    python -m lab.sweep --archs dec,bdd,dec:kv1 --lr auto   # variants, at lab/frontier.py's tuned rates
 
---archs takes frontier.py's variants. The sizes keep their head counts (cpu: 2, 3, 5, 7 heads
+--archs takes lab/frontier.py's variants. The sizes keep their head counts (cpu: 2, 3, 5, 7 heads
 of 16 dims), so a kv<N> is refused at a size whose heads it does not divide (kv2 fits xs only).
-Each run trains through the experiment runner (experiment.py) in its own folder,
+Each run trains through the experiment runner (lab/experiment.py) in its own folder,
 <out_dir>/<size>/<variant>[_<n_enc>+<n_dec>]_s<seed>/ (dec:kv1 -> dec-kv1); running the same
 command again skips finished runs and resumes unfinished ones with train.py's exact resume.
 Written to --out_dir (default out/sweep):
@@ -35,10 +35,10 @@ import torch
 
 import cli
 import config as cfg
-import experiment as ex
+from lab import experiment as ex
 import files
-import measure
-from fits import choose_fit, fitted_loss, law, multipliers
+from lab import measure
+from lab.fits import choose_fit, fitted_loss, law, multipliers
 import train
 from model import ARCHS, build_model
 

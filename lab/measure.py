@@ -32,8 +32,8 @@ import config as cfg
 import pack
 import train
 from cache import held_bytes
-from corpus import DataError, get_tokenizer
-from flops import decode_flops, step_flops
+from corpus.prepare import DataError, get_tokenizer
+from lab.flops import decode_flops, step_flops
 from generate import Session, generate
 
 DECODE_TOKENS = 32   # decode steps timed per measurement, fewer for short contexts
@@ -370,7 +370,7 @@ class Scene:
 
 
 def dialogue_scenes(meta, block_size, n, split="val"):
-    """Up to n dialogue scenes of a prepared dataset's split (its turn starts, corpus.py): each
+    """Up to n dialogue scenes of a prepared dataset's split (its turn starts, corpus/prepare.py): each
     starts at a turn start and holds as many whole speeches as fit in block_size + 1 tokens (a
     chat feeds every token but the last), at least 2, inside one document, each at least 2
     tokens long. The scenes start at evenly spaced ones of the turn starts that begin such a run,

@@ -1,7 +1,7 @@
 """
 Power-law fits of loss against size, L(N) = E + A * N^-alpha, and what they say: the sweep's
 parameter multipliers (how many times dec's parameters another arch needs for the same loss).
-numpy only; sweep.py reports them.
+numpy only; lab/sweep.py reports them.
 """
 
 import math

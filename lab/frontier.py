@@ -4,15 +4,15 @@ and multi-query attention, cross-layer K/V sharing), encdec and bdd, each at its
 learning rate and with several seeds: continuation loss against the cache bytes a decode step
 holds per context position. And the learning-rate sweep that tunes those rates.
 
-    python frontier.py --lr_sweep        # each arch at 5 learning rates -> out/frontier/lr.json
-    python frontier.py                   # 8 variants x 3 seeds at the tuned rates (--lr auto)
-    python frontier.py --archs dec,bdd,dec:kv1 --seeds 2 --lr dec=2e-3,bdd=4e-3
+    python -m lab.frontier --lr_sweep        # each arch at 5 learning rates -> out/frontier/lr.json
+    python -m lab.frontier                   # 8 variants x 3 seeds at the tuned rates (--lr auto)
+    python -m lab.frontier --archs dec,bdd,dec:kv1 --seeds 2 --lr dec=2e-3,bdd=4e-3
 
 Both train the cpu preset at RECIPE (experiment.QUICK cut to 120 steps, so that each command
 fits in about half an hour on 2 cores); any train.py flag overrides it for every run. A variant is
 `arch[:option]...`: kv<N> gives every attention N key/value heads (GQA; MQA at kv1), cla<K> lets
 each K consecutive layers of dec share the first one's K/V (CLA). Every run trains through the
-experiment runner (experiment.py) in its own folder, <out_dir>/<variant>_s<seed> (frontier) or
+experiment runner (lab/experiment.py) in its own folder, <out_dir>/<variant>_s<seed> (frontier) or
 <out_dir>/lr_sweep/<variant>_lr<rate> (sweep); the same command again skips finished runs and
 resumes unfinished ones.
 
@@ -39,9 +39,9 @@ import torch
 
 import cli
 import config as cfg
-import experiment as ex
+from lab import experiment as ex
 import files
-import measure
+from lab import measure
 import pack
 import train
 from model import ARCHS

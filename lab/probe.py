@@ -4,9 +4,9 @@ Probes of what a smaller KV cache costs: in-context copying and multi-query asso
 models"), for every arch. bdd's decoder sees earlier blocks only through the encoder's final
 states; these probes ask what that costs where a model must find an earlier token.
 
-    python probe.py --mqar               # dec, encdec, bdd trained per length; accuracy by pairs
-    python probe.py --mqar --variants    # also dec with kv_share 2, bdd with n_kv_head 1
-    python probe.py --copy out/compare/dec out/compare/bdd    # checkpoints' copy probe
+    python -m lab.probe --mqar               # dec, encdec, bdd trained per length; accuracy by pairs
+    python -m lab.probe --mqar --variants    # also dec with kv_share 2, bdd with n_kv_head 1
+    python -m lab.probe --copy out/compare/dec out/compare/bdd    # checkpoints' copy probe
 
 MQAR: a row of L + 1 tokens (inputs L, targets L) holds D key-value pairs, filler, then the D keys
 again in a random order, each followed by its value. The loss is on those values only (the
@@ -43,11 +43,11 @@ import torch.nn.functional as F
 
 import cli
 import config as cfg
-import corpus
-import experiment as ex
+from corpus import prepare as corpus
+from lab import experiment as ex
 import files
 import pack
-import rows
+from corpus import rows
 from mask import block_ids
 from model import ARCHS
 
@@ -385,7 +385,7 @@ def plot_copy(ax, section):
 
 @dataclass
 class ProbeConfig:
-    """probe.py's own flags (--copy aside), their help and what they allow (config.setting, as in
+    """lab/probe.py's own flags (--copy aside), their help and what they allow (config.setting, as in
     TrainConfig): the parser is made from them, and a ProbeConfig checks itself when it is made,
     turning the comma-separated lists into sorted lists of ints."""
     mqar: bool = cfg.setting(False, "train and score multi-query associative recall")
@@ -428,7 +428,7 @@ def parse(argv):
     """(args: the ProbeConfig's fields with out_dir and copy, flags: the train.py flags given)."""
     p = ex.parser("Probe recall: MQAR for every arch, trained from scratch, and a copy probe of "
                   "checkpoints.", "probes",
-                  per_run={"arch": "use --archs", "data": "probe.py writes the task's rows",
+                  per_run={"arch": "use --archs", "data": "lab/probe.py writes the task's rows",
                            "block_size": "use --lengths", "tokenizer": "the task is byte ids"})
     p.add_argument("--copy", nargs="+", metavar="RUN_DIR", default=[], help="run folders (each "
                    "holding a ckpt.pt) to give the copy probe")

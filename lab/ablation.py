@@ -7,10 +7,10 @@ chat loss: held-out dialogue scenes fed speech by speech as `sample.py --chat` r
 run of a seed, --ft_iters steps with --boundaries turns against the same steps of more
 random-boundary training (the same start, recipe, seed and learning-rate schedule).
 
-    python ablation.py                      # 18 runs and 2 fine-tunes: about 27 min on 2 cores
-    python ablation.py --strategies random,turns --seeds 1 --ft_iters 0
+    python -m lab.ablation                      # 18 runs and 2 fine-tunes: about 27 min on 2 cores
+    python -m lab.ablation --strategies random,turns --seeds 1 --ft_iters 0
 
-Each run trains through the experiment runner (experiment.py) in its own folder under --out_dir
+Each run trains through the experiment runner (lab/experiment.py) in its own folder under --out_dir
 (default out/ablation): <variant>_s<seed>/ (dec, encdec, bdd_random, bdd_logspace, ...) and the
 fine-tunes ft_random_s<seed>/, ft_turns_s<seed>/ (seed: their source's); running the same
 command again skips finished runs and resumes unfinished ones (the chat losses are computed
@@ -28,12 +28,12 @@ import torch
 
 import cli
 import config as cfg
-import experiment as ex
+from lab import experiment as ex
 import files
-import measure
+from lab import measure
 import pack
 import train
-from experiment import ARCH_COLORS
+from lab.experiment import ARCH_COLORS
 
 TURN_GROUPS = ("1", "2", "3+")  # the chat loss by speech of the scene; 3rd and later pooled
 FT_ARMS = ("random", "turns")   # the fine-tune's two arms, by --boundaries

@@ -1,0 +1,1 @@
+"""Corpus preparation: text on disk to prepared token streams (python -m corpus.prepare)."""
