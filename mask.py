@@ -9,16 +9,13 @@ BlockMask (on GPU, where skipping the masked tiles pays):
 - causal: key <= query. Decoder-only layers, the BDD encoder, encoder-decoder self-attention;
   with `past` cached keys in front when a KV cache is extended by several tokens at once.
 - encoder (bidirectional) and cross: every real (non-padding) key of the source.
-- padded (a batch of prompts of different lengths at inference): the causal or bidirectional
-  rule over the real key columns only, each query also seeing its own column, so that a padding
-  query is never left without a key.
 - bdd decoder: one T x 2T mask over the concatenated keys [encoder | decoder]:
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
     right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
   Every row allows its own diagonal, so no row is empty. See DESIGN.md section 2.
   For the layout of one row, or one shared by a group of rows, BlockLayout keeps the same
   mask as its blocks, each a causal mask over [encoder states before the block | the block], so
-  that attention skips the masked half instead of computing it.
+  that attention skips the masked half instead of computing it (model.py's fast path).
 
 render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
 """
@@ -79,16 +76,6 @@ def key_padding_rule(valid):
     return lambda b, q, k: valid[b, k]
 
 
-def padded_rule(valid, past=0, causal=True):
-    """Keys that hold a real token (valid (B, Tk) bool, False = padding), and the query's own
-    column past + q; causal: nothing after it. `past` cached columns come before the queries."""
-    def rule(b, q, k):
-        own = k == q + past
-        allowed = valid[b, k] | own
-        return allowed & (k <= q + past) if causal else allowed
-    return rule
-
-
 def bdd_decoder_rule(ids):
     """The doubly-causal block mask over [encoder | decoder] keys; ids (B, T)."""
     T = ids.shape[-1]
@@ -135,9 +122,9 @@ def causal_mask(T, device=None, flex=False, past=0):
 def encoder_masks(valid, Td, flex=False):
     """Encoder-decoder masks for a right-padded source: valid (B, Te) bool, True = real token.
 
-    Returns (encoder self-attention (B, Te, Te): bidirectional over real tokens,
-             cross-attention (B, Td, Te): every real source token,
-             decoder self-attention (Td, Td): causal).
+    Returns (encoder self-attention (B, Te, Te): bidirectional over the real tokens,
+             cross-attention (B, Td, Te): every real source token).
+    The decoder's own self-attention is causal.
     """
     assert valid.dtype == torch.bool and valid.dim() == 2, valid
     # every row needs a real source token (an all-padding row would have no key at all)
@@ -145,24 +132,7 @@ def encoder_masks(valid, Td, flex=False):
     B, Te = valid.shape
     rule = key_padding_rule(valid)
     return (_build(rule, B, Te, Te, valid.device, flex, squeeze=False),
-            _build(rule, B, Td, Te, valid.device, flex, squeeze=False),
-            causal_mask(Td, valid.device, flex))
-
-
-def padded_causal_mask(valid, n):
-    """(B, n, Tk) for the last n of Tk cached columns, valid (B, Tk): each sees the real columns
-    up to itself (a KV cache of left-padded rows, padding possibly between turns)."""
-    B, Tk = valid.shape
-    return materialize(padded_rule(valid, Tk - n), B, n, Tk, valid.device)
-
-
-def padded_source_masks(valid):
-    """A source with padding anywhere, valid (B, Te) bool: (encoder mask (B, Te, Te),
-    bidirectional over the real tokens; cross mask (B, 1, Te), every real source token, for any
-    number of decoder queries). A row may have no real token at all (an empty source)."""
-    B, Te = valid.shape
-    return (materialize(padded_rule(valid, causal=False), B, Te, Te, valid.device),
-            materialize(key_padding_rule(valid), B, 1, Te, valid.device))
+            _build(rule, B, Td, Te, valid.device, flex, squeeze=False))
 
 
 class BlockLayout:
@@ -179,29 +149,20 @@ class BlockLayout:
         T = ids.shape[0]
         starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).view(-1) + 1).tolist()
         self.spans = list(zip(starts, starts[1:] + [T]))  # [(s, e)] of every block
-        self.masks = [causal_mask(e - s, ids.device, past=s) for s, e in self.spans]
+        # the first block sees no memory: SDPA's causal kernel needs no mask tensor for it
+        self.masks = ["causal" if s == 0 else causal_mask(e - s, ids.device, past=s)
+                      for s, e in self.spans]
         self.memory_len = starts[-1]
 
 
-def bdd_block_masks(ids):
-    """BDD masks for one layout, ids (T,): (encoder mask (Tm, Tm) causal over the Tm = memory_len
-    positions any decoder block reads, BlockLayout). The encoder states of the last block are
-    never attended, so the encoder need not compute them."""
-    layout = BlockLayout(ids)
-    return causal_mask(layout.memory_len, ids.device), layout
-
-
-def bdd_masks(ids, flex=False):
-    """BDD masks from block ids (T,) or (B, T).
-
-    Returns (encoder mask (T, T) causal, decoder mask (T, 2T) or (B, T, 2T) doubly causal).
-    """
+def bdd_mask(ids, flex=False):
+    """The bdd decoder's doubly-causal mask from block ids (T,) or (B, T): (T, 2T) or
+    (B, T, 2T), over the keys [encoder states | decoder stream]. (Its encoder is causal.)"""
     check_block_ids(ids)
     batched = ids.dim() == 2
     ids2 = ids if batched else ids[None]
     B, T = ids2.shape
-    return (causal_mask(T, ids.device, flex),
-            _build(bdd_decoder_rule(ids2), B, T, 2 * T, ids.device, flex, squeeze=not batched))
+    return _build(bdd_decoder_rule(ids2), B, T, 2 * T, ids.device, flex, squeeze=not batched)
 
 
 # -----------------------------------------------------------------------------
@@ -307,7 +268,7 @@ def main(argv=None):
         bounds = parse_boundaries(args.boundaries, args.T)
     except ValueError as e:
         cli.fail(f"--boundaries {args.boundaries!r}: {e}")
-    _, dec = bdd_masks(block_ids(args.T, bounds))
+    dec = bdd_mask(block_ids(args.T, bounds))
     if not bounds:
         print("no boundaries: one block, so the decoder sees only its own stream, causally")
     print(render(dec, split=args.T))

@@ -1,32 +1,28 @@
 """
-The three architectures of nanoBDD over one set of building blocks (see DESIGN.md section 2).
+The three language models of nanoBDD (DESIGN.md sections 2 and 3), in one file read top to bottom:
 
-- dec:    decoder-only. n_layer causal layers.
-- encdec: encoder-decoder (T5-like). n_enc bidirectional encoder layers; n_dec decoder layers
-          with causal self-attention, cross-attention to the encoder output, and an MLP.
-- bdd:    block-based double decoder. n_enc *causal* encoder layers over the whole row; n_dec
-          decoder layers whose queries come from the decoder stream and whose keys/values come
-          from the encoder's final states in strictly earlier blocks and from the decoder stream
-          causally inside its own block, through the layer's one K/V projection, in one softmax.
+- dec:    decoder-only: n_layer causal layers.
+- bdd:    block-based double decoder: n_enc *causal* encoder layers over the whole row, and n_dec
+          decoder layers whose queries come from the decoder stream and whose keys and values
+          come, through the layer's one K/V projection and in one softmax, from the encoder's
+          final states in strictly earlier blocks and from the decoder stream causally inside its
+          own block: the doubly-causal block mask (mask.py draws it).
+- encdec: encoder-decoder (T5-like): n_enc bidirectional encoder layers; n_dec decoder layers with
+          causal self-attention, cross-attention to the encoder output, and an MLP.
 
-All share: token embedding tied to the LM head, rotary position embeddings (RoPE), pre-norm
-blocks with RMSNorm, a 4x GELU MLP. `n_layer` is the total depth; encdec and bdd split it into
-n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers. Options: n_kv_head < n_head
-K/V heads in every attention (GQA, MQA at 1); kv_share (dec only) layers per group that attend to
-the K/V of the group's first layer (cross-layer attention).
+All three: a token embedding tied to the LM head, rotary position embeddings (RoPE), pre-norm
+blocks with RMSNorm, a 4x GELU MLP. n_layer is the total depth; encdec and bdd split it into
+n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers. Options (the memory
+frontier's baselines): n_kv_head < n_head K/V heads in every attention (GQA, MQA at 1), and
+kv_share = k, each group of k consecutive dec layers attending to its first layer's K/V
+(cross-layer attention).
 
-The blocks (and `attention()`, through which every attention of every layer goes) are in
-blocks.py, the KV caches in cache.py, the masks in mask.py.
-
-Inference (DESIGN.md section 3) uses the same blocks with a KV cache: `model.prefill(idx)` starts a
-turn from prompt tokens, `model.decode(idx_next, cache)` feeds one token per row; both return the
-next-token logits (B, vocab) and the cache, whose `nbytes()` counts every byte it holds. Caches
-grow in chunks as they fill; bdd's encoder cache, which only a next turn reads, is kept, dropped
-or offloaded after each prefill (`prefix_cache`).
-A batch of prompts of different lengths is left-padded (`valid=` marks the padding): every row's
-last prompt token sits in the same column, so bdd's block boundary is one column for the batch;
-the cache keeps which of its columns are real, every layer masks the padding and RoPE counts each
-row's own tokens, so each row gets the logits it would get alone.
+Training: model(batch) -> (logits, loss). Inference: prefill(idx, cache) feeds a prompt and
+decode(idx, cache) one token per row, each returning the next-token logits (B, vocab). The model
+talks to its cache through one small interface (Cache below): next(n) gives the positions of n new
+columns and the mask of their queries, and each layer's update(k, v) appends that layer's keys and
+values and returns everything it may attend to. Padded batches, multi-turn sessions, cache
+policies and paged memory are serve/'s caches, which answer the same interface.
 """
 
 import math
@@ -36,42 +32,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blocks import Block, CrossBlock, Rotary, positions
-from cache import Cache, KVCache, SharedKV, joined
-from mask import (bdd_block_masks, bdd_masks, causal_mask, encoder_masks,
-                  padded_causal_mask, padded_source_masks)
+from mask import BlockLayout, bdd_mask, causal_mask, encoder_masks
 
-ARCHS = ("dec", "encdec", "bdd")
+CHUNK = 16  # columns a KV cache grows by (DESIGN.md section 3)
 
 
 @dataclass
 class ModelConfig:
     vocab_size: int = 257
-    block_size: int = 256        # longest row (context) the model handles
-    n_layer: int = 6             # total depth
-    n_dec_layer: int = None      # decoder layers of encdec and bdd; default n_layer // 3 (2:1 split)
+    block_size: int = 256        # the context: the longest row
+    n_layer: int = 6             # total depth (encdec, bdd: encoder + decoder layers)
+    n_dec_layer: int = None      # decoder layers of encdec and bdd; default n_layer // 3 (2:1)
     n_head: int = 4
-    n_kv_head: int = None        # K/V heads, each shared by n_head / n_kv_head query heads (GQA;
+    n_kv_head: int = None        # K/V heads, each read by n_head / n_kv_head query heads (GQA;
                                  # 1 = MQA); default n_head
-    kv_share: int = 1            # dec: each group of kv_share consecutive layers attends to the
-                                 # K/V its first layer projects (cross-layer attention)
+    kv_share: int = 1            # dec: consecutive layers that share their first one's K/V (CLA)
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = False           # bias in Linear layers
-    flex: bool = False           # FlexAttention block masks instead of dense masks (for CUDA)
+    bias: bool = False           # biases in Linear layers
+    flex: bool = False           # FlexAttention block masks (CUDA) instead of dense masks
 
-    def __post_init__(self):
-        """Defaults that depend on other fields. The config layer refuses bad values with a
-        message for the user; these asserts only catch a caller that skipped it."""
-        if self.n_dec_layer is None:
-            self.n_dec_layer = max(1, self.n_layer // 3)
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        assert min(self.vocab_size, self.block_size, self.n_head, self.n_embd) >= 1, self
-        assert 1 <= self.n_dec_layer < self.n_layer, self
-        assert self.n_embd % self.n_head == 0 and (self.n_embd // self.n_head) % 2 == 0, self
-        assert 1 <= self.n_kv_head and self.n_head % self.n_kv_head == 0, self
-        assert 1 <= self.kv_share <= self.n_layer, self
+    def __post_init__(self):  # the defaults that depend on other fields (config.py checks them)
+        self.n_dec_layer = self.n_dec_layer or max(1, self.n_layer // 3)
+        self.n_kv_head = self.n_kv_head or self.n_head
 
     @property
     def n_enc_layer(self):
@@ -79,11 +62,255 @@ class ModelConfig:
 
 
 # -----------------------------------------------------------------------------
+# the layers
+
+
+def attention(q, k, v, mask, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs) + mask) v: every attention of every layer goes through here.
+
+    q (B, nh, Tq, hs); k, v (B, nh_kv, Tk, hs), K/V head i // (nh / nh_kv) read by query head i
+    (grouped-query attention). mask, True where a query may attend:
+      "causal"     key <= query (Tq == Tk), SDPA's causal kernel without a mask tensor;
+      None         every key (one new token after a KV cache);
+      a bool tensor (Tq, Tk) or (B, Tq, Tk); a query with no key gets zeros;
+      a FlexAttention BlockMask (the same rule; on CUDA it skips the masked tiles);
+      a BlockLayout: bdd's decoder in training, the fast path below.
+    """
+    if isinstance(mask, BlockLayout):
+        return blockwise_attention(q, k, v, mask, dropout_p)
+    gqa = k.shape[1] != q.shape[1]
+    if mask is not None and not isinstance(mask, (str, torch.Tensor)):
+        return flex_attention(q, k, v, mask, gqa)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+        mask = mask[:, None]  # (B, 1, Tq, Tk): the same for every head
+    causal = isinstance(mask, str)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
+                                          dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa)
+
+
+def blockwise_attention(q, k, v, layout, dropout_p):
+    """The fast path of bdd's doubly-causal mask, the same function as the dense T x 2T mask
+    (tests/test_model.py checks values and gradients). The keys are [memory (Tm) | stream (T)];
+    block (s, e) sees memory[:s] and its own stream causally, so its queries run against exactly
+    [memory[:s] | stream[s:e]] under a causal mask with s keys in front (the mask of a KV-cached
+    prefill), and the masked work of the dense mask is never done: at most one T x T attention."""
+    Tm = k.shape[2] - q.shape[2]
+    out = []
+    for (s, e), block_mask in zip(layout.spans, layout.masks):
+        ks = torch.cat([k[:, :, :s], k[:, :, Tm + s:Tm + e]], dim=2)  # (B, nh_kv, e, hs)
+        vs = torch.cat([v[:, :, :s], v[:, :, Tm + s:Tm + e]], dim=2)
+        out.append(attention(q[:, :, s:e], ks, vs, block_mask, dropout_p))
+    return torch.cat(out, dim=2)
+
+
+def flex_attention(q, k, v, block_mask, gqa):
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    # compiled, flex skips the masked tiles; eager (the CPU fallback) it materializes the scores
+    run = torch.compile(flex, dynamic=False) if q.is_cuda else flex
+    return run(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+class Rotary(nn.Module):
+    """RoPE: cos and sin tables for positions 0..block_size-1."""
+
+    def __init__(self, head_size, block_size, base=10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
+        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (block_size, hs/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions):
+        """cos, sin of positions (T,): each (T, hs/2); of per-row positions (B, T) (a padded
+        batch): each (B, 1, T, hs/2)."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
+
+
+def rotate(x, rope):
+    """RoPE on x (B, nh, T, hs): each pair (x[i], x[i + hs/2]) turned by its position's angle."""
+    if rope is None:
+        return x
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with its query and K/V projections apart, so that the K/V projection
+    can read a second source (bdd: the encoder's states; encdec: the encoder output). n_kv_head
+    K/V heads (GQA). project_kv=False: a cross-layer-attention follower, which attends to the K/V
+    its group's first layer projected and has no K/V projection of its own."""
+
+    def __init__(self, config, project_kv=True):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_size = config.n_embd // config.n_head
+        kv_width = 2 * self.n_kv_head * self.head_size
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_kv = nn.Linear(config.n_embd, kv_width, bias=config.bias) if project_kv else None
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def heads(self, x, n):  # (B, T, n * hs) -> (B, n, T, hs)
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_size).transpose(1, 2)
+
+    def queries(self, x, rope):
+        return rotate(self.heads(self.c_q(x), self.n_head), rope)
+
+    def keys_values(self, x, rope):
+        k, v = self.c_kv(x).chunk(2, dim=-1)
+        return rotate(self.heads(k, self.n_kv_head), rope), self.heads(v, self.n_kv_head)
+
+    def forward(self, q, k, v, mask):
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        B, nh, T, hs = y.shape
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hs)))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention and MLP: a dec layer, a bdd encoder or decoder layer, an encdec
+    encoder layer. Returns the new stream and the K/V it attended to."""
+
+    def __init__(self, config, project_kv=True):
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(config.n_embd)
+        self.attn = Attention(config, project_kv)
+        self.ln_2 = nn.RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, cache=None, kv=None):
+        x, kv = self.self_attention(x, rope, mask, cache, kv)
+        return x + self.mlp(self.ln_2(x)), kv
+
+    def self_attention(self, x, rope, mask, cache=None, kv=None):
+        """cache: this layer's KV cache (or bdd training's MemoryKV), which the layer's K/V are
+        appended to, and all of which is attended to; kv: the K/V of its cross-layer-attention
+        group's first layer, attended to instead of projecting its own."""
+        h = self.ln_1(x)
+        if kv is None:
+            kv = self.attn.keys_values(h, rope)
+            if cache is not None:
+                kv = cache.update(*kv)
+        return x + self.attn(self.attn.queries(h, rope), *kv, mask), kv
+
+
+class CrossBlock(Block):
+    """encdec's decoder layer: causal self-attention, cross-attention to the encoder output (its
+    K/V projected once per source, without RoPE across the two streams, as in T5), MLP. The
+    cross-attention is the 4 d^2 parameters per layer that dec and bdd do not have."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ln_cross = nn.RMSNorm(config.n_embd)
+        self.cross = Attention(config)
+
+    def forward(self, x, rope, mask, source_kv, source_mask, cache=None):
+        """source_kv: (k, v) of the source; source_mask: the source keys each query may see
+        (None: all). A query with no source key (an empty source, or one all padding) gets the
+        output projection of zeros, as attention over no key is zeros."""
+        x, _ = self.self_attention(x, rope, mask, cache)
+        x = x + self.cross(self.cross.queries(self.ln_cross(x), None), *source_kv, source_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# the KV cache a cached step talks to
+
+
+class KVCache:
+    """One layer's keys and values, (B, nh_kv, capacity, hs) buffers filled up to `length`
+    columns. They grow CHUNK columns at a time as they fill (the filled ones copied over), so
+    fewer than CHUNK columns are ever empty: a cache holds what its rows need, not the context."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def update(self, k, v):
+        """Append k, v (B, nh_kv, n, hs); return every cached k, v (B, nh_kv, length, hs)."""
+        end = self.length + k.shape[2]
+        if self.k is None or end > self.k.shape[2]:
+            self.k, self.v = self.grown(self.k, k, end), self.grown(self.v, v, end)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def grown(self, buffer, like, end):
+        """A buffer of enough CHUNKs for `end` columns, holding the filled ones of `buffer` (the
+        others are written before they are read: no need to zero them)."""
+        B, nh, _, hs = like.shape
+        new = like.new_empty(B, nh, math.ceil(end / CHUNK) * CHUNK, hs)
+        if self.length:
+            new[:, :, :self.length] = buffer[:, :, :self.length]
+        return new
+
+
+class Cache:
+    """What a model keeps between prefill and decode for one batch of rows: a KVCache for each
+    layer that runs at decode time (dec: each K/V-projecting layer; bdd: the n_dec decoder
+    layers, each holding the encoder states' K/V, then the block's own; encdec: the decoder's
+    self K/V, and in `cross` each decoder layer's K/V of the source), and the next position."""
+
+    def __init__(self, n_layers, device):
+        self.layers = [KVCache() for _ in range(n_layers)]
+        self.cross, self.cross_mask = None, None  # encdec: [(k, v)] of the source; all visible
+        self.pos, self.device = 0, device
+
+    def next(self, n):
+        """Positions (n,) of the next n columns, and the mask of their queries over every cached
+        key: causal, after the pos columns already cached (one new column sees them all)."""
+        positions = torch.arange(self.pos, self.pos + n, device=self.device)
+        mask = None if n == 1 else "causal" if self.pos == 0 else \
+            causal_mask(n, self.device, past=self.pos)
+        self.pos += n
+        return positions, mask
+
+    def source(self, n):
+        """encdec: positions (n,) of a source of n columns, and the mask of its bidirectional
+        encoder (None: every column sees every other)."""
+        return torch.arange(n, device=self.device), None
+
+    def tensors(self):
+        """Every tensor the cache holds (serve/memory.py counts their bytes)."""
+        kv = [t for c in self.layers if c.k is not None for t in (c.k, c.v)]
+        return kv + [t for pair in self.cross or () for t in pair]
+
+
+class MemoryKV:
+    """bdd training: a decoder layer's K/V of the encoder states, placed before the stream's own
+    as the layer's KV cache holds them at inference (the encoder states' part, then the block):
+    the keys [memory (Tm) | stream (T)] that the doubly-causal mask is laid out over."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def update(self, k, v):
+        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+
+
+# -----------------------------------------------------------------------------
 # the three language models
 
 
 class LM(nn.Module):
-    """What the three share: tied embedding/head, RoPE tables, final norm, loss, init, counts."""
+    """What the three share: the tied embedding and LM head, RoPE tables, the final norm, the
+    loss, the GPT-2 init, the parameter count."""
 
     def __init__(self, config):
         super().__init__()
@@ -105,11 +332,16 @@ class LM(nn.Module):
             elif name.endswith(".bias"):
                 nn.init.zeros_(p)
 
+    def num_params(self, non_embedding=True):
+        """Parameters, the tied embedding counted once, or not at all if non_embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
     def embed(self, idx):
         return self.drop(self.wte(idx))
 
-    def head(self, x, targets):
-        """Logits (B, T, vocab) and mean cross-entropy over targets != -1 (None without targets)."""
+    def head(self, x, targets=None):
+        """Logits (B, T, vocab), and the mean cross-entropy over targets != -1 (or None)."""
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits, None
@@ -117,191 +349,141 @@ class LM(nn.Module):
                                ignore_index=-1)
         return logits, loss
 
-    def num_params(self, non_embedding=True):
-        """Parameter count; the tied embedding counted once, or not at all if non_embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
-
     def next_logits(self, h):
-        """Inference head: logits (B, vocab) of the last position of h (B, T, C)."""
-        return self.head(h[:, -1:], None)[0][:, -1]
+        """Inference: the logits (B, vocab) after the last column of h (B, n, C)."""
+        return self.lm_head(self.ln_f(h[:, -1]))
 
-    def run_tokens(self, blocks, caches, idx, cache, valid=None):
-        """Run token columns idx (B,) or (B, n) through blocks, each appending to its KV cache:
-        next-token logits (B, vocab). valid (B, n) bool marks padding among them (None: all
-        real)."""
-        idx = idx.view(idx.shape[0], -1)
-        cache.record(idx, valid)
-        rope, mask = self.rope_and_mask(cache.pos, idx.shape[1], cache.valid, idx.device)
-        h = self.run_cached(blocks, caches, self.embed(idx), rope, mask)
-        cache.pos += idx.shape[1]
-        return self.next_logits(h), cache
+    def new_cache(self):
+        return Cache(len(self.cached_layers()), self.wte.weight.device)
 
-    def rope_and_mask(self, past, n, valid=None, device=None):
-        """RoPE and mask of n new columns after `past` cached ones: positions past..past+n-1,
-        causal (one token sees it all: no mask). With valid (B, past + n) (padding somewhere in
-        the batch): each row's own positions, and only its real columns as keys."""
-        if valid is None:
-            return self.rotary(past, n), causal_mask(n, device, past=past) if n > 1 else None
-        return self.rotary.at(positions(valid, n)), padded_causal_mask(valid, n)
-
-    def run_cached(self, blocks, caches, x, rope, mask):
-        """Run the stream x (B, n, C) through blocks, each appending to its KV cache (or reading
-        it: a block without K/V projection)."""
-        for block, cache in zip(blocks, caches):
-            x = block(x, rope, mask, cache=cache)
+    def run(self, blocks, x, cache):
+        """The stream x (B, n, C) of n new columns through blocks, each appending its K/V to its
+        layer of the cache and attending to all of it."""
+        positions, mask = cache.next(x.shape[1])
+        rope = self.rotary(positions)
+        for block, layer in zip(blocks, cache.layers):
+            x, _ = block(x, rope, mask, layer)
         return x
-
-    def _check_length(self, *lengths):
-        for T in lengths:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of length {T} is longer than block_size "
-                                 f"{self.config.block_size}")
 
 
 class DecoderOnly(LM):
-    """batch: x (B, T), y (B, T) or None. With kv_share = k, only the first layer of each group of
-    k consecutive layers projects K/V, and the group attends to them (cross-layer attention)."""
+    """batch: x (B, T), y (B, T) or None."""
 
     def __init__(self, config):
         super().__init__(config)
         self.blocks = nn.ModuleList(Block(config, project_kv=i % config.kv_share == 0)
                                     for i in range(config.n_layer))
-        self.n_kv_layers = math.ceil(config.n_layer / config.kv_share)
         self.init_weights()
 
     def forward(self, batch):
         x = batch["x"]
-        T = x.shape[1]
-        self._check_length(T)
-        rope, mask = self.rotary(0, T), causal_mask(T, x.device, self.config.flex)
-        shared = self.layer_caches([SharedKV() for _ in range(self.n_kv_layers)])
-        h = self.run_cached(self.blocks, shared, self.embed(x), rope, mask)  # (B, T, C)
-        return self.head(h, batch.get("y"))
+        rope = self.rotary(torch.arange(x.shape[1], device=x.device))
+        return self.head(self.layers(self.embed(x), rope, "causal"), batch.get("y"))
 
-    def layer_caches(self, caches):
-        """The cache of each layer, from one per K/V-projecting layer: a group shares its
-        first layer's."""
-        return [caches[i // self.config.kv_share] for i in range(self.config.n_layer)]
+    def layers(self, x, rope, mask, cache=None):
+        """x (B, T, C) through the n_layer layers. The first layer of each group of kv_share
+        projects K/V (into its cache, if any); the others attend to the K/V it attended to."""
+        for i, block in enumerate(self.blocks):
+            first = i % self.config.kv_share == 0
+            layer = None if cache is None or not first else cache.layers[i // self.config.kv_share]
+            x, kv = block(x, rope, mask, layer, None if first else kv)
+        return x
 
-    def new_cache(self):
-        return Cache((KVCache() for _ in range(self.n_kv_layers)),
-                     history=False)  # no prefill reads the tokens
+    def cached_layers(self):
+        return self.blocks[::self.config.kv_share]
 
-    def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
-        """Feed prompt tokens idx (B, n), appending to `cache` if given (a new chat turn);
-        valid (B, n) bool marks left padding (False). dec has no encoder cache: prefix_cache
-        changes nothing."""
-        cache = cache or self.new_cache()
-        cache.encoded = idx.shape[1]
-        return self.decode(idx, cache, valid)
+    def prefill(self, idx, cache):
+        """A prompt idx (B, P) runs like any new tokens: through every layer, into the cache."""
+        return self.decode(idx, cache)
 
-    def decode(self, idx_next, cache, valid=None):
-        """Feed one token per row, idx_next (B,) or (B, 1); or several, (B, n). valid (B,) or
-        (B, n) bool: False feeds a padding column (a row that has stopped)."""
-        return self.run_tokens(self.blocks, self.layer_caches(cache.layers), idx_next, cache,
-                               _columns(valid, idx_next))
+    def decode(self, idx, cache):
+        """New tokens idx (B, n) (one per row while generating): the logits after the last."""
+        positions, mask = cache.next(idx.shape[1])
+        return self.next_logits(self.layers(self.embed(idx), self.rotary(positions), mask, cache))
 
 
 class BlockDoubleDecoder(LM):
-    """batch: x (B, T), y (B, T) or None, block_ids (G, T): G block layouts, each shared by B/G
-    consecutive rows ((T,) for one layout, (B, T) for one per row)."""
+    """batch: x (B, T), y (B, T) or None, block_ids: (T,) one layout for the batch, (B, T) one per
+    row, or (G, T), G layouts each shared by B/G consecutive rows (mask.block_ids)."""
 
     def __init__(self, config):
         super().__init__(config)
-        assert config.kv_share == 1, "kv_share (cross-layer attention) is a dec option"
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
         self.ln_enc = nn.RMSNorm(config.n_embd)  # the one parameter vector dec does not have
         self.decoder = nn.ModuleList(Block(config) for _ in range(config.n_dec_layer))
         self.init_weights()
 
     def forward(self, batch):
-        x, ids = batch["x"], batch["block_ids"]
+        x = batch["x"]
         B, T = x.shape
-        self._check_length(T)
-        layouts = ids.to(x.device).view(-1, ids.shape[-1])  # (G, T): each for B/G rows in a row
+        layouts = batch["block_ids"].to(x.device).view(-1, T)  # (G, T)
         G = layouts.shape[0]
-        if layouts.shape[1] != T or B % G:
-            raise ValueError(f"block_ids {tuple(ids.shape)} does not fit x {tuple(x.shape)}: give "
-                             f"(T,), (B, T), or (G, T) with G dividing B")
-        # Block by block, each group of rows with its own layout. The loop has data-dependent
-        # shapes that a compiled graph would recompile for at every layout, so compiled code (and
-        # flex, whose block mask skips the masked tiles itself) takes the mask instead.
+        assert B % G == 0, f"{G} block layouts do not split {B} rows into equal groups"
         if self.config.flex or torch.compiler.is_compiling():
-            per_row = layouts[0] if G == 1 else layouts.repeat_interleave(B // G, dim=0)
-            h = self.stream(x, *bdd_masks(per_row, self.config.flex), T)
+            # The reference path: the dense T x 2T doubly-causal mask of each row, which
+            # FlexAttention turns into a tile-skipping block mask on CUDA (and which has the fixed
+            # shapes a compiled graph needs).
+            h = self.stream(x, bdd_mask(layouts.repeat_interleave(B // G, dim=0), self.config.flex))
         else:
-            h = torch.cat([self.stream(rows, *bdd_block_masks(layout))
+            # The fast path, the same function (tests/test_model.py): each group of rows that
+            # shares a layout runs block by block against only the keys each block may see, and
+            # its encoder stops at the last block's start, as no block reads the states after it.
+            h = torch.cat([self.stream(rows, BlockLayout(layout))
                            for rows, layout in zip(x.split(B // G), layouts)])
         return self.head(h, batch.get("y"))
 
-    def stream(self, x, enc_mask, dec_mask, Tm=None):
-        """The decoder stream's final states (B, T, C) of rows x under the masks; the encoder runs
-        over the first Tm positions (default: the block layout's memory_len, as no block reads
-        the encoder states of the last one)."""
+    def stream(self, x, dec_mask):
+        """The decoder stream's final states (B, T, C) of rows x (B, T): the encoder over the
+        positions any block reads, then each decoder layer over [encoder states | stream]."""
         T = x.shape[1]
-        Tm = dec_mask.memory_len if Tm is None else Tm
-        rope, memory_rope = self.rotary(0, T), self.rotary(0, Tm)
-        e = self.embed(x[:, :Tm])  # encoder stream (B, Tm, C)
-        for block in self.encoder:
-            e = block(e, memory_rope, enc_mask)
-        memory = self.ln_enc(e)
-        h = self.embed(x)  # decoder stream (B, T, C)
+        Tm = dec_mask.memory_len if isinstance(dec_mask, BlockLayout) else T
+        rope = self.rotary(torch.arange(T, device=x.device))
+        memory_rope = tuple(t[:Tm] for t in rope)
+        memory = self.encode(x[:, :Tm], memory_rope, "causal")  # (B, Tm, C)
+        h = self.embed(x)  # (B, T, C)
         for block in self.decoder:
-            h = block(h, rope, dec_mask, memory=memory, memory_rope=memory_rope)
+            h, _ = block(h, rope, dec_mask, MemoryKV(*block.attn.keys_values(memory, memory_rope)))
         return h
 
-    def new_cache(self):
-        return Cache(layers=(KVCache() for _ in self.decoder),
-                     prefix=(KVCache() for _ in self.encoder))
+    def encode(self, idx, rope, mask, caches=None):
+        """The causal encoder's final states (B, n, C) of idx (B, n) at RoPE rope under mask.
+        caches: its layers' KV caches (a session's prefix cache, serve/), appended to."""
+        e = self.embed(idx)
+        for block, layer in zip(self.encoder, caches or [None] * len(self.encoder)):
+            e, _ = block(e, rope, mask, layer)
+        return self.ln_enc(e)
 
-    def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
-        """Start a new block at the last token of idx (B, n) (DESIGN.md section 3).
+    def cached_layers(self):
+        return self.decoder
 
-        The tokens fed since the encoder's cache ends (the last block: its first token and reply;
-        the whole history if the cache was dropped) and idx but its last token go through the
-        causal encoder, extending its cache; each decoder layer drops its self part and appends
-        the K/V of the new encoder states to its cross part; the encoder's cache is then kept,
-        dropped or offloaded (prefix_cache: Cache.store_prefix); then the decoder runs the
-        block's first token. The first prefill encodes idx[:, :-1]. valid (B, n) bool marks left
-        padding (False): the last column, the block's first token, is real in every row."""
-        cache = cache or self.new_cache()
-        cache.restore_prefix(idx.device)
-        start, encoded = cache.block_start, cache.prefix[0].length  # encoded: start, or 0 (dropped)
-        pending, pending_valid = (idx, valid) if cache.width == 0 else \
-            joined(cache.columns(encoded), (idx, valid))
-        enc_in = pending[:, :-1]  # (B, n_enc_in) columns encoded..encoded+n_enc_in-1
-        cache.truncate(encoded)
-        cache.record(enc_in, None if pending_valid is None else pending_valid[:, :-1])
-        rope, mask = self.rope_and_mask(encoded, enc_in.shape[1], cache.valid, idx.device)
-        states = self.ln_enc(self.run_cached(self.encoder, cache.prefix, self.embed(enc_in),
-                                             rope, mask))
-        new = enc_in.shape[1] - (start - encoded)  # the states not yet in the cross parts
-        memory = states[:, states.shape[1] - new:]
-        memory_rope = tuple(t[..., t.shape[-2] - new:, :] for t in rope)
-        for block, layer_cache in zip(self.decoder, cache.layers):
-            layer_cache.truncate(start)  # keep the cross part, drop the last block's self part
-            block.remember(memory, memory_rope, layer_cache)
-        cache.store_prefix(prefix_cache)
-        cache.block_start = cache.pos = start + new
-        cache.encoded = enc_in.shape[1]
-        return self.decode(pending[:, -1:], cache,
-                           None if pending_valid is None else pending_valid[:, -1:])
+    def prefill(self, idx, cache):
+        """A prompt idx (B, P) into a new cache, its decoder block starting at its last token
+        (DESIGN.md section 3); the next-token logits (B, vocab)."""
+        positions, mask = cache.next(idx.shape[1] - 1)  # the columns of x[0:P-1]
+        rope = self.rotary(positions)
+        # 1. the encoder runs causally over x[0:P-1]
+        memory = self.encode(idx[:, :-1], rope, mask)
+        # 2. each decoder layer projects the encoder's states to its K/V, once
+        self.remember(memory, rope, cache)
+        # 3. the decoder runs x[P-1], as decode() then runs each new token: n_dec layers only
+        return self.decode(idx[:, -1:], cache)
 
-    def decode(self, idx_next, cache, valid=None):
-        """Feed one token per row into the current block: n_dec layers only. valid (B,) bool:
-        False feeds a padding column (a row that has stopped)."""
-        return self.run_tokens(self.decoder, cache.layers, idx_next, cache,
-                               _columns(valid, idx_next))
+    def remember(self, memory, rope, cache):
+        """Append the K/V of encoder states memory (B, n, C) to each decoder layer's cache."""
+        for block, layer in zip(self.decoder, cache.layers):
+            layer.update(*block.attn.keys_values(memory, rope))
+
+    def decode(self, idx, cache):
+        """New tokens idx (B, n) of the current block: the logits after the last."""
+        return self.next_logits(self.run(self.decoder, self.embed(idx), cache))
 
 
 class EncoderDecoder(LM):
-    """batch: enc_x (B, Te), enc_mask (B, Te) bool (True = real token, optional),
-    dec_x (B, Td), y (B, Td) or None. Encoder and decoder positions each start at 0."""
+    """batch: enc_x (B, Te), enc_mask (B, Te) bool (True = real token; optional), dec_x (B, Td),
+    y (B, Td) or None. Encoder and decoder positions each start at 0."""
 
     def __init__(self, config):
         super().__init__(config)
-        assert config.kv_share == 1, "kv_share (cross-layer attention) is a dec option"
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
         self.ln_enc = nn.RMSNorm(config.n_embd)
         self.decoder = nn.ModuleList(CrossBlock(config) for _ in range(config.n_dec_layer))
@@ -309,87 +491,54 @@ class EncoderDecoder(LM):
 
     def forward(self, batch):
         enc_x, dec_x = batch["enc_x"], batch["dec_x"]
-        (B, Te), Td = enc_x.shape, dec_x.shape[1]
-        self._check_length(Te, Td)
-        valid = batch.get("enc_mask")
-        if valid is None:
-            valid = torch.ones(B, Te, dtype=torch.bool, device=enc_x.device)
-        enc_mask, cross_mask, dec_mask = encoder_masks(valid.to(enc_x.device), Td, self.config.flex)
+        enc_mask = cross_mask = None  # every source token is real
+        if batch.get("enc_mask") is not None:
+            enc_mask, cross_mask = encoder_masks(batch["enc_mask"].to(enc_x.device),
+                                                 dec_x.shape[1], self.config.flex)
         memory = self.encode(enc_x, enc_mask)
+        rope = self.rotary(torch.arange(dec_x.shape[1], device=dec_x.device))
         h = self.embed(dec_x)  # (B, Td, C)
         for block in self.decoder:
-            h = block(h, self.rotary(0, Td), dec_mask, memory, cross_mask)
+            h = block(h, rope, "causal", block.cross.keys_values(memory, None), cross_mask)
         return self.head(h, batch.get("y"))
 
-    def encode(self, enc_x, enc_mask=None, rope=None):
-        """Bidirectional encoder: final states (B, Te, C) after its final norm. rope: the
-        source's positions (default 0..Te-1)."""
-        rope = self.rotary(0, enc_x.shape[1]) if rope is None else rope
-        e = self.embed(enc_x)
+    def encode(self, source, mask=None, positions=None):
+        """The bidirectional encoder's final states (B, Te, C) of source (B, Te). mask: which
+        keys each position sees (None: all); positions: 0..Te-1 unless given (a padded batch's
+        per-row positions, serve/)."""
+        if positions is None:
+            positions = torch.arange(source.shape[1], device=source.device)
+        rope, e = self.rotary(positions), self.embed(source)
         for block in self.encoder:
-            e = block(e, rope, enc_mask)
+            e, _ = block(e, rope, mask)
         return self.ln_enc(e)
 
-    def new_cache(self):
-        return Cache(layers=(KVCache() for _ in self.decoder),
-                     cross=(KVCache(chunk=1) for _ in self.decoder))
+    def cached_layers(self):
+        return self.decoder
 
-    def prefill(self, idx, cache=None, valid=None, prefix_cache="keep"):
-        """The whole history up to the last token of idx (B, n) is the source; the decoder starts
-        from that last token, as in training (source x[:s], decoder from x[s]). A bidirectional
-        encoder's states change when its source grows, so each turn re-encodes everything: there
-        is no encoder cache, and prefix_cache changes nothing. valid (B, n) bool marks left
-        padding (False); the last column is real in every row."""
-        history, valid = (idx, valid) if cache is None else joined(cache.columns(0), (idx, valid))
-        return self.start(history[:, :-1], history[:, -1:], None if valid is None else valid[:, :-1])
+    def prefill(self, idx, cache):
+        """A prompt idx (B, P) into a new cache: x[0:P-1] is the source and the decoder starts
+        at x[P-1], as in training (source x[:s], decoder from x[s]); the next-token logits."""
+        positions, mask = cache.source(idx.shape[1] - 1)
+        self.remember(self.encode(idx[:, :-1], mask, positions), cache)
+        return self.decode(idx[:, -1:], cache)
 
-    def start(self, source, dec_start, source_valid=None):
-        """Encode source (B, Te) and run the decoder over dec_start (B, n): a fresh cache.
-        source_valid (B, Te) bool marks padding in the source (anywhere; a row may have no real
-        token); dec_start is real in every row.
-        (Span-corruption models start from [prompt, sentinel] and [eot, sentinel]; see sample.py.)"""
-        cache = self.new_cache()
-        enc_mask = enc_rope = None
-        if source_valid is not None:
-            enc_mask, cache.cross_mask = padded_source_masks(source_valid)
-            enc_rope = self.rotary.at(positions(source_valid, source.shape[1]))
-            has_source = source_valid.any(1)
-            cache.source_rows = None if bool(has_source.all()) else has_source[:, None, None]
-        memory = self.encode(source, enc_mask, enc_rope)
-        n = dec_start.shape[1]
-        rope, mask = self.rope_and_mask(0, n, device=dec_start.device)
-        h = self.embed(dec_start)
-        for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
-            h = block(h, rope, mask, memory, cache.cross_mask, self_cache, cross_cache,
-                      cache.source_rows)
-        cache.record(source, source_valid)
-        cache.record(dec_start)
-        cache.pos, cache.encoded = n, source.shape[1]
-        return self.next_logits(h), cache
+    def remember(self, memory, cache):
+        """Each decoder layer projects the encoder output memory (B, Te, C) to its cross K/V."""
+        cache.cross = [block.cross.keys_values(memory, None) for block in self.decoder]
 
-    def decode(self, idx_next, cache, valid=None):
-        """Feed one token per row to the decoder; the source's cross K/V are read from the cache.
-        valid (B,) bool: False feeds a padding column (a row that has stopped)."""
-        idx_next = idx_next.view(idx_next.shape[0], -1)
-        cache.record(idx_next, _columns(valid, idx_next))
-        dec_valid = None if cache.valid is None else cache.valid[:, cache.encoded:]
-        rope, mask = self.rope_and_mask(cache.pos, 1, dec_valid, idx_next.device)
-        h = self.embed(idx_next)
-        for block, self_cache, cross_cache in zip(self.decoder, cache.layers, cache.cross):
-            h = block(h, rope, mask, None, cache.cross_mask, self_cache, cross_cache,
-                      cache.source_rows)
-        cache.pos += 1
-        return self.next_logits(h), cache
-
-
-def _columns(valid, idx):
-    """valid (B,) or (B, n) shaped like the token columns idx; None stays None (all real)."""
-    return None if valid is None else valid.view(idx.shape[0], -1)
+    def decode(self, idx, cache):
+        """New tokens idx (B, n) of the decoder stream: the logits after the last."""
+        positions, mask = cache.next(idx.shape[1])
+        rope, h = self.rotary(positions), self.embed(idx)
+        for block, layer, source_kv in zip(self.decoder, cache.layers, cache.cross):
+            h = block(h, rope, mask, source_kv, cache.cross_mask, layer)
+        return self.next_logits(h)
 
 
 MODELS = {"dec": DecoderOnly, "encdec": EncoderDecoder, "bdd": BlockDoubleDecoder}
+ARCHS = tuple(MODELS)
 
 
 def build_model(arch, config):
-    assert arch in MODELS, f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}"
     return MODELS[arch](config)

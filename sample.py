@@ -12,8 +12,8 @@ line over its limit: --memory_limit_mb, by default half the memory available), -
 speed, every byte the cache holds, FLOPs per decoded token counted by torch's FlopCounterMode).
 """
 
-import os
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -21,10 +21,13 @@ import torch
 
 import cli
 import config as cfg
-from cache import PREFIX_POLICIES, bytes_after
 from corpus.prepare import get_tokenizer
+from generate import generate
 from lab.flops import decode_flops
-from generate import Session, generate
+from model import DecoderOnly
+from serve.cache import PREFIX_POLICIES, padded_batch
+from serve.memory import available_memory, nbytes, request_bytes
+from serve.session import Session
 
 
 # -----------------------------------------------------------------------------
@@ -97,16 +100,14 @@ def fit_prompt(ids, fit, where, args, block_size):
     return ids[-fit:]
 
 
-def format_stats(gen, prompt_lens):
-    B = len(gen.lengths)
+def format_stats(prompt_lens, encoded, generated, timing, cache):
+    """One line: the prompts, the columns the prefill encoded (dec: ran through all its layers),
+    the tokens generated, the timing, and what the cache holds."""
     lens = sorted(set(prompt_lens))
-    decoded = sum(gen.lengths) - B  # the first new token of each row comes from the prefill
-    b = gen.cache.nbytes()
-    rate = decoded / gen.decode_seconds if decoded and gen.decode_seconds > 0 else float("nan")
-    return (f"{f'{B} rows, ' if B > 1 else ''}prompt "
+    b = nbytes(cache)
+    return (f"{f'{len(prompt_lens)} rows, ' if len(prompt_lens) > 1 else ''}prompt "
             f"{lens[0] if len(lens) == 1 else f'{lens[0]} to {lens[-1]}'} tokens, "
-            f"encoded {gen.encoded}, generated {sum(gen.lengths)} | "
-            f"prefill {1000 * gen.prefill_seconds:.1f} ms, decode {rate:.1f} tokens/s | "
+            f"encoded {encoded}, generated {generated} | {timing} | "
             f"KV cache: decode {b['decode']:,} B, prefix {b['prefix']:,} B filled | held: "
             + ", ".join(f"{device} {n:,} B" for device, n in sorted(b["held"].items())))
 
@@ -120,47 +121,13 @@ def format_stats(gen, prompt_lens):
 MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.8}
 
 
-def request_bytes(model, prompt_lens, new_tokens, num_samples, element_size, span=False):
-    """The memory one batch of a one-turn request needs at its peak, estimated: its KV cache
-    after the last step (cache_bytes; rows: the prompts x num_samples, each as long as the
-    longest) and which of its columns are real (a byte per row and column), plus a step's
-    logits in float32 four times over (the copies sampling makes), plus the prefill's largest
-    activations (per prompt, one layer's attention scores and MLP states in float32)."""
-    c, P = model.config, max(prompt_lens)
-    rows = len(prompt_lens) * num_samples
-    valid = rows * (P + new_tokens + 1)
-    logits = 4 * rows * c.vocab_size * 4
-    prefill = len(prompt_lens) * P * (c.n_head * P + 8 * c.n_embd) * 4
-    return bytes_after(model, rows, P, new_tokens, element_size, span) + valid + logits + prefill
-
-
-def available_memory(device):
-    """Bytes free for this process on device now: the GPU's free memory, or the machine's
-    available memory (MemAvailable: free plus what the kernel can reclaim), within the
-    container's memory limit (cgroup v2) if it has one."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no /proc: all of it
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f
-                        if line.startswith("MemAvailable:"))
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit = f.read().strip()
-            if limit != "max":
-                free = min(free, int(limit) - int(g.read()))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return free
-
-
 def check_memory(model, batches, args, device, span):
     """Refuse (ConfigError, one line) a request whose largest batch of prompt ids would need more
     memory (request_bytes) than its limit: --memory_limit_mb, else MEMORY_SHARE of the memory
     free now on the device."""
     def need(batch):
-        return request_bytes(model, [len(ids) for ids in batch], args.max_new_tokens,
-                             args.num_samples, cfg.DTYPES[args.dtype].itemsize, span)
+        return request_bytes(model, [len(ids) for ids in batch for _ in range(args.num_samples)],
+                             args.max_new_tokens, cfg.DTYPES[args.dtype].itemsize, span)
     batch = max(batches, key=need)
     if args.memory_limit_mb is not None:
         limit, what = args.memory_limit_mb * 1e6, "--memory_limit_mb"
@@ -191,8 +158,8 @@ class SampleConfig:
     prompts: str = cfg.setting(None, "a file of prompts, one per line (empty lines refused), "
                                "generated in batches of --batch_size, printed in input order")
     batch_size: int = cfg.setting(8, "prompts per batch with --prompts", "[1, inf)")
-    num_samples: int = cfg.setting(1, "continuations per prompt, from one prefill copied into "
-                                   "each", "[1, inf)")
+    num_samples: int = cfg.setting(1, "continuations per prompt, each a row of the batch",
+                                   "[1, inf)")
     max_new_tokens: int = cfg.setting(200, "tokens generated per prompt (or chat turn)",
                                       "[1, inf)")
     temperature: float = cfg.setting(0.8, "sampling temperature (0: greedy)", "[0, inf)")
@@ -215,6 +182,9 @@ class SampleConfig:
                                     "(less memory; the next turn re-encodes the history) or "
                                     "offload it to host memory (CUDA). One-turn generation "
                                     "always frees it", PREFIX_POLICIES)
+    compile: bool = cfg.setting(False, "compile the decode step (torch.compile; CUDA graphs on "
+                                "CUDA) on a static cache (batches of prompts of one length; "
+                                "others run eagerly)")
     truncate: bool = cfg.setting(False, "left-truncate a prompt (or chat turn) that does not fit "
                                  "instead of refusing it")
 
@@ -224,8 +194,8 @@ class SampleConfig:
         self.dtype = self.dtype or ("bfloat16" if cuda else "float32")
         cfg.check_fields(self)
         cfg.refuse([
-            (self.chat and (self.prompts or self.num_samples > 1),
-             "--chat continues one conversation: drop --prompts and --num_samples"),
+            (self.chat and (self.prompts or self.num_samples > 1 or self.compile),
+             "--chat continues one conversation: drop --prompts, --num_samples and --compile"),
             (self.prompts is not None and self.prompt is not None,
              "give --prompt or --prompts, not both"),
             (self.prefix_cache == "offload" and not (self.device.startswith("cuda") and cuda),
@@ -309,25 +279,50 @@ def prompt_batches(args, enc, model, room, device, span):
 
 
 def generate_batch(model, batch, text_of, args, sampling, span_args, ctx, label):
-    """Generate for a batch of (text, ids) prompts, print each row after its prompt."""
-    n = args.num_samples
+    """Generate for a batch of (text, ids) prompts, each --num_samples times (a row each), and
+    print each row after its prompt. Rows of different lengths are left-padded (serve/cache.py);
+    span-corruption checkpoints are generated T5-style (serve.Session)."""
+    n, device = args.num_samples, next(model.parameters()).device
+    rows = [torch.tensor(ids, device=device) for _, ids in batch for _ in range(n)]
+    t0 = time.perf_counter()
     with ctx:
-        gen = generate(model, [ids for _, ids in batch], args.max_new_tokens, **sampling,
-                       **span_args, num_samples=n)
+        if span_args:
+            gen = Session(model, **span_args).turn(rows, args.max_new_tokens, **sampling,
+                                                   last=True)
+            tokens, cache, row_lengths = gen.tokens, gen.cache, gen.lengths
+        else:
+            padded = len({len(r) for r in rows}) > 1  # a compiled step needs one length
+            idx, cache = padded_batch(model, rows) if padded else \
+                (torch.stack(rows), model.new_cache())
+            tokens = generate(model, idx, args.max_new_tokens, **sampling, cache=cache,
+                              compile=args.compile and not padded)
+            row_lengths = [tokens.shape[1]] * len(rows)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
         # one more decode step, counted; it needs one more free position in the context
-        longest = max(len(ids) for _, ids in batch)
-        measurable = args.stats and longest + gen.tokens.shape[1] <= model.config.block_size
-        flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if measurable else None
-    for row, (tokens, length) in enumerate(zip(gen.tokens, gen.lengths)):
-        print(batch[row // n][0] + text_of(tokens, length))
+        longest = max(len(r) for r in rows)
+        measurable = args.stats and not args.compile and \
+            longest + tokens.shape[1] <= model.config.block_size
+        flops = decode_flops(model, tokens[:, -1:], getattr(cache, "decoder", cache)) \
+            if measurable else None
+    for row, (new, length) in enumerate(zip(tokens, row_lengths)):
+        print(batch[row // n][0] + text_of(new, length))
         print("---------------", flush=True)
     if args.stats:
-        print(label + format_stats(gen, [len(ids) for _, ids in batch]))
+        generated, longest = sum(row_lengths), max(len(r) for r in rows)
+        # dec runs the whole prompt through its layers; bdd and encdec encode all but its last
+        encoded = gen.encoded if span_args else longest - (not isinstance(model, DecoderOnly))
+        stats = format_stats([len(r) for r in rows], encoded, generated,
+                             f"{1000 * seconds:.1f} ms, {generated / seconds:.1f} tokens/s "
+                             f"(prefill included)", cache)
+        print(label + stats + (" (the prefill's; the compiled steps' static cache holds the "
+                               "whole context)" if args.compile else ""))
         if flops is None:
-            print("FLOPs per decoded token: not counted, the context has no free position for one "
-                  "more step (lower --max_new_tokens by one)")
+            print("FLOPs per decoded token: not counted (--compile, or the context has no free "
+                  "position for one more step: lower --max_new_tokens by one)")
         else:
-            print(f"FLOPs per decoded token (batch {gen.tokens.shape[0]}): layers "
+            print(f"FLOPs per decoded token (batch {tokens.shape[0]}): layers "
                   f"{flops['layers']:,}, LM head {flops['head']:,}")
 
 
@@ -354,7 +349,11 @@ def chat(session, enc, text_of, args, sampling, ctx):
                                stop_tokens=(enc.eot_token,), **sampling)
         print(text_of(gen.tokens[0], gen.lengths[0]), flush=True)
         if args.stats:
-            print(f"[turn {n_turn}] " + format_stats(gen, [len(ids)]) + note, file=sys.stderr)
+            decoded, seconds = gen.lengths[0] - 1, gen.decode_seconds
+            rate = decoded / seconds if decoded and seconds > 0 else float("nan")
+            timing = f"prefill {1000 * gen.prefill_seconds:.1f} ms, decode {rate:.1f} tokens/s"
+            print(f"[turn {n_turn}] " + format_stats([len(ids)], gen.encoded, gen.lengths[0],
+                                                     timing, gen.cache) + note, file=sys.stderr)
 
 
 def stdin_lines():

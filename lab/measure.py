@@ -2,18 +2,18 @@
 What a model costs, measured on the live process: the experiments' measurements, each taken one
 way for every experiment.
 
-- measure_decode: greedy generation through generate.generate (the code path a user runs) from
+- measure_decode: greedy generation through generate.py's prefill and decode steps from
   random prompts; the cache bytes it holds, the time per decoded token, the FLOPs of one step;
 - kv_by_context: decode-time cache bytes at several context lengths;
 - serving: decode throughput by batch, and at a memory budget that each arch fills with as
   many sequences as the bytes it holds allow;
-- multi_turn: conversations of several turns (generate.Session, the code path of --chat) served
+- multi_turn: conversations of several turns (serve.session.Session, the code path of --chat) served
   at the same budget, as many as each arch and prefix-cache policy holds: time to first token
   of each turn, decode throughput, held bytes, encoder tokens per turn;
 - step_times: training steps timed in rounds that alternate between the archs;
 - train_flops_per_token: a training step's FLOPs counted on a run's own batches;
 - chat_eval: the loss on each speech of held-out dialogue scenes (dialogue_scenes), fed turn by
-  turn through generate.Session as `sample.py --chat` runs, by turn position and overall.
+  turn through serve.session.Session as `sample.py --chat` runs, by turn position and overall.
 
 Timings alternate between the archs round by round and report medians, so that the machine's
 drift does not become a difference between archs.
@@ -31,10 +31,11 @@ import torch.nn.functional as F
 import config as cfg
 import pack
 import train
-from cache import held_bytes
 from corpus.prepare import DataError, get_tokenizer
 from lab.flops import decode_flops, step_flops
-from generate import Session, generate
+from generate import decode_steps
+from serve.memory import held_bytes, nbytes
+from serve.session import Session
 
 DECODE_TOKENS = 32   # decode steps timed per measurement, fewer for short contexts
 FLOP_BATCHES = 4     # real batches whose counted FLOPs are averaged (shapes vary for encdec)
@@ -60,7 +61,7 @@ def sync(device):
 
 @torch.no_grad()
 def measure_decode(model, context_len, batch_size=1, seed=0, count_flops=True):
-    """Generate one turn (generate.generate, the code path a user runs) after random prompts of
+    """Generate one turn (generate.py's prefill and decode steps, the code path a user runs) after random prompts of
     batch_size rows, so that context_len positions are fed after decode_tokens(context_len)
     greedy decode steps, and report from the live cache:
     held_bytes_per_seq: the bytes of every tensor the cache holds on the model's device, per
@@ -76,15 +77,21 @@ def measure_decode(model, context_len, batch_size=1, seed=0, count_flops=True):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(model.config.vocab_size, (batch_size, context_len - n_tokens),
                            generator=g).to(device)
-    kept = model.prefill(prompt, prefix_cache="keep")[1].nbytes()["prefix"]
-    gen = generate(model, prompt, n_tokens + 1, temperature=0)
-    nbytes = gen.cache.nbytes()
-    flops = decode_flops(model, gen.tokens[:, -1], gen.cache) if count_flops else None
-    return {"context_len": context_len, "kv_bytes": nbytes["decode"], "prefix_bytes": kept,
-            "held_bytes": nbytes["held"],
-            "held_bytes_per_seq": nbytes["held"].get(str(device), 0) / batch_size,
-            "flops": flops, "ms_per_token": 1000 * gen.decode_seconds / n_tokens,
-            "tokens_per_sec": batch_size * n_tokens / gen.decode_seconds}
+    kept = nbytes(Session(model).turn(prompt, 1, temperature=0).cache)["prefix"]
+    cache = model.new_cache()
+    logits = model.prefill(prompt, cache)
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = decode_steps(model.decode, logits, cache, n_tokens + 1, dict(temperature=0))
+    sync(device)
+    seconds = time.perf_counter() - t0
+    held = nbytes(cache)
+    flops = decode_flops(model, tokens[:, -1:], cache) if count_flops else None
+    return {"context_len": context_len, "kv_bytes": held["decode"], "prefix_bytes": kept,
+            "held_bytes": held["held"],
+            "held_bytes_per_seq": held["held"].get(str(device), 0) / batch_size,
+            "flops": flops, "ms_per_token": 1000 * seconds / n_tokens,
+            "tokens_per_sec": batch_size * n_tokens / seconds}
 
 
 def context_lengths(block_size, n=6):
@@ -410,29 +417,27 @@ def dialogue_scenes(meta, block_size, n, split="val"):
 class ForcedSession(Session):
     """A Session whose replies are given (teacher forcing): turn() runs as `sample.py --chat`
     runs it, the same prefill and cache handling, and each decode step feeds the given reply's
-    next token where Session feeds a sampled one. Each turn's losses (nats per reply token, from
-    the logits the model gave it) are kept in `losses`."""
+    next token where Session feeds a sampled one. Each turn's logits (B, G, vocab), the model's
+    predictions of its reply, are kept in `logits`."""
 
     def __init__(self, model, prefix_cache="keep"):
         super().__init__(model, prefix_cache=prefix_cache)
-        self.reply, self.losses = None, []
+        self.reply, self.logits = None, []
 
     def forced_turn(self, prompt, reply):
-        """Feed prompt (B, n), then reply (B, G) as if sampled: the reply's losses (B, G)."""
+        """Feed prompt (B, n), then reply (B, G) as if sampled: the reply's losses (B, G), nats
+        per token."""
         self.reply = reply
         self.turn(prompt, reply.shape[1])
-        return self.losses[-1]
+        return F.cross_entropy(self.logits[-1].double().transpose(1, 2), reply, reduction="none")
 
     def _sample(self, logits, max_new_tokens, stop_tokens, sampling):
         """Session._sample's decode loop with the reply in place of samples (no stop tokens)."""
-        reply, losses = self.reply, []
-        for i in range(max_new_tokens):
-            losses.append(F.cross_entropy(logits.double(), reply[:, i], reduction="none"))
-            if i == max_new_tokens - 1:
-                break
-            logits, self.cache = self.model.decode(reply[:, i], self.cache)
-        self.losses.append(torch.stack(losses, 1))
-        return reply, [max_new_tokens] * reply.shape[0]
+        steps = [logits]
+        for i in range(max_new_tokens - 1):
+            steps.append(self.model.decode(self.reply[:, i:i + 1], self.cache.decoder))
+        self.logits.append(torch.stack(steps, 1))
+        return self.reply, [max_new_tokens] * self.reply.shape[0]
 
 
 def chat_losses(model, scene, prefix_cache="keep"):

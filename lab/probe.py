@@ -185,11 +185,10 @@ def cached_logits(model, seq, start):
     """Next-token logits (B, T-1-start, vocab) at positions start..T-2 of seq (B, T), through the
     KV cache: prefill seq[:, :start+1] (bdd's block and encdec's decoder start at `start`), then
     decode each true next token."""
-    logits, cache = model.prefill(seq[:, :start + 1])
-    out = [logits]
+    cache = model.new_cache()
+    out = [model.prefill(seq[:, :start + 1], cache)]
     for t in range(start + 1, seq.shape[1] - 1):
-        logits, cache = model.decode(seq[:, t], cache)
-        out.append(logits)
+        out.append(model.decode(seq[:, t:t + 1], cache))
     return torch.stack(out, dim=1)
 
 

@@ -214,7 +214,7 @@ def logits(model, x, ids, dense):
     if not dense:
         return model({"x": x, "block_ids": ids})[0]
     per_row = ids.repeat_interleave(x.shape[0] // ids.shape[0], dim=0)
-    return model.lm_head(model.ln_f(model.stream(x, *mask.bdd_masks(per_row), x.shape[1])))
+    return model.lm_head(model.ln_f(model.stream(x, mask.bdd_mask(per_row))))
 
 
 def leaked_positions(model, batch, dense):
@@ -253,17 +253,17 @@ def test_no_strategy_leaks_the_future(sharp_bdd, strategy, dense):
 def test_the_leak_check_catches_a_leaky_mask(sharp_bdd, monkeypatch, strategy):
     """Let each block see all of itself (block by block) or every row see its whole row (dense):
     the check above reports leaks, for every strategy's layouts."""
-    def leaky_bdd_masks(ids, flex=False):
-        enc, dec = bdd_masks(ids, flex)
-        return enc, torch.ones_like(dec)
+    bdd_mask = mask.bdd_mask
 
-    def leaky_block_masks(ids):
-        enc, layout = bdd_block_masks(ids)
-        layout.masks = [torch.ones_like(m) for m in layout.masks]
-        return enc, layout
-    bdd_masks, bdd_block_masks = mask.bdd_masks, M.bdd_block_masks
-    monkeypatch.setattr(mask, "bdd_masks", leaky_bdd_masks)
-    monkeypatch.setattr(M, "bdd_block_masks", leaky_block_masks)
+    def leaky_bdd_mask(ids, flex=False):
+        return torch.ones_like(bdd_mask(ids, flex))
+
+    class LeakyLayout(mask.BlockLayout):
+        def __init__(self, ids):
+            super().__init__(ids)
+            self.masks = [torch.ones(e - s, e, dtype=torch.bool) for s, e in self.spans]
+    monkeypatch.setattr(mask, "bdd_mask", leaky_bdd_mask)
+    monkeypatch.setattr(M, "BlockLayout", LeakyLayout)
     batch = strategy_batch(strategy)
     with torch.no_grad():
         for dense in (False, True):

@@ -5,11 +5,12 @@ only what its decode steps read, caches grow in chunks, and bdd holds a third of
 import pytest
 import torch
 
-import cache as C
-from cache import CHUNK
-from model import ARCHS, ModelConfig, build_model
+from generate import generate
 from lab.measure import measure_decode
-from generate import Session, generate
+from model import ARCHS, CHUNK, ModelConfig, build_model
+from serve.cache import padded_batch
+from serve.memory import nbytes
+from serve.session import Session
 from test_model import OPTIONS
 from test_sample import V, forward_logits
 
@@ -31,7 +32,7 @@ def three_turns(session, lengths, G, logged, seed=0):
         logged.clear()
         prompts = [torch.randint(0, V, (n,), generator=g) for n in row_lengths]
         gen = session.turn(prompts, G, temperature=0)
-        turns.append((gen, torch.stack(logged), (gen.cache.block_start, gen.cache.nbytes())))
+        turns.append((gen, torch.stack(logged), (gen.cache.block_start, nbytes(gen.cache))))
     return turns
 
 
@@ -94,14 +95,16 @@ def per_device(storages):
 
 
 def caches_to_check(arch, **kw):
-    """(name, cache) after one-turn generation, a padded session of two turns under each policy,
-    and a session with num_samples copies."""
+    """(name, cache) after one-turn generation (equal and padded prompts), and after a padded
+    session of two turns under each policy."""
     torch.manual_seed(0)
     model = build_model(arch, tiny(**kw)).eval()
     prompts = [torch.randint(0, V, (n,)) for n in (6, 2, 9)]
-    out = [("generate", generate(model, prompts, 5, temperature=0).cache),
-           ("generate, num_samples", generate(model, prompts[:1], 4, temperature=0,
-                                              num_samples=3).cache)]
+    plain = model.new_cache()
+    generate(model, torch.stack([prompts[0]] * 2), 5, temperature=0, cache=plain)
+    idx, padded = padded_batch(model, prompts)
+    generate(model, idx, 5, temperature=0, cache=padded)
+    out = [("generate", plain), ("generate, padded", padded)]
     for policy in POLICIES:
         session = Session(model, prefix_cache=policy)
         session.turn(prompts, 4, temperature=0)
@@ -112,62 +115,56 @@ def caches_to_check(arch, **kw):
 @pytest.mark.parametrize("arch, kw", OPTIONS)
 def test_nbytes_counts_every_reachable_storage(arch, kw):
     for name, cache in caches_to_check(arch, **kw):
-        nbytes = cache.nbytes()
-        assert nbytes["held"] == per_device(reachable_storages(cache)), name
-        assert nbytes["prefix_held"] == per_device(reachable_storages(cache.prefix)), name
-        assert nbytes["held"]["cpu"] >= nbytes["decode"] + nbytes["prefix"] > 0, name
+        held = nbytes(cache)
+        assert held["held"] == per_device(reachable_storages(cache)), name
+        encoder = getattr(cache, "encoder", None)  # a session's: its layers' K/V
+        assert held["prefix_held"] == per_device(reachable_storages(encoder and encoder.layers))
+        assert held["held"]["cpu"] >= held["decode"] + held["prefix"] > 0, name
 
 
 def test_nbytes_counts_a_view_with_its_whole_base():
     """A cache that kept a view (here: the first column of its token history) holds the whole
     tensor under it; that is what nbytes() counts, once."""
     cache = caches_to_check("bdd")[2][1]
-    before = cache.nbytes()["held"]["cpu"]
-    cache.tokens = cache.tokens[:, :1]
-    assert cache.nbytes()["held"]["cpu"] == before == per_device(reachable_storages(cache))["cpu"]
+    before = nbytes(cache)["held"]["cpu"]
+    cache.columns.tokens = cache.columns.tokens[:, :1]
+    assert nbytes(cache)["held"]["cpu"] == before == per_device(reachable_storages(cache))["cpu"]
 
 
 @pytest.mark.parametrize("arch, kw", OPTIONS)
-def test_one_turn_generation_holds_only_what_decoding_reads(arch, kw, monkeypatch):
-    """generate() keeps no encoder cache (bdd's is freed once its states are in the decoder
-    layers), no token history, no view of either: what is reachable from its cache is the K/V
-    the decode steps read and the padding masks."""
+def test_one_turn_generation_holds_only_what_decoding_reads(arch, kw):
+    """generate()'s cache holds no encoder cache (bdd's encoder runs once over the prompt,
+    without one), no token history, no view of either: what is reachable from it is the K/V the
+    decode steps read (and, for a padded batch, which columns are padding)."""
     torch.manual_seed(0)
     model = build_model(arch, tiny(**kw)).eval()
-    made = []
-    new_cache = model.new_cache
-    monkeypatch.setattr(model, "new_cache", lambda: made.append(new_cache()) or made[-1])
-    encoder = []  # the encoder caches' KVCache objects, kept here so their storages stay alive
-    real_store = C.Cache.store_prefix
-    monkeypatch.setattr(C.Cache, "store_prefix", lambda self, policy: (
-        encoder.extend(self.prefix), real_store(self, policy))[1])
-    cache = generate(model, [torch.randint(0, V, (n,)) for n in (6, 2, 9)], 5,
-                     temperature=0).cache
-    assert cache.tokens is None
-    reachable = set(reachable_storages(cache))
-    read = reachable_storages([cache.layers, cache.cross, cache.valid, cache.cross_mask,
-                               cache.source_rows])
-    assert reachable == set(read)
-    encoder_storages = set(reachable_storages(encoder))
-    assert bool(encoder_storages) == (arch == "bdd")  # the encoder did fill a cache
-    assert not reachable & encoder_storages
+    for name, cache in caches_to_check(arch, **kw)[:2]:
+        read = [cache.layers, cache.cross, getattr(cache, "cross_mask", None)]
+        if name.endswith("padded"):
+            assert cache.columns.tokens is None
+            read.append(cache.columns.valid)
+        assert set(reachable_storages(cache)) == set(reachable_storages(read)), name
 
 
 def test_caches_grow_in_chunks():
     """Every growing buffer holds fewer than CHUNK empty columns at every step, encdec's cross
-    K/V exactly its columns."""
+    K/V exactly its columns; a session's encoder cache too, turn after turn."""
     torch.manual_seed(0)
     for arch in ARCHS:
         model = build_model(arch, tiny(block_size=80)).eval()
-        cache = None
-        for n in (3, 20, 1):  # three turns
-            logits, cache = model.prefill(torch.randint(0, V, (2, n)), cache)
+        for n in (3, 20):
+            cache = model.new_cache()
+            logits = model.prefill(torch.randint(0, V, (2, n)), cache)
             for _ in range(17):
-                for c in cache.layers + cache.prefix:
-                    assert 0 <= c.capacity - c.length < CHUNK, (arch, c.capacity, c.length)
-                for c in cache.cross:
-                    assert c.capacity == c.length
-                logits, cache = model.decode(logits.argmax(-1), cache)
+                for c in cache.layers:
+                    assert 0 <= c.k.shape[2] - c.length < CHUNK, (arch, c.k.shape, c.length)
+                assert all(k.shape[2] == n - 1 for k, _ in cache.cross or ())
+                logits = model.decode(logits.argmax(-1, keepdim=True), cache)
+    session = Session(build_model("bdd", tiny(block_size=80)).eval())
+    for n in (3, 20, 1):
+        session.turn(torch.randint(0, V, (2, n)), 5, temperature=0)
+        for c in session.cache.encoder.layers + session.cache.decoder.layers:
+            assert 0 <= c.k.shape[2] - c.length < CHUNK
 
 
 @pytest.mark.parametrize("arch, kw", OPTIONS)

@@ -7,7 +7,7 @@ import torch
 
 import mask
 
-from mask import bdd_masks, block_ids, causal_mask, encoder_masks, render
+from mask import bdd_mask, block_ids, causal_mask, encoder_masks, render
 
 
 def brute_block_ids(T, boundaries):
@@ -32,15 +32,15 @@ def random_layout(rng, T):
     return sorted(rng.sample(range(1, T), n))
 
 
-def test_bdd_masks_match_brute_force_on_random_layouts():
+def test_bdd_mask_matches_brute_force_on_random_layouts():
     rng = random.Random(0)
     for _ in range(50):
         T = rng.randint(1, 24)
         bounds = random_layout(rng, T)
         ids = block_ids(T, bounds)
         assert ids.tolist() == brute_block_ids(T, bounds)
-        enc, dec = bdd_masks(ids)
-        assert enc.tolist() == [[k <= q for k in range(T)] for q in range(T)]
+        dec = bdd_mask(ids)
+        assert causal_mask(T).tolist() == [[k <= q for k in range(T)] for q in range(T)]
         assert dec.shape == (T, 2 * T)
         assert dec.tolist() == brute_bdd_decoder(ids.tolist())
         assert bool(dec.any(1).all()), "a decoder row attends to nothing"
@@ -53,7 +53,7 @@ def test_per_row_boundaries_give_per_row_masks():
     layouts = [random_layout(rng, T) for _ in range(5)]
     ids = block_ids(T, layouts)
     assert ids.shape == (5, T)
-    _, dec = bdd_masks(ids)
+    dec = bdd_mask(ids)
     assert dec.shape == (5, T, 2 * T)
     for r, bounds in enumerate(layouts):
         assert dec[r].tolist() == brute_bdd_decoder(brute_block_ids(T, bounds))
@@ -62,7 +62,7 @@ def test_per_row_boundaries_give_per_row_masks():
 
 def test_first_block_sees_no_encoder_and_nothing_sees_the_future():
     ids = block_ids(12, [4, 7])
-    _, dec = bdd_masks(ids)
+    dec = bdd_mask(ids)
     assert not dec[:4, :12].any()  # block 0: no earlier block
     q, k = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
     assert not (dec[:, :12] & (k >= q)).any()  # encoder keys strictly in the past
@@ -71,11 +71,10 @@ def test_first_block_sees_no_encoder_and_nothing_sees_the_future():
 
 def test_encoder_decoder_masks_respect_padding():
     valid = torch.tensor([[True, True, True], [True, False, False]])
-    enc, cross, dec = encoder_masks(valid, Td=4)
+    enc, cross = encoder_masks(valid, Td=4)
     assert enc.shape == (2, 3, 3) and cross.shape == (2, 4, 3)
     assert enc[0].all() and cross[0].all()
     assert enc[1].tolist() == [[True, False, False]] * 3
-    assert torch.equal(dec, causal_mask(4))
     with pytest.raises(AssertionError):  # a row with no source token would have no key
         encoder_masks(torch.tensor([[False, False]]), Td=2)
 
@@ -89,14 +88,14 @@ def test_bad_boundaries_are_refused(bounds):
 
 def test_bad_block_ids_are_refused():
     for bad in (lambda: block_ids(8, torch.tensor([2.0, 3.0])),
-                lambda: bdd_masks(torch.tensor([0, 1, 0])),
-                lambda: bdd_masks(torch.tensor([0.0, 1.0]))):
+                lambda: bdd_mask(torch.tensor([0, 1, 0])),
+                lambda: bdd_mask(torch.tensor([0.0, 1.0]))):
         with pytest.raises(AssertionError):
             bad()
 
 
 def test_render_draws_halves():
-    _, dec = bdd_masks(block_ids(4, [2]))
+    dec = bdd_mask(block_ids(4, [2]))
     assert render(dec, split=4) == "\n".join([
         "....|#...",
         "....|##..",
@@ -110,7 +109,7 @@ def test_plot_draws_a_labelled_figure():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from mask import plot
-    _, dec = bdd_masks(block_ids(8, [3, 5]))
+    dec = bdd_mask(block_ids(8, [3, 5]))
     ax = plot(dec, title="bdd decoder", boundaries=[3, 5], split=8)
     assert ax.get_title() == "bdd decoder"
     assert ax.get_xlabel() == "key position"

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from lab import measure
-import generate
 from model import ARCHS, ModelConfig, build_model
+from serve import session as session_module
+from serve.session import Session
 from test_cache import per_device, reachable_storages
 
 SPLIT = dict(vocab_size=50, block_size=64, n_layer=6, n_dec_layer=2, n_head=2, n_embd=32)
@@ -56,7 +57,7 @@ def test_conversations_are_the_budget_over_what_one_holds_at_its_peak(served):
     plan, results = served
     models = models_of()
     for name, case in plan["cases"].items():
-        session = generate.Session(models[case["arch"]], prefix_cache=case["policy"])
+        session = Session(models[case["arch"]], prefix_cache=case["policy"])
         turns, n_in, n_out = plan["shape"]
         g = torch.Generator().manual_seed(0)
         peak = 0
@@ -99,7 +100,7 @@ def test_encoder_tokens_per_turn(served):
 
 
 def test_times_are_medians_of_what_the_session_took(monkeypatch):
-    """A clock under generate.Session's control: in round r (0, 1, 2) each turn k's prefill takes
+    """A clock under serve.session.Session's control: in round r (0, 1, 2) each turn k's prefill takes
     (k + 1) * (r + 1) ms and its decode steps (r + 1) / 2 s. The times to first token are the
     medians (round 1's), decode tokens/s the median round's tokens over its decode seconds."""
     models = models_of(["dec"])
@@ -114,7 +115,7 @@ def test_times_are_medians_of_what_the_session_took(monkeypatch):
         prefill, decode = (k + 1) * (r + 1) / 1000, (r + 1) / 2
         return 10.0 * (i // 3) + [0, prefill, prefill + decode][phase]
 
-    monkeypatch.setattr(generate, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(session_module, "time", SimpleNamespace(perf_counter=perf_counter))
     case = measure.multi_turn(models, plan, 3)["cases"]["dec"]
     assert len(calls) == 3 * 3 * turns
     assert case["ttft_ms_per_turn"] == pytest.approx([2.0 * (k + 1) for k in range(turns)])

@@ -18,10 +18,12 @@ from conftest import default_sigint, user_visible_warnings
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
 from pack import N_SENTINELS
-from lab.measure import measure_decode
+from lab.measure import ForcedSession, measure_decode
 import sample
-from generate import Session, generate
+from generate import generate
 from sample import main
+from serve.memory import nbytes
+from serve.session import Session
 from test_model import OPTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,27 +56,23 @@ def forward_logits(arch, model, full, turn_starts):
 
 
 def run_session(model, full, turns, prefix_cache="keep"):
-    """Teacher-forced session over `full` (B, T): turns = [(prompt_len, decoded_len), ...]. Returns
-    logits (B, T, V) at every position the session predicted from (zeros elsewhere), turn starts
-    and the cache."""
+    """Teacher-forced session over `full` (B, T) (lab.measure.ForcedSession, the code path of
+    --chat): turns = [(prompt_len, decoded_len), ...]; each turn's reply is the decoded tokens
+    and one more, fed with the next turn's prompt. Returns logits (B, T, V) at every position the
+    session predicted from (zeros elsewhere), the turn starts and the session's cache."""
     B, T = full.shape
     out = torch.zeros(B, T, V, dtype=next(model.parameters()).dtype, device=full.device)
-    cache, pos, starts = None, 0, []
-    pending = None
+    session, pos, starts = ForcedSession(model, prefix_cache), 0, []
     for n_prompt, n_decode in turns:
-        idx = full[:, pos:pos + n_prompt]
-        fresh = idx if pending is None else torch.cat([pending, idx], 1)
-        logits, cache = model.prefill(fresh, cache, prefix_cache=prefix_cache)
+        reply = full[:, pos + n_prompt:][:, :n_decode + 1]
+        if reply.shape[1] == n_decode:  # the row ends: a last token that is never fed
+            reply = torch.cat([reply, torch.zeros_like(full[:, :1])], 1)
+        session.forced_turn(full[:, pos:pos + n_prompt], reply)
         pos += n_prompt
         starts.append(pos - 1)
-        out[:, pos - 1] = logits
-        for _ in range(n_decode):
-            logits, cache = model.decode(full[:, pos], cache)
-            out[:, pos] = logits
-            pos += 1
-        pending = full[:, pos:pos + 1]
-        pos += 1  # the reply's last token is fed with the next turn's prompt
-    return out, starts, cache
+        out[:, pos - 1:pos + n_decode] = session.logits[-1][:, :n_decode + 1]
+        pos += n_decode + 1
+    return out, starts, session.cache
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -153,11 +151,11 @@ def test_cache_bytes_follow_the_formula(arch):
             full = torch.randint(0, V, (B, P + G))
             _, _, cache = run_session(model, full, [(P, G)])
         per_position = 2 * B * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * 4  # float32
-        nbytes = cache.nbytes()
-        assert nbytes["decode"] == kv_positions(arch, cfg, P, G) * per_position
+        held = nbytes(cache)
+        assert held["decode"] == kv_positions(arch, cfg, P, G) * per_position
         prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
-        assert nbytes["prefix"] == prefix * per_position
-        assert nbytes["held"]["cpu"] >= nbytes["decode"] + nbytes["prefix"]
+        assert held["prefix"] == prefix * per_position
+        assert held["held"]["cpu"] >= held["decode"] + held["prefix"]
 
 
 def test_bdd_over_dec_kv_ratio_is_n_dec_over_n_layer():
@@ -203,10 +201,10 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible(arch):
     torch.manual_seed(0)
     model = build_model(arch, tiny()).eval()
     idx = torch.randint(0, V, (2, 5))
-    g1 = generate(model, idx, 12, temperature=0).tokens
-    assert torch.equal(g1, generate(model, idx, 12, temperature=0).tokens)
+    g1 = generate(model, idx, 12, temperature=0)
+    assert torch.equal(g1, generate(model, idx, 12, temperature=0))
     s = [generate(model, idx, 12, temperature=1.0, top_k=10,
-                  generator=torch.Generator().manual_seed(5)).tokens for _ in range(2)]
+                  generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(s[0], s[1])
     # greedy generation is the argmax of the training forward over what it wrote
     full = torch.cat([idx, g1], 1)[:, :-1]
@@ -229,29 +227,29 @@ def test_session_refuses_to_overrun_the_context():
 
 class Scripted:
     """A stand-in for a model in generate(): whatever it is fed, its next-token logits are
-    logits[i] (B, vocab) after prefill (i = 0) and after the i-th decode step. It has what
-    sample.py reads of a model: config.block_size, prefill, decode, the cache's `encoded`."""
+    logits[i] (B, vocab) after prefill (i = 0) and after the i-th decode step."""
 
-    def __init__(self, logits, block_size=64):
+    def __init__(self, logits):
         self.logits = logits  # (steps, B, vocab)
-        self.config = SimpleNamespace(block_size=block_size, vocab_size=logits.shape[-1])
         self.decoded = 0
 
-    def prefill(self, idx, cache=None, **kwargs):
-        return self.logits[0], SimpleNamespace(encoded=idx.shape[1], step=0,
-                                               forget_history=lambda: None)
+    def new_cache(self):
+        return SimpleNamespace(step=0)
 
-    def decode(self, idx_next, cache, **kwargs):
+    def prefill(self, idx, cache):
+        return self.logits[0]
+
+    def decode(self, idx, cache):
         cache.step += 1
         self.decoded += 1
-        return self.logits[cache.step], cache
+        return self.logits[cache.step]
 
 
 def sample_once(logits, seed=0, **sampling):
     """One generated token per row of logits (n, vocab): those are the rows' next-token logits."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.zeros(logits.shape[0], 1, dtype=torch.long)
-    return generate(Scripted(logits[None]), prompt, 1, generator=g, **sampling).tokens[:, 0]
+    return generate(Scripted(logits[None]), prompt, 1, generator=g, **sampling)[:, 0]
 
 
 def test_top_k_samples_only_the_k_largest_logits():
@@ -287,15 +285,15 @@ def test_generation_stops_when_every_row_has_written_a_stop_token():
     not at the first row's stop and not at max_new_tokens."""
     rows = [[1, 2, STOP, 3, 3, 3, 3, 3], [1, 2, 3, 4, STOP, 5, 5, 5]]
     model = Scripted(scripted_rows(rows))
-    gen = generate(model, torch.zeros(2, 3, dtype=torch.long), 8, temperature=0,
-                   stop_tokens=(STOP,))
-    assert gen.tokens.shape == (2, 5)
-    assert torch.equal(gen.tokens[1], torch.tensor(rows[1][:5]))
-    assert gen.tokens[0, 2] == STOP
+    tokens = generate(model, torch.zeros(2, 3, dtype=torch.long), 8, temperature=0,
+                      stop_tokens=(STOP,))
+    assert tokens.shape == (2, 5)
+    assert torch.equal(tokens[1], torch.tensor(rows[1][:5]))
+    assert tokens[0, 2] == STOP
     assert model.decoded == 4  # nothing is fed after the last stop token
     without = generate(Scripted(scripted_rows(rows)), torch.zeros(2, 3, dtype=torch.long), 8,
                        temperature=0)
-    assert torch.equal(without.tokens, torch.tensor(rows))
+    assert torch.equal(without, torch.tensor(rows))
 
 
 # -----------------------------------------------------------------------------
@@ -457,16 +455,16 @@ def test_cli_threads_sets_torchs_thread_count(ckpt_dir, capsys, monkeypatch):
 
 def test_cli_refuses_a_request_over_the_memory_limit_before_allocating(ckpt_dir, tmp_path, capsys,
                                                                        monkeypatch):
-    """1,000 rows of 20 positions of the test model need about 8 MB (KV cache 4.1 MB, logits
-    4.1 MB): refused under --memory_limit_mb 1, and under the default limit (half the memory
+    """1,000 rows of 20 positions of the test model need about 8.8 MB (KV cache 4.1 MB, logits
+    4.1 MB, each row's prefill 0.5 MB): refused under --memory_limit_mb 1, and under the default limit (half the memory
     available) when 10 MB are; 4 rows fit. --batch_size x --num_samples rows count alike."""
-    real_turn = Session.turn
-    monkeypatch.setattr(Session, "turn", lambda *a, **k: pytest.fail("generated anyway"))
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("generated anyway"))
     flags = ["--out_dir", ckpt_dir, "--max_new_tokens", 20]
     code, out, err = run_main(capsys, monkeypatch, *flags, "--num_samples", 1000,
                               "--memory_limit_mb", 1)
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith("error: this request needs about 8.2 MB (1,000 rows: 1 prompt(s) x "
+    assert err.startswith("error: this request needs about 8.8 MB (1,000 rows: 1 prompt(s) x "
                           "--num_samples 1000, of up to 20 positions") and \
         "over its limit of 1.0 MB (--memory_limit_mb)" in err
     monkeypatch.setattr(sample, "available_memory", lambda device: 10e6)
@@ -476,7 +474,7 @@ def test_cli_refuses_a_request_over_the_memory_limit_before_allocating(ckpt_dir,
     code, out, err = run_main(capsys, monkeypatch, *flags, "--prompts", tmp_path / "p.txt",
                               "--batch_size", 40, "--num_samples", 50)
     assert code == 2 and "(2,000 rows: 40 prompt(s) x --num_samples 50, of up to 23" in err
-    monkeypatch.setattr(Session, "turn", real_turn)
+    monkeypatch.setattr(sample, "generate", real_generate)
     code, out, err = run_main(capsys, monkeypatch, *flags, "--num_samples", 4,
                               "--memory_limit_mb", 1)
     assert code == 0, err
@@ -508,6 +506,7 @@ def test_cli_ctrl_c_exits_130_with_one_line(ckpt_dir, capsys, monkeypatch, chat)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(Session, "turn", interrupted)
+    monkeypatch.setattr(sample, "generate", interrupted)
     code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--max_new_tokens", 5,
                               *(["--chat"] if chat else []), stdin="hello\n")
     assert code == 130 and out == ""
@@ -606,7 +605,7 @@ def test_span_model_fills_a_sentinel_t5_style():
     torch.manual_seed(0)
     model = build_model("encdec", tiny()).eval()
     prompt = torch.randint(0, n_vocab, (2, 7))
-    gen = generate(model, prompt, 6, temperature=0, span_sentinel=n_vocab, eot=eot)
+    gen = Session(model, span_sentinel=n_vocab, eot=eot).turn(prompt, 6, temperature=0, last=True)
     sentinel = torch.full((2, 1), n_vocab)
     dec_x = torch.cat([torch.full((2, 1), eot), sentinel, gen.tokens[:, :-1]], 1)
     with torch.no_grad():
@@ -630,7 +629,7 @@ def test_cli_prompts_file_prints_each_prompt_in_input_order(ckpt_dir, tmp_path, 
     assert "[prompts 1-3] 3 rows, prompt 1 to 21 tokens" in out and "[prompt 4] prompt 30" in out
 
 
-def test_cli_num_samples_prefill_once(ckpt_dir, capsys, monkeypatch):
+def test_cli_num_samples_are_rows_of_the_batch(ckpt_dir, capsys, monkeypatch):
     code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--prompt", "ROMEO:",
                               "--max_new_tokens", 10, "--temperature", 0, "--num_samples", 3,
                               "--stats")

@@ -1,13 +1,17 @@
 """Serving: a batch of prompts of different lengths gives each row what it gets alone (tokens and
-logits, one turn and two), --num_samples shares one prefill, cache bytes follow DESIGN.md
-section 3 for batches, and sample.py's --prompts is safe."""
+logits, one turn and two), cache bytes follow DESIGN.md section 3 for batches and are known
+before a request is allocated."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-import cache
+from generate import generate, lengths
 from model import ARCHS, ModelConfig, build_model
-from generate import Session, generate
+from serve import memory
+from serve.cache import padded_batch
+from serve.session import Session
 
 V = 41
 SPAN = V - 5  # span models: the last ids play the sentinels, eot just before them
@@ -56,10 +60,30 @@ def assert_rows_equal_alone(batched, alone):
         assert (logits[:n, b] - l1[:n, 0]).abs().max() < 1e-5, b
 
 
+def one_turn(model, prompts, span, logged, **kw):
+    """One greedy turn for a batch of prompts of any lengths, the way sample.py generates it:
+    generate.generate on a cache that knows the padding (serve.cache.padded_batch), or T5-style
+    through a Session for a span model. Returns (tokens and each row's length, the logits of
+    every step (steps, B, V))."""
+    logged.clear()
+    if span:
+        gen = Session(model, **span).turn(prompts, temperature=0, last=True, **kw)
+        tokens, n, cache = gen.tokens, gen.lengths, gen.cache
+    else:
+        idx, cache = padded_batch(model, prompts)
+        stops = kw.get("stop_tokens", ())
+        tokens = generate(model, idx, kw["max_new_tokens"], temperature=0, cache=cache,
+                          stop_tokens=stops)
+        n = lengths(tokens, stops) if stops else [tokens.shape[1]] * len(tokens)
+    return SimpleNamespace(tokens=tokens, lengths=n, cache=cache), \
+        torch.stack(logged) if logged else None
+
+
 def stops_for(model, prompts, span):
-    """A stop token that some rows write (then feed padding while the others go on) and some do
-    not."""
-    alone = [generate(model, [p], 8, temperature=0, **span).tokens[0].tolist() for p in prompts]
+    """A stop token that some rows write (then go on or feed padding while the others go on) and
+    some do not."""
+    alone = [one_turn(model, [p], span, [], max_new_tokens=8)[0].tokens[0].tolist()
+             for p in prompts]
     for t in sorted({t for row in alone for t in row}):
         if any(t in row[:-1] for row in alone) and not all(t in row for row in alone):
             return (t,)
@@ -72,10 +96,9 @@ def test_batch_of_different_lengths_equals_each_alone(arch, objective, logged):
     span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
     prompts = prompts_of([5, 1, 9, 3])
     stops = stops_for(model, prompts, span)
-    batched = turn_and_logits(Session(model, **span), prompts, logged, max_new_tokens=8,
-                              stop_tokens=stops)
-    alone = [turn_and_logits(Session(model, **span), [p], logged, max_new_tokens=8,
-                             stop_tokens=stops) for p in prompts]
+    batched = one_turn(model, prompts, span, logged, max_new_tokens=8, stop_tokens=stops)
+    alone = [one_turn(model, [p], span, logged, max_new_tokens=8, stop_tokens=stops)
+             for p in prompts]
     assert_rows_equal_alone(batched, alone)
     assert min(batched[0].lengths) < 8 == max(batched[0].lengths)  # some rows stopped early
 
@@ -83,7 +106,8 @@ def test_batch_of_different_lengths_equals_each_alone(arch, objective, logged):
 @pytest.mark.parametrize("arch, objective", CASES)
 def test_two_turn_batched_session_equals_per_row_sessions(arch, objective, logged):
     """Left padding of the second turn sits in the middle of the rows; the rows' columns run past
-    block_size (the cache grows) while each row's positions stay inside it."""
+    block_size (the cache grows) while each row's positions stay inside it. A row that stopped
+    feeds padding, so that its next turn starts where it would alone."""
     model = model_of(arch, block_size=20)
     span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
     first, second = prompts_of([8, 1, 4]), prompts_of([1, 8, 3], seed=2)
@@ -98,16 +122,17 @@ def test_two_turn_batched_session_equals_per_row_sessions(arch, objective, logge
         alone.append(turn_and_logits(s, [q], logged, max_new_tokens=4, stop_tokens=stops))
     assert_rows_equal_alone(batched, alone)
     if objective is None and arch != "encdec":  # dec and bdd keep one cache across the turns
-        assert batch.cache.width > 20 and batch.cache.layers[0].capacity > 20
+        assert batch.cache.columns.width > 20 and batch.cache.decoder.layers[0].k.shape[2] > 20
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_a_tensor_batch_takes_the_unpadded_path(arch):
+def test_prompts_of_one_length_need_no_padding_mask(arch):
     """Equal lengths (a (B, P) tensor, or a list of equal rows) need no padding mask at all."""
     model = model_of(arch)
-    gen = generate(model, torch.stack(prompts_of([6, 6])), 5, temperature=0)
-    assert gen.cache.valid is None
-    assert generate(model, prompts_of([6, 3]), 5, temperature=0).cache.valid is not None
+    assert Session(model).turn(torch.stack(prompts_of([6, 6])), 5, temperature=0) \
+        .cache.columns.valid is None
+    assert Session(model).turn(prompts_of([6, 3]), 5, temperature=0).cache.columns.valid \
+        is not None
 
 
 def positions_held(arch, cfg, P, G):
@@ -115,73 +140,40 @@ def positions_held(arch, cfg, P, G):
     return cfg.n_layer * (P + G) if arch == "dec" else cfg.n_dec_layer * ((P - 1) + (1 + G))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_num_samples_share_one_prefill(arch, logged):
-    model = model_of(arch)
-    prompt = prompts_of([7])
-    greedy = generate(model, prompt, 6, temperature=0, num_samples=3)
-    assert len(logged) == 6 and logged[0].shape[0] == 3  # one prefill, copied into 3 rows
-    assert all(torch.equal(row, greedy.tokens[0]) for row in greedy.tokens)
-    assert torch.equal(greedy.tokens[:1], generate(model, prompt, 6, temperature=0).tokens)
-    seeded = [generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(3),
-                       num_samples=4).tokens for _ in range(2)]
-    assert torch.equal(seeded[0], seeded[1])
-    assert len({tuple(r.tolist()) for r in seeded[0]}) > 1  # independent samples
-
-
-@pytest.mark.parametrize("arch, objective", CASES)
-def test_num_samples_of_prompts_of_different_lengths_equal_each_prompt_alone(arch, objective,
-                                                                            logged):
-    """Rows b * n .. b * n + n - 1 continue prompt b: the prefill's cache is copied row by row
-    (interleaved), not the whole batch n times over (tiled), which would give row 1 the cache of
-    prompt 1 and the logits of prompt 0. Greedy, so that every sample of a prompt is its tokens
-    alone; a stop token makes some rows feed padding."""
-    model = model_of(arch)
-    span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
-    prompts, n = prompts_of([5, 1, 9]), 3
-    stops = stops_for(model, prompts, span)
-    batched = turn_and_logits(Session(model, **span), prompts, logged, max_new_tokens=8,
-                              stop_tokens=stops, num_samples=n)
-    alone = [turn_and_logits(Session(model, **span), [p], logged, max_new_tokens=8,
-                             stop_tokens=stops) for p in prompts]
-    assert_rows_equal_alone(batched, [one for one in alone for _ in range(n)])
-
-
 @pytest.mark.parametrize("arch, objective, kw", [(arch, None, {}) for arch in ARCHS] + [
     ("encdec", "span", {}), ("dec", None, dict(n_layer=5, kv_share=2, n_head=4, n_kv_head=2)),
     ("bdd", None, dict(n_head=4, n_kv_head=1))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_cache_a_request_needs_is_known_before_it_is_allocated(arch, objective, kw, dtype):
-    """cache.bytes_after, from the model's shape alone, is every byte of K/V that the cache of
-    a one-turn request holds after its last step, its 16-column growth included: what sample.py
-    weighs against its memory limit before it allocates anything. (The rest a cache holds is a
-    byte per column and row saying which are real, where some row stopped: span models.)"""
+    """serve.memory.bytes_after, from the model's shape alone, is every byte of K/V that the
+    cache of a one-turn request holds after its last step, its 16-column growth included: what
+    sample.py weighs against its memory limit before it allocates anything. (The rest a cache
+    holds is a byte per column and row saying which are real, where some row stopped: span
+    models.)"""
     model = model_of(arch, **kw)
     span = dict(span_sentinel=SPAN, eot=SPAN - 1) if objective else {}
-    for P, G, n in ((1, 1, 1), (7, 10, 3), (16, 17, 2), (29, 11, 1)):
+    for P, G, rows in ((1, 1, 1), (7, 10, 6), (16, 17, 4), (29, 11, 2)):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            gen = generate(model, torch.stack(prompts_of([P, P])), G, temperature=0,
-                           num_samples=n, **span)
-        need = cache.bytes_after(model, 2 * n, P, G, dtype.itemsize, span=bool(objective))
-        valid = 0 if gen.cache.valid is None else gen.cache.valid.numel()
-        assert gen.cache.nbytes()["held"] == {"cpu": need + valid}, (P, G, n)
+            gen, _ = one_turn(model, prompts_of([P] * rows), span, [], max_new_tokens=G)
+        need = memory.bytes_after(model, rows, P, G, dtype.itemsize, span=bool(objective))
+        valid = sum(t.numel() for t in gen.cache.tensors() if t.dtype == torch.bool)
+        assert memory.nbytes(gen.cache)["held"] == {"cpu": need + valid}, (P, G, rows)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cache_bytes_of_a_padded_batch_follow_the_formula(arch):
     """DESIGN.md section 3 for a batch: every row holds the longest prompt's columns (padding is
-    held memory), and num_samples copies are held too: rows x the one-row formula. bdd's encoder
-    cache is held by a session that keeps it, not by one-turn generation."""
+    held memory): rows x the one-row formula. bdd's encoder cache is held by a session that
+    keeps it, not by one-turn generation."""
     cfg = tiny()
     model = model_of(arch)
     per_position = 2 * cfg.n_embd * 4  # K and V, float32
-    for lengths, n in (([4, 9, 1], 1), ([4, 9], 3), ([6], 5)):
-        rows, P, G = len(lengths) * n, max(lengths), 4  # 5 new tokens: 4 decode steps
+    for lengths in ([4, 9, 1], [4, 9, 4, 9, 4, 9], [6] * 5):
+        rows, P, G = len(lengths), max(lengths), 4  # 5 new tokens: 4 decode steps
         prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
-        for gen, kept in ((generate(model, prompts_of(lengths), 5, temperature=0,
-                                    num_samples=n), 0),
+        for gen, kept in ((one_turn(model, prompts_of(lengths), {}, [], max_new_tokens=5)[0], 0),
                           (Session(model, prefix_cache="keep").turn(
-                              prompts_of(lengths), 5, temperature=0, num_samples=n), prefix)):
-            nbytes = gen.cache.nbytes()
-            assert nbytes["decode"] == rows * positions_held(arch, cfg, P, G) * per_position
-            assert nbytes["prefix"] == rows * kept * per_position
+                              prompts_of(lengths), 5, temperature=0), prefix)):
+            held = memory.nbytes(gen.cache)
+            assert held["decode"] == rows * positions_held(arch, cfg, P, G) * per_position
+            assert held["prefix"] == rows * kept * per_position
