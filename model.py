@@ -110,6 +110,38 @@ def flex_attention(q, k, v, block_mask, gqa):
     return run(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm, with a fast path on the CPU, where torch composes it of many small kernels (a
+    quarter of a training step at the CPU preset, a quarter of a decode step): the same math in
+    fewer passes, and for training an autograd function whose backward is written by hand. The
+    same function (tests/test_model.py)."""
+
+    def forward(self, x):
+        if not x.is_cpu or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+            return super().forward(x)  # the plain path (fused on CUDA, traced when compiled)
+        eps = self.eps or torch.finfo(x.dtype).eps
+        if torch.is_grad_enabled():
+            return RMSNormFunction.apply(x, self.weight, eps)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * self.weight
+
+
+class RMSNormFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # 1 / rms, (..., 1)
+        normed = x * r
+        ctx.save_for_backward(normed, weight, r)
+        return normed * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, weight, r = ctx.saved_tensors
+        g = grad * weight  # the gradient at normed; normed = x * r has the Jacobian below
+        grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)).mul_(r)
+        return grad_x, (grad * normed).flatten(0, -2).sum(0), None
+
+
 class Rotary(nn.Module):
     """RoPE: cos and sin tables for positions 0..block_size-1."""
 
@@ -137,32 +169,50 @@ def rotate(x, rope):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with its query and K/V projections apart, so that the K/V projection
-    can read a second source (bdd: the encoder's states; encdec: the encoder output). n_kv_head
-    K/V heads (GQA). project_kv=False: a cross-layer-attention follower, which attends to the K/V
-    its group's first layer projected and has no K/V projection of its own."""
+    """Multi-head attention whose one input projection c_attn makes the queries, keys and values
+    of its input in one matrix product; its K/V rows alone project a second source (bdd: the
+    encoder's states; encdec: the encoder output). n_kv_head K/V heads (GQA). project_kv=False:
+    a cross-layer-attention follower, with query rows only, which attends to the K/V of its
+    group's first layer."""
 
     def __init__(self, config, project_kv=True):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_size = config.n_embd // config.n_head
-        kv_width = 2 * self.n_kv_head * self.head_size
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_kv = nn.Linear(config.n_embd, kv_width, bias=config.bias) if project_kv else None
+        kv_width = 2 * self.n_kv_head * self.head_size if project_kv else 0
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def heads(self, x, n):  # (B, T, n * hs) -> (B, n, T, hs)
+    def project(self, x, rope):
+        """The queries (B, nh, T, hs) of x and, unless a follower, its keys and values
+        (B, nh_kv, T, hs): one matrix product, then RoPE on the queries and keys at once."""
         B, T, _ = x.shape
-        return x.view(B, T, n, self.head_size).transpose(1, 2)
+        n = self.c_attn.out_features // self.head_size  # heads: nh queries (+ nh_kv K and V)
+        heads = self.c_attn(x).view(B, T, n, self.head_size).transpose(1, 2)
+        if n == self.n_head:
+            return rotate(heads, rope), None
+        qk, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        q, k = rotate(qk, rope).split([self.n_head, self.n_kv_head], dim=1)
+        return q, (k, v)
 
     def queries(self, x, rope):
-        return rotate(self.heads(self.c_q(x), self.n_head), rope)
+        """The queries of x alone (encdec's cross-attention), through the query rows."""
+        return rotate(self.rows(x, 0, self.n_head), rope)
 
     def keys_values(self, x, rope):
-        k, v = self.c_kv(x).chunk(2, dim=-1)
-        return rotate(self.heads(k, self.n_kv_head), rope), self.heads(v, self.n_kv_head)
+        """k, v (B, nh_kv, T, hs) of a second source, through the K/V rows."""
+        k, v = self.rows(x, self.n_head, self.n_head + 2 * self.n_kv_head).chunk(2, dim=1)
+        return rotate(k, rope), v
+
+    def rows(self, x, first, end):
+        """Heads first..end-1 of c_attn's output, (B, end - first, T, hs)."""
+        B, T, _ = x.shape
+        rows = slice(first * self.head_size, end * self.head_size)
+        bias = None if self.c_attn.bias is None else self.c_attn.bias[rows]
+        y = F.linear(x, self.c_attn.weight[rows], bias)
+        return y.view(B, T, end - first, self.head_size).transpose(1, 2)
 
     def forward(self, q, k, v, mask):
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
@@ -188,9 +238,9 @@ class Block(nn.Module):
 
     def __init__(self, config, project_kv=True):
         super().__init__()
-        self.ln_1 = nn.RMSNorm(config.n_embd)
+        self.ln_1 = RMSNorm(config.n_embd)
         self.attn = Attention(config, project_kv)
-        self.ln_2 = nn.RMSNorm(config.n_embd)
+        self.ln_2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x, rope, mask, cache=None, kv=None):
@@ -201,12 +251,10 @@ class Block(nn.Module):
         """cache: this layer's KV cache (or bdd training's MemoryKV), which the layer's K/V are
         appended to, and all of which is attended to; kv: the K/V of its cross-layer-attention
         group's first layer, attended to instead of projecting its own."""
-        h = self.ln_1(x)
+        q, own = self.attn.project(self.ln_1(x), rope)
         if kv is None:
-            kv = self.attn.keys_values(h, rope)
-            if cache is not None:
-                kv = cache.update(*kv)
-        return x + self.attn(self.attn.queries(h, rope), *kv, mask), kv
+            kv = own if cache is None else cache.update(*own)
+        return x + self.attn(q, *kv, mask), kv
 
 
 class CrossBlock(Block):
@@ -216,7 +264,7 @@ class CrossBlock(Block):
 
     def __init__(self, config):
         super().__init__(config)
-        self.ln_cross = nn.RMSNorm(config.n_embd)
+        self.ln_cross = RMSNorm(config.n_embd)
         self.cross = Attention(config)
 
     def forward(self, x, rope, mask, source_kv, source_mask, cache=None):
@@ -318,7 +366,7 @@ class LM(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
-        self.ln_f = nn.RMSNorm(config.n_embd)
+        self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
 
@@ -409,7 +457,7 @@ class BlockDoubleDecoder(LM):
     def __init__(self, config):
         super().__init__(config)
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
-        self.ln_enc = nn.RMSNorm(config.n_embd)  # the one parameter vector dec does not have
+        self.ln_enc = RMSNorm(config.n_embd)  # the one parameter vector dec does not have
         self.decoder = nn.ModuleList(Block(config) for _ in range(config.n_dec_layer))
         self.init_weights()
 
@@ -485,7 +533,7 @@ class EncoderDecoder(LM):
     def __init__(self, config):
         super().__init__(config)
         self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_enc_layer))
-        self.ln_enc = nn.RMSNorm(config.n_embd)
+        self.ln_enc = RMSNorm(config.n_embd)
         self.decoder = nn.ModuleList(CrossBlock(config) for _ in range(config.n_dec_layer))
         self.init_weights()
 

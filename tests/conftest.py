@@ -54,10 +54,8 @@ def sharpen(model, gain=2.0):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-            if name.endswith("c_q.weight"):
-                p.mul_(gain)
-            if name.endswith("c_kv.weight"):  # its first half of output rows makes the keys
-                p[: p.shape[0] // 2].mul_(gain)
+            if name.endswith("c_attn.weight"):  # rows: queries (n_embd), keys, values
+                p[: p.shape[1] + (p.shape[0] - p.shape[1]) // 2].mul_(gain)
         model.wte.weight.normal_(0.0, 1.0)
     return model.double()
 

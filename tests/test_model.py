@@ -266,18 +266,20 @@ def test_cla_layers_after_the_first_of_a_group_have_no_kv_projection(n_layer, k)
     followers = n_layer - math.ceil(n_layer / k)
     assert build_model("dec", tiny(n_layer=n_layer, n_embd=32)).num_params() - \
         shared.num_params() == followers * kv_params(cfg)
-    assert [b.attn.c_kv is None for b in shared.blocks] == [i % k > 0 for i in range(n_layer)]
+    assert [b.attn.c_attn.out_features == cfg.n_embd for b in shared.blocks] == \
+        [i % k > 0 for i in range(n_layer)]
 
 
 def repeat_kv_heads(state, cfg):
     """A GQA model's weights as an MHA model's (n_kv_head = n_head): each K/V head's rows of the
-    K/V projections copied for each of the query heads that read it."""
-    hs, g = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head
+    input projections (after the query rows) copied for each of the query heads that read it."""
+    hs, g, C = cfg.n_embd // cfg.n_head, cfg.n_head // cfg.n_kv_head, cfg.n_embd
     out = {}
     for name, w in state.items():
-        if ".c_kv." in name:
-            halves = w.view(2, cfg.n_kv_head, hs, *w.shape[1:])  # (K|V, head, hs, in)
-            w = halves.repeat_interleave(g, dim=1).reshape(2 * cfg.n_head * hs, *w.shape[1:])
+        if ".c_attn." in name:
+            halves = w[C:].reshape(2, cfg.n_kv_head, hs, *w.shape[1:])  # (K|V, head, hs, in)
+            kv = halves.repeat_interleave(g, dim=1).reshape(2 * cfg.n_head * hs, *w.shape[1:])
+            w = torch.cat([w[:C], kv])
         out[name] = w
     return out
 
@@ -369,3 +371,28 @@ def test_too_long_row_is_refused():
     model = build_model("dec", tiny(block_size=8))
     with pytest.raises(IndexError):  # config.py refuses such rows before they are built
         model({"x": torch.zeros(1, 9, dtype=torch.long)})
+
+
+def test_the_fast_rmsnorm_is_torchs():
+    """model.RMSNorm's CPU paths (for training, a hand-written backward) give nn.RMSNorm's
+    values and gradients, of the input and of the weight."""
+    torch.manual_seed(0)
+    fast, plain = M.RMSNorm(16).double(), torch.nn.RMSNorm(16).double()
+    with torch.no_grad():
+        fast.weight.normal_()
+        plain.weight.copy_(fast.weight)
+    x = torch.randn(3, 5, 16, dtype=torch.double) * 3
+    grad = torch.randn(3, 5, 16, dtype=torch.double)
+    results = []
+    for norm in (fast, plain):
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, norm.weight.grad))
+    for a, b in zip(*results):
+        assert (a - b).abs().max() < 1e-12
+    with torch.no_grad():  # inference takes the same math without the autograd function
+        assert (fast(x) - plain(x)).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(lambda x, w: M.RMSNormFunction.apply(x, w, 1e-6),
+                                    (x[:1, :2].requires_grad_(), fast.weight.detach().clone()
+                                     .requires_grad_()))
