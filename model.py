@@ -431,6 +431,7 @@ class DecoderOnly(LM):
     def layers(self, x, rope, mask, cache=None):
         """x (B, T, C) through the n_layer layers. The first layer of each group of kv_share
         projects K/V (into its cache, if any); the others attend to the K/V it attended to."""
+        kv = None
         for i, block in enumerate(self.blocks):
             first = i % self.config.kv_share == 0
             layer = None if cache is None or not first else cache.layers[i // self.config.kv_share]

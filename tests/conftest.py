@@ -61,6 +61,27 @@ def sharpen(model, gain=2.0):
 
 
 @pytest.fixture
+def leaky_masks(monkeypatch):
+    """bdd's masks made to leak: the dense mask lets every row see its whole row (wherever the
+    model or a test builds it), and the block-by-block path lets each block see all of itself.
+    A leak check must catch both."""
+    import mask
+    import model
+    bdd_mask = mask.bdd_mask
+
+    def leaky_bdd_mask(ids, flex=False):
+        return torch.ones_like(bdd_mask(ids, flex))
+
+    class LeakyLayout(mask.BlockLayout):
+        def __init__(self, ids):
+            super().__init__(ids)
+            self.masks = [torch.ones(e - s, e, dtype=torch.bool) for s, e in self.spans]
+    for module in (mask, model):
+        monkeypatch.setattr(module, "bdd_mask", leaky_bdd_mask)
+    monkeypatch.setattr(model, "BlockLayout", LeakyLayout)
+
+
+@pytest.fixture
 def sharp():
     """sharpen(model): see there."""
     return sharpen

@@ -15,7 +15,6 @@ import torch
 
 from corpus import prepare as corpus
 import mask
-import model as M
 import pack
 from corpus import sources
 from model import build_model
@@ -250,20 +249,9 @@ def test_no_strategy_leaks_the_future(sharp_bdd, strategy, dense):
 
 
 @pytest.mark.parametrize("strategy", pack.BOUNDARIES)
-def test_the_leak_check_catches_a_leaky_mask(sharp_bdd, monkeypatch, strategy):
+def test_the_leak_check_catches_a_leaky_mask(sharp_bdd, leaky_masks, strategy):
     """Let each block see all of itself (block by block) or every row see its whole row (dense):
     the check above reports leaks, for every strategy's layouts."""
-    bdd_mask = mask.bdd_mask
-
-    def leaky_bdd_mask(ids, flex=False):
-        return torch.ones_like(bdd_mask(ids, flex))
-
-    class LeakyLayout(mask.BlockLayout):
-        def __init__(self, ids):
-            super().__init__(ids)
-            self.masks = [torch.ones(e - s, e, dtype=torch.bool) for s, e in self.spans]
-    monkeypatch.setattr(mask, "bdd_mask", leaky_bdd_mask)
-    monkeypatch.setattr(M, "BlockLayout", LeakyLayout)
     batch = strategy_batch(strategy)
     with torch.no_grad():
         for dense in (False, True):

@@ -69,18 +69,9 @@ def test_no_leak_from_future_tokens(arch, kw):
         assert leaked_position(arch, model, random.Random(0), per_row=per_row) is None
 
 
-def test_leak_check_catches_a_wrong_mask(monkeypatch):
+def test_leak_check_catches_a_wrong_mask(leaky_masks):
     """The check above can fail: let the BDD decoder see its whole row (per-row layouts) or its
     whole block (a shared layout) and it reports a leak."""
-    def leaky_bdd_mask(ids, flex=False):
-        return torch.ones_like(bdd_mask(ids, flex))
-
-    class LeakyLayout(mask.BlockLayout):
-        def __init__(self, ids):
-            super().__init__(ids)
-            self.masks = [torch.ones(e - s, e, dtype=torch.bool) for s, e in self.spans]
-    monkeypatch.setattr(M, "bdd_mask", leaky_bdd_mask)
-    monkeypatch.setattr(M, "BlockLayout", LeakyLayout)
     torch.manual_seed(0)
     model = build_model("bdd", tiny()).eval()
     for per_row in (True, False):
