@@ -18,7 +18,6 @@ Ratios are of medians measured in the same run; absolute times depend on the mac
 """
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -60,10 +60,10 @@ def test_every_policy_equals_the_uncached_forward(arch, kw, policy, lengths, sha
         for (_, logits, _), s in zip(turns, starts):
             assert (logits[:, b] - ref[s:s + G]).abs().max() < 1e-9, (b, s)
     if arch == "bdd":
-        for t, (gen, _, (block_start, nbytes)) in enumerate(turns):
+        for t, (gen, _, (block_start, held)) in enumerate(turns):
             whole = gen.encoded == block_start  # every column before the block
             assert whole == (t == 0 or policy == "drop"), (t, gen.encoded, block_start)
-            assert bool(nbytes["prefix_held"]) == (policy == "keep")
+            assert bool(held["prefix_held"]) == (policy == "keep")
 
 
 def reachable_storages(root):
@@ -136,8 +136,6 @@ def test_one_turn_generation_holds_only_what_decoding_reads(arch, kw):
     """generate()'s cache holds no encoder cache (bdd's encoder runs once over the prompt,
     without one), no token history, no view of either: what is reachable from it is the K/V the
     decode steps read (and, for a padded batch, which columns are padding)."""
-    torch.manual_seed(0)
-    model = build_model(arch, tiny(**kw)).eval()
     for name, cache in caches_to_check(arch, **kw)[:2]:
         read = [cache.layers, cache.cross, getattr(cache, "cross_mask", None)]
         if name.endswith("padded"):

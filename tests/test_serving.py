@@ -168,12 +168,13 @@ def test_cache_bytes_of_a_padded_batch_follow_the_formula(arch):
     cfg = tiny()
     model = model_of(arch)
     per_position = 2 * cfg.n_embd * 4  # K and V, float32
-    for lengths in ([4, 9, 1], [4, 9, 4, 9, 4, 9], [6] * 5):
-        rows, P, G = len(lengths), max(lengths), 4  # 5 new tokens: 4 decode steps
+    for row_lengths in ([4, 9, 1], [4, 9, 4, 9, 4, 9], [6] * 5):
+        rows, P, G = len(row_lengths), max(row_lengths), 4  # 5 new tokens: 4 decode steps
         prefix = cfg.n_enc_layer * (P - 1) if arch == "bdd" else 0
-        for gen, kept in ((one_turn(model, prompts_of(lengths), {}, [], max_new_tokens=5)[0], 0),
+        for gen, kept in ((one_turn(model, prompts_of(row_lengths), {}, [],
+                                    max_new_tokens=5)[0], 0),
                           (Session(model, prefix_cache="keep").turn(
-                              prompts_of(lengths), 5, temperature=0), prefix)):
+                              prompts_of(row_lengths), 5, temperature=0), prefix)):
             held = memory.nbytes(gen.cache)
             assert held["decode"] == rows * positions_held(arch, cfg, P, G) * per_position
             assert held["prefix"] == rows * kept * per_position
