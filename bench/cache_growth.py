@@ -6,16 +6,15 @@ up front, dec and bdd: growing must not make decoding measurably slower.
     python bench/cache_growth.py --threads 2 --rounds 9
     python bench/cache_growth.py --shape gpu --device cuda --dtype bfloat16
 
-"grown" is the library as it is: each KV cache grows cache.CHUNK columns at a time, copying the
-filled ones into the larger buffer. "whole" sets each cache's chunk to block_size before the
-prefill, so its first append allocates every column of the context at once, as a preallocating
-cache does (the library's default is not touched). Fresh models of the preset's shape;
-each measurement is a one-turn generation as generate() runs it (bdd's encoder cache dropped,
-no token history): a prefill of --prompt tokens, then --steps greedy decode steps timed as one
-span, so that the copies on growth (one per CHUNK steps) are inside it; ms per step = span /
-steps. Rounds after a warm-up alternate between the archs and the two caches (their order
-flipped every round); medians count. The bytes each cache holds after the span are printed
-beside it.
+"grown" is the library as it is: each KV cache grows model.CHUNK columns at a time, copying the
+filled ones into the larger buffer. "whole" gives the cache layers (WholeKV) that allocate every
+column of the context on their first append, as a preallocating cache does (the library's
+KVCache is not touched). Fresh models of the preset's shape; each measurement is a one-turn
+generation as generate() runs it (model.new_cache(); bdd's encoder runs without a cache): a
+prefill of --prompt tokens, then --steps greedy decode steps timed as one span, so that the
+copies on growth (one per CHUNK steps) are inside it; ms per step = span / steps. Rounds after
+a warm-up alternate between the archs and the two caches (their order flipped every round);
+medians count. The bytes each cache holds after the span are printed beside it.
 """
 
 import argparse
@@ -27,15 +26,30 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cache import CHUNK  # noqa: E402
-from model import ModelConfig, build_model  # noqa: E402
+from model import CHUNK, KVCache, ModelConfig, build_model  # noqa: E402
 from generate import sample_next  # noqa: E402
+from serve.memory import nbytes  # noqa: E402
 
 SHAPES = {"cpu": dict(vocab_size=257, block_size=256, n_layer=6, n_dec_layer=2, n_head=4,
                       n_embd=128),
           "gpu": dict(vocab_size=50304, block_size=1024, n_layer=12, n_dec_layer=4, n_head=12,
                       n_embd=768)}
 CACHES = ("grown", "whole")
+
+
+class WholeKV(KVCache):
+    """A layer cache that holds block_size columns from its first append on: it never grows."""
+
+    def __init__(self, block_size):
+        super().__init__()
+        self.block_size = block_size
+
+    def grown(self, buffer, like, end):
+        B, nh, _, hs = like.shape
+        new = like.new_empty(B, nh, max(end, self.block_size), hs)
+        if self.length:
+            new[:, :, :self.length] = buffer[:, :, :self.length]
+        return new
 
 
 def sync(device):
@@ -50,19 +64,17 @@ def decode_span(model, kind, batch, prompt_len, steps, seed):
     device = next(model.parameters()).device
     cache = model.new_cache()
     if kind == "whole":
-        for c in cache.layers + cache.prefix:
-            c.chunk = model.config.block_size
+        cache.layers = [WholeKV(model.config.block_size) for _ in cache.layers]
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
-    logits, cache = model.prefill(prompt, cache, prefix_cache="drop")
-    cache.forget_history()  # as generate() does: nothing is kept for another turn
+    logits = model.prefill(prompt, cache)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits, cache = model.decode(sample_next(logits, temperature=0), cache)
+        logits = model.decode(sample_next(logits, temperature=0)[:, None], cache)
     sync(device)
     seconds = time.perf_counter() - t0
-    return 1000 * seconds / steps, cache.nbytes()["held"].get(str(device), 0)
+    return 1000 * seconds / steps, nbytes(cache)["held"].get(str(device), 0)
 
 
 def parse(argv):

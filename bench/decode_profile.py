@@ -43,12 +43,13 @@ def one_round(model, batch, context, steps):
              layers[-1].register_forward_hook(lambda *a: marks.append(time.perf_counter()))]
     try:
         prompt = torch.randint(SHAPE["vocab_size"], (batch, context - steps))
-        logits, cache = model.prefill(prompt)
+        cache = model.new_cache()
+        logits = model.prefill(prompt, cache)
         marks.clear()
         whole = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            logits, cache = model.decode(sample_next(logits, temperature=0), cache)
+            logits = model.decode(sample_next(logits, temperature=0)[:, None], cache)
             whole.append(time.perf_counter() - t0)
     finally:
         for h in hooks:
@@ -60,9 +61,10 @@ def one_round(model, batch, context, steps):
 @torch.no_grad()
 def ops_per_step(model, batch, context):
     """Top-level torch ops one decode step dispatches (sampling included)."""
-    logits, cache = model.prefill(torch.randint(SHAPE["vocab_size"], (batch, context - 1)))
+    cache = model.new_cache()
+    logits = model.prefill(torch.randint(SHAPE["vocab_size"], (batch, context - 1)), cache)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.decode(sample_next(logits, temperature=0), cache)
+        model.decode(sample_next(logits, temperature=0)[:, None], cache)
     return sum(1 for e in prof.events() if e.name.startswith("aten::")
                and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 

@@ -10,12 +10,18 @@
 # 3. tests/test_gpu_paths.py with the slow tests: on the GPU, cached == uncached (float32 and
 #    bf16), FlexAttention == dense masks in bf16 (forward and backward), compiled == eager
 #    training, offload gives keep's tokens and logits with the encoder cache in pinned host
-#    memory, and Cache.nbytes()'s held cuda bytes are what memory_allocated() grew by; and the
-#    same CPU checks as CI.
+#    memory, and serve.memory.nbytes()'s held cuda bytes are what memory_allocated() grew by; and
+#    the same CPU checks as CI.
+# Without a CUDA GPU it runs nothing and exits 1 with one line saying so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'; \
-print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+python - <<'EOF'
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit("bench/gpu_check.sh: no CUDA GPU visible to torch: this check needs one; nothing run")
+print("GPU:", torch.cuda.get_device_name(), "| torch", torch.__version__)
+EOF
 python compare.py --preset gpu --out_dir out/gpu_check --max_iters 200 --eval_interval 100 \
     --warmup_iters 20 --repeats 5 "$@"
 python bench/cache_growth.py --shape gpu --device cuda --dtype bfloat16 --rounds 5

@@ -12,9 +12,11 @@ import torch
 
 import compare
 import config as cfg
+import model as model_py
 import train
 from mask import block_ids
 from model import ARCHS, ModelConfig, build_model
+from serve.memory import nbytes
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bench/gpu_check.sh)")
@@ -116,16 +118,22 @@ def test_compiled_training_equals_eager(corpus, arch, device):
 # -----------------------------------------------------------------------------
 # on the GPU itself
 
+GPU = "cuda"  # the device of the tests below
+
 
 def tiny_model(arch, **kw):
     cfg = ModelConfig(**{**dict(vocab_size=97, block_size=256, n_layer=3, n_dec_layer=1,
                                 n_head=4, n_embd=64), **kw})
     torch.manual_seed(0)
-    return build_model(arch, cfg).cuda()
+    return build_model(arch, cfg).to(GPU)
 
 
 GQA, CLA = dict(n_kv_head=2), dict(kv_share=2)
 OPTIONS = [(arch, kw) for arch in ARCHS for kw in ({}, GQA)] + [("dec", CLA)]
+# The archs whose training forward takes FlexAttention block masks under flex=True: bdd's decoder
+# (the doubly-causal mask), encdec's encoder and cross-attention over a padded source. Causal
+# self-attention (dec, the bdd encoder, encdec's decoder) is SDPA's causal kernel either way.
+FLEX_OPTIONS = [(arch, kw) for arch, kw in OPTIONS if arch != "dec"]
 
 
 @needs_cuda
@@ -136,8 +144,9 @@ def test_cached_equals_uncached_on_cuda(arch, kw, dtype, tol):
     prompt's last token), under the dtype's autocast; with GQA, and CLA on dec."""
     from test_sample import V, forward_logits, run_session
     model = tiny_model(arch, vocab_size=V, **kw).eval()
-    full = torch.randint(0, V, (2, 60), device="cuda")
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+    full = torch.randint(0, V, (2, 60), device=GPU)
+    with torch.no_grad(), torch.autocast(torch.device(GPU).type, dtype=dtype,
+                                         enabled=dtype != torch.float32):
         cached, starts, _ = run_session(model, full, [(40, 19)])
         ref = forward_logits(arch, model, full, starts)
     span = slice(39, 59)
@@ -146,26 +155,36 @@ def test_cached_equals_uncached_on_cuda(arch, kw, dtype, tol):
 
 @needs_cuda
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("arch, kw", OPTIONS)
-def test_flex_equals_dense_on_cuda_in_bf16(arch, kw, shared):
-    """Compiled FlexAttention block masks against the dense masks, forward and backward, in bf16;
-    with GQA, and CLA on dec."""
+@pytest.mark.parametrize("arch, kw", FLEX_OPTIONS)
+def test_flex_equals_dense_on_cuda_in_bf16(arch, kw, shared, monkeypatch):
+    """Compiled FlexAttention block masks against the dense masks (bdd: its block-by-block
+    layout), forward and backward, in bf16; with GQA. encdec's source is padded (shared: every
+    row the same length), so that its encoder and cross-attention take block masks; the flex model
+    really runs FlexAttention, the dense one never."""
     dense, flex = tiny_model(arch, **kw), tiny_model(arch, flex=True, **kw)
     flex.load_state_dict(dense.state_dict())
     B, T = 4, 256
-    x = torch.randint(0, 97, (B, T), device="cuda")
+    x = torch.randint(0, 97, (B, T), device=GPU)
     ids = block_ids(T, [40, 100, 101, 200])
-    batch = {"x": x, "y": x.roll(-1, 1), "block_ids": (ids if shared else ids.expand(B, T)).cuda(),
-             "enc_x": x[:, :100], "dec_x": x[:, 100:], "y_dec": x[:, 100:].roll(-1, 1)}
+    source_lengths = torch.tensor([70] * B if shared else [100, 70, 1, 99], device=GPU)
+    batch = {"x": x, "y": x.roll(-1, 1), "block_ids": (ids if shared else ids.expand(B, T)).to(GPU),
+             "enc_x": x[:, :100], "dec_x": x[:, 100:], "y_dec": x[:, 100:].roll(-1, 1),
+             "enc_mask": torch.arange(100, device=GPU) < source_lengths[:, None]}
     if arch == "encdec":
         batch["y"] = batch.pop("y_dec")
-    results = []
+    flex_calls = []
+    real_flex = model_py.flex_attention
+    monkeypatch.setattr(model_py, "flex_attention",
+                        lambda *a: (flex_calls.append(1), real_flex(*a))[1])
+    results, calls = [], []
     for model in (dense, flex):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(GPU).type, dtype=torch.bfloat16):
             logits, loss = model(batch)
         loss.backward()
+        calls.append(len(flex_calls))
         results.append((logits.float(), torch.cat([p.grad.flatten() for p in model.parameters()
                                                    if p.grad is not None])))
+    assert calls[0] == 0 and calls[1] > 0, calls
     (a, ga), (b, gb) = results
     assert (a - b).abs().max() < 0.1
     assert (ga - gb).norm() < 0.05 * ga.norm()
@@ -180,24 +199,24 @@ def test_offloaded_prefix_cache_gives_the_uncached_logits_on_cuda(arch):
     from test_sample import V, forward_logits, run_session
     model = tiny_model(arch, vocab_size=V).eval()
     turns = [(30, 9), (20, 9), (25, 9)]
-    full = torch.randint(0, V, (2, sum(p + d + 1 for p, d in turns) - 1), device="cuda")
+    full = torch.randint(0, V, (2, sum(p + d + 1 for p, d in turns) - 1), device=GPU)
     with torch.no_grad():
         cached, starts, cache = run_session(model, full, turns, prefix_cache="offload")
         ref = forward_logits(arch, model, full, starts)
     fed = [i for s, (p, d) in zip(starts, turns) for i in range(s, s + d + 1)]
     assert (cached[:, fed] - ref[:, fed]).abs().max() < 1e-4
-    nbytes = cache.nbytes()
-    on_host = [t for c in cache.prefix for t in c.tensors()]
+    held = nbytes(cache)
+    on_host = cache.encoder_tensors()  # bdd's encoder cache; none for dec and encdec
     assert all(t.device.type == "cpu" and t.is_pinned() for t in on_host)
     assert bool(on_host) == (arch == "bdd")
-    assert nbytes["prefix_held"] == ({"cpu": nbytes["prefix"]} if arch == "bdd" else {})
-    assert nbytes["held"].get("cpu", 0) == nbytes["prefix"]  # nothing else is on the host
+    assert held["prefix_held"] == ({"cpu": held["prefix"]} if arch == "bdd" else {})
+    assert held["held"].get("cpu", 0) == held["prefix"]  # nothing else is on the host
 
 
 @needs_cuda
 def test_offload_session_writes_what_keep_writes_on_cuda():
     """A padded batch, three greedy turns: the same tokens under keep, drop and offload."""
-    from generate import Session
+    from serve.session import Session
     model = tiny_model("bdd").eval()
     g = torch.Generator().manual_seed(0)
     prompts = [[torch.randint(0, 97, (n,), generator=g) for n in lengths]
@@ -205,7 +224,7 @@ def test_offload_session_writes_what_keep_writes_on_cuda():
     tokens = {}
     for policy in ("keep", "drop", "offload"):
         session = Session(model, prefix_cache=policy)
-        tokens[policy] = [session.turn([p.cuda() for p in turn], 6, temperature=0).tokens
+        tokens[policy] = [session.turn([p.to(GPU) for p in turn], 6, temperature=0).tokens
                           for turn in prompts]
     for policy in ("drop", "offload"):
         assert all(torch.equal(a, b) for a, b in zip(tokens["keep"], tokens[policy])), policy
@@ -234,33 +253,39 @@ def allocated_growth(run):
 @pytest.mark.parametrize("policy", ["generate", "keep", "drop", "offload"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_held_bytes_are_what_cuda_allocated(arch, policy):
-    """Cache.nbytes()["held"] on the GPU is what the allocator gave the cache: after one turn of
-    generate() (bdd's encoder cache freed), or two padded turns of a session under each policy,
-    memory_allocated() has grown by the cache's held cuda bytes, up to the allocator's rounding
-    of each storage (BLOCK); offload's encoder cache is in pinned host memory, not on the GPU."""
-    from generate import Session, generate
+    """serve.memory.nbytes(cache)["held"] on the GPU is what the allocator gave the cache: after
+    one turn of generate() on a padded batch (serve.cache.padded_batch; bdd's encoder runs without
+    a cache), or two padded turns of a session under each policy, memory_allocated() has grown by
+    the cache's held cuda bytes, up to the allocator's rounding of each storage (BLOCK);
+    offload's encoder cache is in pinned host memory, not on the GPU."""
+    from generate import generate
+    from serve.cache import padded_batch
+    from serve.session import Session
     model = tiny_model(arch).eval()
+    device = str(next(model.parameters()).device)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 97, (n,), generator=g).cuda() for n in (30, 17)]
+    prompts = [torch.randint(0, 97, (n,), generator=g).to(GPU) for n in (30, 17)]
 
     def run():
         if policy == "generate":
-            return generate(model, prompts, 20, temperature=0).cache
+            idx, cache = padded_batch(model, prompts)
+            generate(model, idx, 20, temperature=0, cache=cache)
+            return cache
         session = Session(model, prefix_cache=policy)
         session.turn(prompts, 20, temperature=0)
         return session.turn([p[:9] for p in prompts], 20, temperature=0).cache
 
     cache, grown = allocated_growth(run)
-    nbytes = cache.nbytes()
+    counted = nbytes(cache)
     on_gpu = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-              for t in cache.tensors() if t.is_cuda}
-    held = nbytes["held"]["cuda:0"]
+              for t in cache.tensors() if t.device == torch.device(device)}
+    held = counted["held"][device]
     assert held == sum(on_gpu.values()) > 0
     assert held <= grown <= held + (BLOCK - 1) * len(on_gpu), (held, grown, len(on_gpu))
     offloaded = arch == "bdd" and policy == "offload"
-    assert nbytes["held"].get("cpu", 0) == (nbytes["prefix"] if offloaded else 0)
+    assert counted["held"].get("cpu", 0) == (counted["prefix"] if offloaded else 0)
     if offloaded:
-        assert all(t.is_pinned() for c in cache.prefix for t in c.tensors())
+        assert all(t.is_pinned() for t in cache.encoder_tensors())
 
 
 @needs_cuda
