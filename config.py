@@ -111,8 +111,9 @@ class TrainConfig:
     device: str = setting("cpu", "cpu, cuda or cuda:N (default: cuda if available)")
     dtype: str = setting("float32", "autocast dtype of the forward", tuple(DTYPES))
     compile: bool = setting(False, "torch.compile the model")
-    flex: bool = setting(False, "FlexAttention block masks (CUDA; elsewhere the dense masks, "
-                         "the same function)")
+    flex: bool = setting(False, "FlexAttention block masks for bdd's decoder and encdec's "
+                         "padded source (CUDA; elsewhere the dense masks, the same function; "
+                         "causal attention takes SDPA's causal kernel either way)")
     seed: int = setting(1337, "random seed (rank r uses seed + r)", "[0, 1e18]")
     threads: int = setting(None, "CPU threads torch computes with (default: torch's, "
                            "OMP_NUM_THREADS or one per core); 1 is often far faster on a machine "

@@ -35,6 +35,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
     its answer). cache: a new cache to fill (default model.new_cache()), for a caller that reads
     it after, or one of serve/'s. compile: the decode steps run compiled, on a StaticCache."""
     cache = cache or model.new_cache()
+    assert not compile or type(cache) is Cache, "compiled decoding takes prompts of one length"
     logits = model.prefill(idx, cache)
     decode = model.decode
     if compile:

@@ -25,6 +25,7 @@ values and returns everything it may attend to. Padded batches, multi-turn sessi
 policies and paged memory are serve/'s caches, which answer the same interface.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -106,8 +107,14 @@ def blockwise_attention(q, k, v, layout, dropout_p):
 def flex_attention(q, k, v, block_mask, gqa):
     from torch.nn.attention.flex_attention import flex_attention as flex
     # compiled, flex skips the masked tiles; eager (the CPU fallback) it materializes the scores
-    run = torch.compile(flex, dynamic=False) if q.is_cuda else flex
-    return run(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return (compiled_flex() if q.is_cuda else flex)(q, k, v, block_mask=block_mask,
+                                                   enable_gqa=gqa)
+
+
+@functools.cache
+def compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex, dynamic=False)
 
 
 class RMSNorm(nn.RMSNorm):
