@@ -662,3 +662,30 @@ def test_cli_prompts_file_truncates_long_lines(ckpt_dir, tmp_path, capsys, monke
                               "--prompts", tmp_path / "p.txt", "--truncate", "--stats")
     assert code == 0, err
     assert "2 rows, prompt 1 to 45 tokens" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_decoding_writes_what_eager_writes(arch):
+    """generate(compile=True): the decode step compiled (torch.compile) on a StaticCache writes
+    eager's tokens, greedy and seeded sampling alike, and compiles once for later calls."""
+    torch.manual_seed(0)
+    model = build_model(arch, tiny(random.Random(1), block_size=48)).eval()
+    idx = torch.randint(0, V, (2, 9))
+    for sampling in (dict(temperature=0), dict(temperature=1.0, top_k=5)):
+        runs = [generate(model, idx, 20, generator=torch.Generator().manual_seed(3), compile=c,
+                         **sampling) for c in (False, True, True)]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2]), sampling
+
+
+@pytest.mark.slow
+def test_cli_compile_prints_what_eager_prints(ckpt_dir, tmp_path, capsys, monkeypatch):
+    """--compile: a batch of one prompt length decodes compiled, one of several lengths eagerly
+    (left-padded); either prints what eager prints."""
+    (tmp_path / "p.txt").write_text("To be\nor not\nQ\n")
+    flags = ["--out_dir", ckpt_dir, "--max_new_tokens", 12, "--temperature", 0, "--prompts",
+             tmp_path / "p.txt", "--batch_size", 2]
+    eager = run_main(capsys, monkeypatch, *flags)
+    compiled = run_main(capsys, monkeypatch, *flags, "--compile")
+    assert eager[0] == compiled[0] == 0, compiled[2]
+    assert eager[1] == compiled[1]
