@@ -14,7 +14,6 @@ import torch
 
 import config as cfg
 from lab import convert
-import model as M
 import sample
 import train
 from model import ModelConfig, build_model
