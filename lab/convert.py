@@ -52,10 +52,11 @@ def problems(source_arch, source, target_arch, target, where):
     s_kv, t_kv = source["n_kv_head"], target["n_kv_head"]
     s_share, t_share = source.get("kv_share", 1), target.get("kv_share", 1)
     divisors = ", ".join(str(n) for n in range(1, s_kv + 1) if s_kv % n == 0)
+    same = f"--arch {source_arch}" if source_arch != target_arch else f"--n_kv_head {s_kv}"
     return [
-        (source_arch != "dec", f"{where} holds a {source_arch} model, not {target_arch}; give "
-                               f"--arch {source_arch} (a fine-tune keeps its source's model; "
-                               f"conversions start from a dec run)"),
+        (source_arch != "dec", f"{where} holds a {variant(source_arch, source)} model, not "
+                               f"{variant(target_arch, target)}; give {same} (a fine-tune keeps "
+                               f"its source's model; conversions start from a dec run)"),
         (target_arch not in ("dec", "bdd"), f"{where}: no conversion into {target_arch} is "
                                             f"defined (its decoder has cross-attention the dec "
                                             f"lacks); convert into bdd, dec:kv<N> or dec:cla<K>"),

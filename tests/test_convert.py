@@ -283,6 +283,8 @@ def test_a_converted_run_resumes_and_samples_like_any_other(corpus, parents, tmp
     ("dec", ["--arch", "dec", "--n_kv_head", "1", "--tokenizer", "gpt2"],
      "was trained with tokenizer byte (this run: gpt2)"),
     ("bdd", ["--arch", "dec"], "holds a bdd model, not dec; give --arch bdd"),
+    ("bdd", ["--arch", "bdd", "--n_kv_head", "1"], "holds a bdd model, not bdd:kv1; give "
+     "--n_kv_head 2 (a fine-tune keeps its source's model; conversions start from a dec run)"),
     ("bdd", ["--arch", "bdd", "--decoder_init", "top"], "holds a bdd model already, whose "
      "decoder a fine-tune keeps; drop --decoder_init"),
     ("dec", ["--arch", "dec", "--n_kv_head", "1", "--decoder_init", "top"],

@@ -89,6 +89,22 @@ def test_a_second_uptrain_trains_nothing(data, tiny, monkeypatch, capsys):
     assert [r["chat_loss"] for r in after["runs"]] == [r["chat_loss"] for r in before["runs"]]
 
 
+def test_a_killed_uptrain_resumes_where_it_stopped(data, tiny, tmp_path, monkeypatch, capsys):
+    folder, flags = data
+    argv = [*ARGS, *TINY, *flags, "--out_dir", str(tmp_path)]
+    Calls(monkeypatch, die_at=4 + 2 + 1)  # in bdd top's first step from 2 to 4
+    with pytest.raises(SystemExit) as e:
+        uptrain.main(argv)
+    assert e.value.code == 130 and "run the same command again" in capsys.readouterr().err
+    calls = Calls(monkeypatch)
+    uptrain.main(argv)
+    assert calls.configs[0].out_dir == str(tmp_path / "bdd-top_up4_s1337")
+    assert calls.configs[0].init_from == "resume"  # from the copy of the point before it
+    assert calls.steps == 2 + 4 + 4 + 2 * 8
+    runs = json.loads((tmp_path / "uptrain.json").read_text())["runs"]
+    assert [r["cont_loss"] for r in runs] == [r["cont_loss"] for r in tiny[1]["runs"]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--targets", "dec,bdd"], "--targets dec is the parent itself"),
     (["--targets", "encdec"], "no conversion into encdec is defined"),
