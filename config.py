@@ -28,6 +28,7 @@ from corpus import prepare as corpus
 import files
 import pack
 from corpus import sources
+from lab import convert
 from model import ARCHS, ModelConfig, build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +71,12 @@ class TrainConfig:
     out_dir: str = setting(None, "checkpoint and log folder (default: out/<arch>)")
     init_from: str = setting("scratch", "scratch; resume <out_dir>/ckpt.pt (unset flags come "
                              "from it); or another run's folder: fine-tune from its weights (a "
-                             "fresh optimizer and schedule; this run's flags, with its shape)")
+                             "fresh optimizer and schedule; this run's flags, with its shape); "
+                             "a dec run's folder with --arch bdd, --n_kv_head or --kv_share: "
+                             "convert it into that variant, then uptrain")
+    decoder_init: str = setting(None, "bdd converted from a dec run: its decoder layers start as "
+                                "the dec's top layers, its bottom ones, or fresh (default top)",
+                                convert.DECODER_INITS)
     overwrite: bool = setting(False, "let a fresh run replace the run already in --out_dir")
     always_save_checkpoint: bool = setting(False, "save at every evaluation, not only when the "
                                            "continuation loss improves")
@@ -187,6 +193,9 @@ AGREE = [
      os.path.realpath(c.init_from) != os.path.realpath(c.out_dir),
      "--init_from {init_from} is this run's own --out_dir: a fine-tune trains into a folder of its "
      "own and leaves its source as it is; continue a run with --init_from resume"),
+    (lambda c: c.decoder_init is None or (c.arch == "bdd" and c.init_from != "scratch"),
+     "--decoder_init {decoder_init} chooses the decoder layers of a bdd converted from a dec run; "
+     "give it with --arch bdd --init_from <a dec run's folder>, or drop it"),
     (lambda c: c.kv_share <= c.n_layer,
      "--kv_share {kv_share} groups more layers than the model has (--n_layer {n_layer})"),
     (lambda c: c.min_lr <= c.learning_rate,
@@ -477,9 +486,29 @@ def load_source(config):
                               f"give scratch, resume, or the folder of a trained run to fine-tune "
                               f"from")
     ckpt = load_checkpoint(path)
+    target = asdict(model_config(config))
+    if convert.converts(ckpt["arch"], ckpt["model_config"], config.arch, target):
+        return converted(ckpt, config, path, target)
     check_fits(ckpt, config, path, "give this run the same shape (a fine-tune takes its "
                    "flags from the command, not from its source)",
                    f"give --arch {ckpt['arch']} (a fine-tune keeps its source's model)")
+    refuse([(config.decoder_init is not None, f"--decoder_init: {path} holds a bdd model "
+                                              f"already, whose decoder a fine-tune keeps; drop "
+                                              f"--decoder_init")])
+    return ckpt
+
+
+def converted(ckpt, config, path, target):
+    """The source checkpoint with its weights converted into this run's variant (lab/convert.py),
+    and ckpt["conversion"] saying how; ConfigError if no conversion is defined or the shape,
+    tokenizer or context differ (a conversion changes only the keys and values)."""
+    refuse(convert.problems(ckpt["arch"], ckpt["model_config"], config.arch, target, path))
+    check_fits(ckpt, config, path, "a conversion keeps its parent's shape: give the same flags",
+               None, fields=convert.KEPT_FIELDS)
+    fresh = fresh_model(config, "cpu").state_dict()
+    ckpt["model"], ckpt["conversion"] = convert.convert(
+        ckpt["model"], ckpt["model_config"], config.arch, target, fresh,
+        config.decoder_init or "top")
     return ckpt
 
 
@@ -493,15 +522,16 @@ def check_resumable(ckpt, config, path):
              f"resume with --max_iters {ckpt['iter_num']} or more (or leave it out)")])
 
 
-def check_fits(ckpt, config, path, advice, arch_advice):
-    """Refuse to load a checkpoint's weights into a model of another arch or shape (the advice
-    says what to do)."""
+def check_fits(ckpt, config, path, advice, arch_advice, fields=SHAPE_FIELDS):
+    """Refuse to load a checkpoint's weights into a model of another arch (arch_advice None: a
+    conversion, which may change it) or shape (the fields compared; the advice says what to
+    do)."""
     saved = {**ckpt["model_config"], "tokenizer": ckpt["tokenizer"], "objective": ckpt["objective"]}
     wanted = {**asdict(model_config(config)), "tokenizer": config.tokenizer,
               "objective": config.objective}
     differ = ", ".join(f"{k} {saved.get(k)} (this run: {wanted[k]})"
-                       for k in ("tokenizer", "objective") + SHAPE_FIELDS if saved.get(k) != wanted[k])
-    refuse([(ckpt["arch"] != config.arch,
+                       for k in ("tokenizer", "objective") + fields if saved.get(k) != wanted[k])
+    refuse([(arch_advice is not None and ckpt["arch"] != config.arch,
              f"{path} holds a {ckpt['arch']} model, not {config.arch}; {arch_advice}"),
             (differ, f"{path} was trained with {differ}; {advice}")])
 

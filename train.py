@@ -261,6 +261,10 @@ def start(config, rank, world, device, log, t_start):
         model.load_state_dict(ckpt["model"])
     if ckpt is not None and config.init_from != "resume":  # a fine-tune: the weights only
         run.history["init_from"] = {"out_dir": config.init_from, "iter": ckpt["iter_num"]}
+        if "conversion" in ckpt:  # uptraining continues its parent's pretraining and data order
+            run.history["init_from"]["conversion"] = ckpt["conversion"]
+            if rank == 0:
+                batches.gen.set_state(ckpt["rng"]["batches"])
     elif ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         run.iter_num = run.last_saved = ckpt["iter_num"]
@@ -393,8 +397,11 @@ def log_start(run, tokens_per_iter):
     if run.iter_num:
         run.log(f"resuming {cfg.checkpoint_path(c.out_dir)} at iter {run.iter_num}")
     elif "init_from" in h:
-        run.log(f"fine-tuning: the model starts from {h['init_from']['out_dir']} (iter "
-                f"{h['init_from']['iter']})")
+        source, conversion = h["init_from"], h["init_from"].get("conversion")
+        run.log(f"{'uptraining' if conversion else 'fine-tuning'}: the model starts from "
+                f"{source['out_dir']} (iter {source['iter']})" + (
+                    f", converted {conversion['source']} -> {conversion['target']}: "
+                    f"{'; '.join(conversion['steps'])}" if conversion else ""))
 
 
 def log_progress(run, lossf, lr, window, tokens_per_iter, last_eval_time):

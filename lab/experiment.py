@@ -109,12 +109,15 @@ def check_same(run, train_config, n_dec_layer, iter_num):
                               f"--overwrite to replace it")
 
 
-def execute(runs, log=print, allow_diverged=False):
+def execute(runs, log=print, allow_diverged=False, head_start=None):
     """Train (or skip, or resume) every run in order; one Done per run. Every folder is checked
     before anything trains; progress lines say which run, how many are left and the ETA (the
     counted FLOPs still to train, at the speed of the runs trained so far). allow_diverged: a
     run whose loss becomes nan or inf is recorded (diverged.json) and the next one trains;
-    otherwise train.LossNotFinite stops the experiment, and a recorded one is refused."""
+    otherwise train.LossNotFinite stops the experiment, and a recorded one is refused.
+    head_start(run): called when a new run's turn comes; True if it put a checkpoint that the
+    run may resume from into its folder (lab/uptrain.py: an earlier point of the same
+    uptraining), which the run then resumes."""
     states = [run_state(run) for run in runs]
     for run, (state, _) in zip(runs, states):
         if state == "new":
@@ -134,6 +137,10 @@ def execute(runs, log=print, allow_diverged=False):
     seconds = flops = 0.0
     done = []
     for i, (run, (state, it)) in enumerate(zip(runs, states)):
+        if state == "new" and head_start is not None and head_start(run):
+            state, it = states[i] = run_state(run)
+            todo[i] = per_token[shape(run)] * (run.config.max_iters - it) * \
+                tokens_per_iter(run.config)
         left = sum(s in ("new", "resume") for s, _ in states[i:])
         eta = train.duration(seconds / flops * sum(todo[i:])) if flops else "after the first run"
         what = {"new": "training", "resume": f"resuming at iter {it}", "done": "finished, skipped",
