@@ -1,7 +1,8 @@
 """Every script answers argparse's own errors (unknown flag, missing or mistyped value) with one
 line on stderr and exit 2, like its other bad input: cli.Parser, not argparse's usage block.
 files.written_whole leaves a file whole: new, or as it was, and on the disk before and after the
-rename; files.holding lets one process at a time hold a folder."""
+rename; files.holding lets one process at a time hold a folder, and only its holder removes the
+leftovers of killed writers."""
 
 import os
 import signal
@@ -127,3 +128,15 @@ def test_a_held_folder_is_refused_to_another_process_and_freed_by_its_death(tmp_
     with files.holding(tmp_path):  # a stale lock file is not a lock
         pass
 
+
+def test_a_refused_process_leaves_the_holders_temporary_files_alone(tmp_path):
+    """A live run is writing its checkpoint under a temporary name when a second run asks for
+    the folder: the second is refused, and the file the live run is writing is still there
+    (leftovers are removed only by the folder's holder: nobody else can be writing them then)."""
+    with files.holding(tmp_path), files.written_whole(tmp_path / "ckpt.pt") as tmp:
+        Path(tmp).write_text("half a checkpoint")
+        with pytest.raises(cli.BadInput, match="in use by another run"):
+            with files.holding(tmp_path):
+                pass
+        assert Path(tmp).exists() and Path(tmp).read_text() == "half a checkpoint"
+    assert (tmp_path / "ckpt.pt").read_text() == "half a checkpoint"
