@@ -1,5 +1,6 @@
 """compare.py: a tiny side-by-side run writes every result and the figure; the KV ratios it
-measures follow DESIGN.md section 3."""
+measures follow DESIGN.md section 3; each arch's cache figures are its own, and the sequences a
+serving budget holds fit in it."""
 
 import io
 import json
@@ -254,6 +255,23 @@ def test_each_arch_is_shown_its_own_cache(fresh_run):
     assert [p["held_bytes"] for p in archs["bdd"]["kv_bytes"]] != \
         [p["held_bytes"] for p in archs["encdec"]["kv_bytes"]]
 
+
+def test_the_sequences_a_budget_holds_fit_in_it(fresh_run):
+    """The row "sequences in 0.05 MB held": that many sequences, decoded together to the
+    serving context, hold at most the budget, and one more would hold more; the bytes are all
+    that their cache holds (a chunk's empty columns too), not only the K/V it has filled."""
+    results, models = fresh_run
+    budget, context = results["serving"]["budget_bytes"], results["serving"]["context_len"]
+    for arch, r in results["archs"].items():
+        n = r["serving"]["budget_batch"]
+
+        def held(batch):
+            return measure.measure_decode(models[arch], context, batch_size=batch,
+                                          count_flops=False)["held_bytes"]["cpu"]
+        assert held(n) <= budget < held(n + 1), arch
+    # where filled and held bytes differ enough to change the count
+    encdec = measure.measure_decode(models["encdec"], context, count_flops=False)
+    assert budget // encdec["kv_bytes"] != budget // encdec["held_bytes_per_seq"]
 
 @pytest.mark.parametrize("argv, message", [
     (["--archs", "dec,gpt"], "--archs 'dec,gpt': 'gpt' is not an arch; choose from dec, encdec, "
