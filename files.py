@@ -1,8 +1,9 @@
 """
 Files on disk that stay whole, and folders that one run holds at a time.
 
-- written_whole(path): write to a temporary name beside `path` (unique to this writer), then
-  rename it over path, so a crash, a kill or a full disk leaves the old file whole or no file;
+- written_whole(path): write to a temporary name beside `path` (unique to this writer), flush
+  it to the disk, rename it over path, then flush the folder, so a crash, a kill, a full disk or
+  a power cut leaves the old file whole or no file, and a finished write stays written;
 - holding(folder): a lock on a run's folder for as long as the run lives. The lock is an
   flock on `<folder>/.lock`, which the kernel releases when the process ends however it ends,
   so a lock left by a killed run is never mistaken for a live one;
@@ -29,20 +30,35 @@ TMP = ".tmp."  # the mark of a temporary name: <name>.tmp.<pid>.<random>
 
 @contextmanager
 def written_whole(path):
-    """Yield a temporary name beside `path` to write to; once the block ends it is renamed over
-    path (os.replace is atomic), and if the block fails it is removed: path is then untouched,
-    whole as before, or absent as before. An OSError while writing (a full disk) becomes
-    cli.CannotWrite, naming the folder and the cause."""
+    """Yield a temporary name beside `path` to write to (close what you open on it inside the
+    block); once the block ends it is renamed over path (os.replace is atomic), and if the block
+    fails it is removed: path is then untouched, whole as before, or absent as before. An OSError
+    while writing (a full disk) becomes cli.CannotWrite, naming the folder and the cause.
+
+    The bytes reach the disk before the rename (else a power cut could leave path renamed but
+    empty or short: the kernel may write the new name before the data), and the folder after it
+    (else the rename itself may be lost, and the old file come back)."""
     tmp = f"{path}{TMP}{os.getpid()}.{secrets.token_hex(4)}"
     try:
         yield tmp
+        flush_to_disk(tmp)
         os.replace(tmp, path)
+        flush_to_disk(Path(path).absolute().parent)
     except OSError as e:
         kept = "the previous version is kept" if Path(path).exists() else "nothing was written"
         raise cli.CannotWrite(f"cannot write {path} ({e.strerror or e}); {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def flush_to_disk(path):
+    """Wait until the kernel has written a file's bytes, or a folder's names, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def leftovers(folder):

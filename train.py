@@ -47,6 +47,12 @@ def setup_distributed(device):
     if "RANK" not in os.environ:
         return 0, 1, device
     cuda = device.startswith("cuda")
+    # DDP's constructor imports torch.distributed.nn, whose functions default to group.WORLD:
+    # imported after the group exists, they hold it until the process exits, so that
+    # destroy_process_group cannot free it and gloo's threads run on into the interpreter's exit
+    # (which they abort now and then: "terminate called without an active exception").
+    # Imported before, their default is None.
+    import torch.distributed.nn  # noqa: F401
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     if cuda:
         device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -1,10 +1,10 @@
 """Chat measured turn by turn (measure.chat_eval), the turn-aligned fine-tune (train.py
 --init_from a run's folder) and the boundary ablation (lab/ablation.py): the chat losses equal the
 uncached forward with the same boundaries for every arch, each turn position gets its own
-speeches, the scenes are whole speeches at the corpus's turn starts, a fine-tune starts from its
-source's weights and leaves the source as it was, and the ablation runs end to end, resumes
-without training again and refuses bad input with one line. Tiny models on a tiny dialogue
-corpus written here, whose turns a --turn_regex finds."""
+speeches, the scenes are whole speeches at the corpus's turn starts inside one document, a
+fine-tune starts from its source's weights and leaves the source as it was, and the ablation runs
+end to end, resumes without training again and refuses bad input with one line. Tiny models on
+tiny dialogue corpora written here, whose turns a --turn_regex finds."""
 
 import hashlib
 import json
@@ -141,6 +141,21 @@ def test_scenes_are_whole_speeches_at_the_turn_starts(talk):
         assert after is None or after - begin > block_size + 1  # which would not have fit
     assert measure.dialogue_scenes(meta, block_size, 10)[3].starts == scenes[3].starts
 
+
+def test_scenes_stay_inside_one_play(tmp_path):
+    """Plays shorter than the context, one document each: a scene runs from a turn start to
+    where its play ends at the latest, never on into the next play's speeches."""
+    rng = random.Random(1)
+    plays = [dialogue_text(rng, rng.randint(3, 5)) for _ in range(60)]
+    (tmp_path / "plays.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in plays))
+    meta = corpus.prepare(tmp_path / "plays.jsonl", root=tmp_path / "data", turn_regex=TURN_REGEX)
+    held_out = plays[9::10]  # every 10th document is the val split's
+    scenes = measure.dialogue_scenes(meta, 64, 100)
+    assert len(scenes) >= 6
+    for scene in scenes:
+        tokens = scene.tokens.tolist()
+        assert meta["eot"] not in tokens, "a scene runs across the end of a play"
+        assert any(bytes(tokens).decode() in play for play in held_out)
 
 def test_a_corpus_without_turns_has_no_scenes(talk):
     folder = talk[0]

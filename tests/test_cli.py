@@ -1,19 +1,24 @@
 """Every script answers argparse's own errors (unknown flag, missing or mistyped value) with one
 line on stderr and exit 2, like its other bad input: cli.Parser, not argparse's usage block.
-files.written_whole leaves a file whole: new, or as it was; files.holding lets one process at a
-time hold a folder."""
+files.written_whole leaves a file whole: new, or as it was, and on the disk before and after the
+rename; files.holding lets one process at a time hold a folder, and only its holder removes the
+leftovers of killed writers."""
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lab import ablation
 import cli
 import compare
+import config as cfg
 from corpus import prepare as corpus
+from lab import experiment
 import files
 from lab import frontier
 import mask
@@ -72,6 +77,38 @@ def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
     assert path.read_text() == "a"  # the outer block ends last: its file is the one that stays
 
 
+WRITERS = {"checkpoint": lambda path: cfg.save_checkpoint(path, {"w": torch.ones(3)}),
+           "results": lambda path: experiment.write_json({"loss": 2.0}, path)}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_written_file_reaches_the_disk_before_its_name_and_the_rename_after(writer, tmp_path,
+                                                                              monkeypatch):
+    """A power cut cannot be staged in a test; what makes a write survive one can be seen: the
+    file's bytes are flushed (fsync) before the rename, or the new name may reach the disk before
+    them and a cut leave ckpt.pt empty; the folder is flushed after the rename, or the rename
+    itself may be lost. The order of the calls, recorded as they happen."""
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        calls.append(("rename", str(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "written"
+    WRITERS[writer](path)
+    the_file, the_folder = ("fsync", path.stat().st_ino), ("fsync", tmp_path.stat().st_ino)
+    renamed = calls.index(("rename", str(path)))
+    assert the_file in calls[:renamed], calls
+    assert the_folder in calls[renamed + 1:], calls
+
+
 def test_a_held_folder_is_refused_to_another_process_and_freed_by_its_death(tmp_path):
     """The lock is the kernel's: held while the holder lives, free once it is gone, whatever
     the way it went (here a kill -9)."""
@@ -90,3 +127,16 @@ def test_a_held_folder_is_refused_to_another_process_and_freed_by_its_death(tmp_
         holder.wait()
     with files.holding(tmp_path):  # a stale lock file is not a lock
         pass
+
+
+def test_a_refused_process_leaves_the_holders_temporary_files_alone(tmp_path):
+    """A live run is writing its checkpoint under a temporary name when a second run asks for
+    the folder: the second is refused, and the file the live run is writing is still there
+    (leftovers are removed only by the folder's holder: nobody else can be writing them then)."""
+    with files.holding(tmp_path), files.written_whole(tmp_path / "ckpt.pt") as tmp:
+        Path(tmp).write_text("half a checkpoint")
+        with pytest.raises(cli.BadInput, match="in use by another run"):
+            with files.holding(tmp_path):
+                pass
+        assert Path(tmp).exists() and Path(tmp).read_text() == "half a checkpoint"
+    assert (tmp_path / "ckpt.pt").read_text() == "half a checkpoint"

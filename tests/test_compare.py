@@ -1,5 +1,6 @@
 """compare.py: a tiny side-by-side run writes every result and the figure; the KV ratios it
-measures follow DESIGN.md section 3."""
+measures follow DESIGN.md section 3; each arch's cache figures are its own, and the sequences a
+serving budget holds fit in it."""
 
 import io
 import json
@@ -221,6 +222,56 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     ratio = archs["bdd"]["decode_flops_per_token"]["layers"] / archs["dec"]["decode_flops_per_token"]["layers"]
     assert ratio <= 0.34
 
+
+
+@pytest.fixture(scope="module")
+def fresh_run(tmp_path_factory):
+    """(results.json, {arch: a fresh model of the run's shape}) of a --skip_train comparison of
+    the three at the 2:1 split, where bdd's and encdec's decode K/V are equal and the bytes their
+    caches hold are not (encdec's self part grows in chunks of its own)."""
+    out = tmp_path_factory.mktemp("fresh")
+    with redirect_stdout(io.StringIO()):
+        compare.main(["--skip_train", "--out_dir", str(out), "--n_layer", "6", "--n_dec_layer", "2",
+                      *TINY[4:]])
+    results = json.loads((out / "results.json").read_text())
+    shape = ModelConfig(block_size=32, n_layer=6, n_dec_layer=2, n_head=2, n_embd=32)
+    return results, {arch: build_model(arch, shape).eval() for arch in ARCHS}
+
+
+def test_each_arch_is_shown_its_own_cache(fresh_run):
+    """The cache figures under an arch's name (results.json, from which the table and the
+    figure are drawn) are those of that arch's model, measured here on it alone."""
+    results, models = fresh_run
+    archs = results["archs"]
+    for arch, r in archs.items():
+        for point in r["kv_bytes"]:
+            m = measure.measure_decode(models[arch], point["context_len"], count_flops=False)
+            assert point == {"context_len": point["context_len"], "kv_bytes": m["kv_bytes"],
+                             "prefix_bytes": m["prefix_bytes"],
+                             "held_bytes": m["held_bytes_per_seq"]}, arch
+        m = measure.measure_decode(models[arch], results["serving"]["context_len"], count_flops=False)
+        assert r["serving"]["bytes_per_sequence"] == m["held_bytes_per_seq"], arch
+    # the two archs a swap would confuse can be told apart
+    assert [p["held_bytes"] for p in archs["bdd"]["kv_bytes"]] != \
+        [p["held_bytes"] for p in archs["encdec"]["kv_bytes"]]
+
+
+def test_the_sequences_a_budget_holds_fit_in_it(fresh_run):
+    """The row "sequences in 0.05 MB held": that many sequences, decoded together to the
+    serving context, hold at most the budget, and one more would hold more; the bytes are all
+    that their cache holds (a chunk's empty columns too), not only the K/V it has filled."""
+    results, models = fresh_run
+    budget, context = results["serving"]["budget_bytes"], results["serving"]["context_len"]
+    for arch, r in results["archs"].items():
+        n = r["serving"]["budget_batch"]
+
+        def held(batch):
+            return measure.measure_decode(models[arch], context, batch_size=batch,
+                                          count_flops=False)["held_bytes"]["cpu"]
+        assert held(n) <= budget < held(n + 1), arch
+    # where filled and held bytes differ enough to change the count
+    encdec = measure.measure_decode(models["encdec"], context, count_flops=False)
+    assert budget // encdec["kv_bytes"] != budget // encdec["held_bytes_per_seq"]
 
 @pytest.mark.parametrize("argv, message", [
     (["--archs", "dec,gpt"], "--archs 'dec,gpt': 'gpt' is not an arch; choose from dec, encdec, "

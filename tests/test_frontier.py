@@ -182,6 +182,20 @@ def test_the_halves_are_disjoint_and_cover_the_evaluation_windows(tiny):
     assert sorted(choose + report) == batches.eval_offsets("val", 64)
 
 
+def test_each_half_takes_every_other_window_of_the_whole_split(tiny):
+    """The rate is chosen on one half and its loss reported on the other, so the two must read
+    the same kind of text: lr.json's halves are the even- and odd-numbered of the windows evenly
+    spaced over the validation split, each reaching from its start to its end (not the split's
+    first and second halves: the end of a corpus need not read like its start)."""
+    folder, data, _ = tiny
+    e = json.loads((folder / "out" / "lr.json").read_text())["eval"]
+    config = cfg.make_config(preset="cpu", data=data[1], data_root=data[3], block_size=32)
+    windows = train.load_batches(config, log=lambda line: None).eval_offsets("val", e["windows"])
+    assert e["choose_offsets"] == windows[0::2] and e["report_offsets"] == windows[1::2]
+    middle = (windows[0] + windows[-1]) / 2
+    for half in (e["choose_offsets"], e["report_offsets"]):
+        assert min(half) < middle < max(half)
+
 def test_lr_sweep_scores_both_halves_and_chooses_on_one(tiny):
     folder, data, calls = tiny
     doc = json.loads((folder / "out" / "lr.json").read_text())

@@ -1,7 +1,8 @@
 """lab/probe.py: the MQAR rows hold what they say (an oracle that reads a row answers every query, a
-guesser scores chance; keys are distinct), bdd's block starts at the first query, pack's row mode
-draws whole rows and puts the loss on the answers only, the copy probe's cached logits equal the
-training forward's, a tiny run of both probes writes its results, and bad input gets one line."""
+guesser scores chance; keys are distinct), the accuracy counts the answers and nothing else, bdd's
+block starts at the first query, pack's row mode draws whole rows and puts the loss on the answers
+only, the copy probe's cached logits equal the training forward's, a tiny run of both probes
+writes its results, and bad input gets one line."""
 
 import json
 
@@ -81,6 +82,45 @@ def test_bdd_block_and_encdec_source_start_at_the_first_query():
         assert encdec["enc_mask"][i].sum() == f and torch.equal(encdec["enc_x"][i, :f], w[i, :f])
         assert torch.equal(encdec["dec_x"][i, :length - f], w[i, f:-1])
 
+
+
+class KnowsTheRows(torch.nn.Module):
+    """A model that has seen the held-out rows (tokens, right) (n, T+1): its prediction of a
+    row's next token is the true one where `right` is True at that target, and an id outside
+    the task's vocabulary elsewhere. It reads any arch's batch (encdec's: the source, then the
+    decoder's inputs) and finds the row by its tokens."""
+
+    def __init__(self, tokens, right, vocab):
+        super().__init__()
+        self.device_of = torch.nn.Parameter(torch.zeros(()))  # where answer_accuracy puts batches
+        self.tokens, self.right, self.wrong = torch.from_numpy(tokens), torch.from_numpy(right), vocab
+        self.row_of = {tuple(row[:-1].tolist()): i for i, row in enumerate(self.tokens)}
+
+    def forward(self, batch):
+        T = self.tokens.shape[1] - 1
+        if "enc_x" in batch:  # the source x[:p], then the decoder's x[p:]; its outputs from p on
+            p = batch["enc_mask"].sum(1)
+            rows = [torch.cat([e[:q], d[:T - q]]) for e, d, q in zip(batch["enc_x"], batch["dec_x"], p)]
+            at = (p[:, None] + torch.arange(batch["dec_x"].shape[1])).clamp(max=T - 1)
+        else:
+            rows, at = batch["x"], torch.arange(T).expand(len(batch["x"]), T)
+        i = torch.tensor([self.row_of[tuple(r.tolist())] for r in rows])[:, None]
+        pick = torch.where(self.right[i, at + 1], self.tokens[i, at + 1], self.wrong)
+        return torch.nn.functional.one_hot(pick, self.wrong + 1).float(), None
+
+
+@pytest.mark.parametrize("arch, boundaries", [("dec", "prompt"), ("encdec", "prompt"),
+                                              ("bdd", "prompt"), ("bdd", "random")])
+def test_answer_accuracy_counts_the_answers_only(arch, boundaries):
+    """The MQAR figure is the share of answers predicted right: 1 for a model right at every
+    answer and wrong elsewhere, 0 for one right everywhere but at the answers, and 1/2 for one
+    right at the answers of every other row."""
+    vocab = 64
+    tokens, loss = rows(pairs=4, length=32, vocab=vocab, n=50)
+    every_other_row = np.arange(len(tokens))[:, None] % 2 == 0
+    for right, accuracy in ((loss, 1.0), (~loss, 0.0), (loss & every_other_row, 0.5)):
+        model = KnowsTheRows(tokens, right, vocab)
+        assert probe.answer_accuracy(model, arch, tokens, loss, boundaries, batch=16) == accuracy
 
 # ---------------------------------------------------------------------------------------------
 # pack's row mode

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -574,21 +575,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, cap
 # DDP
 
 
+# train.py's main under torchrun, then the names of the threads still running in each rank, a
+# line each, written at once (the ranks share stderr)
+LAUNCH = """
+import os, sys
+sys.path.insert(0, os.getcwd())
+import train
+train.main(sys.argv[1:])
+tasks = "/proc/self/task"
+if os.path.isdir(tasks):
+    names = sorted(open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+    os.write(2, f"threads left: {names}\\n".encode())
+"""
+
+
 def test_ddp_two_cpu_processes_stay_in_sync(corpus, tmp_path):
-    """torchrun with 2 gloo processes and 2 accumulation micro-steps (no_sync on the first)."""
-    config = tiny(corpus, tmp_path, max_iters=6, gradient_accumulation_steps=2, eval_interval=3)
+    """torchrun with 2 gloo processes and 2 accumulation micro-steps (no_sync on the first).
+    Once train() returns, no thread of the process group is left in either rank: one still
+    running when the interpreter exits aborts it now and then ("terminate called without an
+    active exception")."""
+    out = tmp_path / "out"
+    config = tiny(corpus, out, max_iters=6, gradient_accumulation_steps=2, eval_interval=3)
+    (tmp_path / "launch.py").write_text(LAUNCH)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "train.py", *flags(config)],
+                          "--nproc_per_node=2", str(tmp_path / "launch.py"), *flags(config)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    h = load(tmp_path)["history"]
+    left = re.findall(r"threads left: (\[.*?\])", run.stderr)
+    assert len(left) == (2 if Path("/proc/self/task").is_dir() else 0), run.stderr[-3000:]
+    assert not [names for names in left if "gloo" in names], left
+    h = load(out)["history"]
     ddp = h["ddp"]
     assert ddp["world_size"] == 2
     assert ddp["param_checksums"][0] == ddp["param_checksums"][1]  # the same weights
     assert ddp["last_losses"][0] != ddp["last_losses"][1]  # from different batches
     assert h["train_tokens"] == 6 * 8 * 32 * 2 * 2
-    ckpt = load(tmp_path)
+    ckpt = load(out)
     model = build_model("bdd", ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     assert train.param_checksum(model).item() == ddp["param_checksums"][0]
