@@ -413,15 +413,13 @@ def checkpoint_path(out_dir):
 
 
 def save_checkpoint(path, state):
-    """Written whole (files.written_whole) and synced to disk before the rename, so a crash, a
-    kill or a full disk at any moment leaves the previous checkpoint whole."""
+    """Written whole (files.written_whole: on the disk before the rename), so a crash, a kill
+    or a full disk at any moment leaves the previous checkpoint whole."""
     with files.written_whole(path) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(state, f)
         except RuntimeError as e:  # torch's writer reports a short write as a RuntimeError
             raise OSError(str(e).splitlines()[0]) from None
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def load_checkpoint(path, mmap=False):
