@@ -53,10 +53,9 @@ class Request:
         return len(self.prompt) - 1
 
     @property
-    def done(self):
+    def done(self):  # asked once it has written a token
         p = self.params
-        return len(self.output) == p.max_new_tokens or bool(
-            self.output and self.output[-1] in p.stop_tokens)
+        return len(self.output) == p.max_new_tokens or self.output[-1] in p.stop_tokens
 
 
 class Scheduler:
@@ -66,6 +65,7 @@ class Scheduler:
         self.manager, self.rules, self.size = manager, rules, page_size
         self.max_batch_tokens, self.max_seqs = max_batch_tokens, max_seqs
         self.waiting, self.running = deque(), []
+        self.blocked = False  # the last step left a request waiting for want of pages
         self.preemptions = self.prompt_tokens = self.hit_tokens = 0
 
     def blocks(self, columns):
@@ -79,12 +79,14 @@ class Scheduler:
 
     def schedule(self):
         """(the requests of the next step, whether it is a prefill)."""
-        batch, width = [], 0
+        batch, width, self.blocked = [], 0, False
         while self.waiting and len(self.running) < self.max_seqs:
             req = self.waiting[0]
             new = len(req.tokens) - self.hit_blocks(req) * self.size
-            fits = (len(batch) + 1) * max(width, new) <= self.max_batch_tokens or not batch
-            if not fits or not self.admit(req):
+            if (len(batch) + 1) * max(width, new) > self.max_batch_tokens and batch:
+                break
+            if not self.admit(req):
+                self.blocked = True
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -134,8 +136,7 @@ class Scheduler:
     def make_room(self):
         """A block for the next column of every running request whose blocks are full, each
         request in turn, preempting the one admitted last while the pool has too few pages."""
-        g = self.rules.decode_group
-        group = self.rules.groups[g]
+        g, group = self.rules.decode_group, self.rules.groups[self.rules.decode_group]
         for req in list(self.running):
             if req not in self.running or req.lengths[g] < len(req.tables[g]) * self.size:
                 continue
@@ -147,9 +148,8 @@ class Scheduler:
     def preempt(self, req):
         self.release(req)
         self.running.remove(req)
-        self.waiting.appendleft(req)
-        req.preemptions += 1
-        self.preemptions += 1
+        self.waiting.appendleft(req)  # first in line: it waited longest
+        req.preemptions, self.preemptions = req.preemptions + 1, self.preemptions + 1
 
     def release(self, req, groups=None):
         for g in list(req.tables) if groups is None else groups:
