@@ -47,6 +47,7 @@ def test_the_benchmark_writes_its_json_and_figure(tmp_path, shakespeare, tiny_mo
     (["--budget_mb", "0"], "--budget_mb 0.0 is out of range"),
     (["--checkpoints", "no_such_folder"], "no checkpoint"),
     (["--budget_mb", "0.001"], "too small for dec"),
+    (["--no_such_flag"], "unrecognized arguments"),
 ])
 def test_bad_benchmark_flags_are_one_line_exit_2(argv, message, tmp_path, tiny_models, capsys):
     with pytest.raises(SystemExit) as e:
