@@ -1,5 +1,5 @@
 """
-The serving benchmark (issue 29): request traces replayed against serve/engine.py for every
+The serving benchmark: request traces replayed against serve/engine.py for every
 variant at the same memory budget, as `vllm bench serve` and `sglang.bench_serving` replay theirs.
 
     python -m lab.serve_bench                             # the six variants, fresh models

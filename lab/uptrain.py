@@ -49,7 +49,7 @@ FRACTIONS = "0,0.05,0.1,0.2,0.5"
 SCRATCH = "0.2"           # the fractions whose equal-token baselines train from scratch
 FRONTIER = os.path.join("out", "frontier_2e-3", "frontier.json")
 CHAT_SCENES = 8          # 51 chat evaluations at the defaults: 8 scenes keep them to ~3 minutes
-GOAL_GAP, GOAL_FRACTION = 0.01, 0.2  # issue 30: bdd within 1% of its parent by 20% of its steps
+GOAL_GAP, GOAL_FRACTION = 0.01, 0.2  # the goal: bdd within 1% of its parent by 20% of its steps
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-The serving engine's memory (issue 29): one pool of fixed-size pages, allocated once from a budget,
+The serving engine's memory: one pool of fixed-size pages, allocated once from a budget,
 shared by every kind of cache a request holds, and a prefix cache over it.
 
 - a page holds page_size columns of one layer's keys and values. The pool is counted by the

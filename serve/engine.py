@@ -1,5 +1,5 @@
 """
-A serving engine in the spirit of nano-vllm (issue 29): requests join and leave at every step
+A serving engine in the spirit of nano-vllm: requests join and leave at every step
 (continuous batching), their K/V live in pages of a pool sized from a memory budget (paged KV), a
 prompt's full pages are shared by their chained hashes and stay cached until the pool needs them
 (prefix caching), and a request that cannot get a page is preempted and recomputed. Every request

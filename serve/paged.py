@@ -1,5 +1,5 @@
 """
-model.Cache's interface over pages (issue 29): what the serving engine hands the model for one
+model.Cache's interface over pages: what the serving engine hands the model for one
 forward of a batch of requests, each with its own block table and length.
 
 next(n) gives each row the positions of its new columns and the mask of their queries over every

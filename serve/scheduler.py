@@ -1,5 +1,5 @@
 """
-Continuous batching (issue 29): which requests each step of the serving engine runs, and the
+Continuous batching: which requests each step of the serving engine runs, and the
 blocks each holds. A request waits until its prefill is admitted: when the pool has the pages it
 writes (after sharing its prefix hits), a block to spare for each running request, and the
 step's token budget room. Prefills go first (nano-vllm); a step with nothing to admit decodes a

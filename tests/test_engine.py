@@ -1,4 +1,4 @@
-"""The serving engine (serve/engine.py, issue 29): every request gets exactly the tokens it gets
+"""The serving engine (serve/engine.py): every request gets exactly the tokens it gets
 alone from generate(), for every arch and variant, whatever its arrival, its batch, its
 preemptions and its prefix hits, in a pool so small that preemption and eviction happen; the
 pages held never exceed the pool, and the pool is the budget; bdd's encoder pages are released

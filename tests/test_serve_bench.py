@@ -1,4 +1,4 @@
-"""The serving benchmark (lab/serve_bench.py, issue 29): a tiny run replays every workload and
+"""The serving benchmark (lab/serve_bench.py): a tiny run replays every workload and
 writes its JSON and figure; bad flags are refused with one line and exit 2."""
 
 import json
