@@ -20,6 +20,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -94,7 +95,8 @@ class TrainConfig:
     max_iters: int = setting(300, "optimizer steps", "[0, inf)")
     learning_rate: float = setting(1e-3, "peak learning rate", "(0, inf)")
     min_lr: float = setting(1e-4, "final learning rate", "[0, inf)")
-    warmup_iters: int = setting(30, "linear warmup steps", "[0, inf)")
+    warmup_iters: int = setting(30, "linear warmup steps (unset: scaled down with a shorter "
+                                "--max_iters or --lr_decay_iters)", "[0, inf)")
     lr_decay_iters: int = setting(None, "step where the cosine reaches min_lr (default: "
                                   "max_iters, also a resumed run's new max_iters)", "[0, inf)")
     weight_decay: float = setting(0.1, "AdamW weight decay of matrices", "[0, inf)")
@@ -102,9 +104,11 @@ class TrainConfig:
     beta2: float = setting(0.99, "AdamW beta2 (0.99 for small batches of tokens)", "[0, 1)")
     grad_clip: float = setting(1.0, "clip the gradient norm (0: off)", "[0, inf)")
     # evaluation and logging
-    eval_interval: int = setting(50, "evaluate every this many steps", "[1, inf)")
+    eval_interval: int = setting(50, "evaluate every this many steps (unset: scaled down with a "
+                                 "shorter --max_iters)", "[1, inf)")
     eval_iters: int = setting(4, "batches per evaluation set", "[1, inf)")
-    log_interval: int = setting(10, "log every this many steps", "[1, inf)")
+    log_interval: int = setting(10, "log every this many steps (unset: scaled down with a "
+                                "shorter --max_iters)", "[1, inf)")
     # system
     preset: str = setting(None, "the recipe unset flags come from (default: gpu on a CUDA "
                           "machine, else cpu)", ("cpu", "gpu"))
@@ -117,6 +121,9 @@ class TrainConfig:
     threads: int = setting(None, "CPU threads torch computes with (default: torch's, "
                            "OMP_NUM_THREADS or one per core); 1 is often far faster on a machine "
                            "busy with other work", "[1, 1024]")
+
+    # What make_config scaled to the run's length (fit_to_length), in words; None: nothing.
+    adapted: ClassVar[str] = None
 
     def __post_init__(self):
         if self.out_dir is None:
@@ -294,24 +301,56 @@ def writable_folder(path, flag):
 # making a config: defaults < preset < checkpoint (resume) < the flags given
 
 
-def make_config(**flags):
-    """TrainConfig from the fields a user set. Every other field comes from the preset (given,
-    or gpu when the device is a CUDA GPU, else cpu) and, with init_from="resume", from the run
-    being resumed (so `--init_from resume --max_iters 800` continues a run without repeating
-    its flags)."""
+def make_config(recipe=None, **flags):
+    """TrainConfig from the fields a user set (flags). Every other field comes from the preset
+    (given, or gpu when the device is a CUDA GPU, else cpu), then an experiment's recipe (its own
+    defaults, such as a shorter run), and, with init_from="resume", from the run being resumed
+    (so `--init_from resume --max_iters 800` continues a run without repeating its flags).
+    Defaults made for the preset's or recipe's length fit a shorter run (fit_to_length)."""
     cuda = torch.cuda.is_available()
     device = flags.get("device") or ("cuda" if cuda else "cpu")
     preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
-    values = {**PRESETS[preset], "preset": preset}
+    values = {**{f.name: f.default for f in fields(TrainConfig)}, **PRESETS[preset],
+              **(recipe or {}), "preset": preset}
     if values.get("dtype") == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
         values["dtype"] = "float16"
-    if flags.get("init_from") == "resume":
+    made_for = values["max_iters"]
+    if flags.get("init_from") == "resume":  # the checkpoint's values, as they were
         path = checkpoint_path(flags.get("out_dir") or default_out_dir(flags))
         saved = load_checkpoint(path, mmap=True)["train_config"]
         known = {f.name for f in fields(TrainConfig)}
         values.update({k: v for k, v in saved.items() if k in known and k not in MACHINE_FIELDS})
     values.update(flags)
-    return TrainConfig(**values)
+    adapted = None if flags.get("init_from") == "resume" else fit_to_length(values, flags, made_for)
+    config = TrainConfig(**values)
+    config.adapted = adapted
+    return config
+
+
+# Settings whose defaults are made for the preset's (or a recipe's) number of steps, and how each
+# scales: a tenth of the run warms up, about six evaluations and thirty log lines.
+FOLLOW_LENGTH = {"warmup_iters": math.floor, "eval_interval": math.ceil, "log_interval": math.ceil}
+
+
+def fit_to_length(values, given, made_for):
+    """Scale the FOLLOW_LENGTH fields the user did not give (not in `given`) to a run shorter
+    than the `made_for` steps their defaults were made for, in place: a quick try (--max_iters 20)
+    warms up, evaluates and logs in proportion instead of being refused. The warmup also fits a
+    given --lr_decay_iters. Returns a line saying what changed, or None."""
+    changed, decay = [], values["lr_decay_iters"]
+    for name, rounding in FOLLOW_LENGTH.items():
+        length = values["max_iters"]
+        if name == "warmup_iters" and decay is not None:
+            length = min(length, decay)
+        if name in given or length >= made_for:
+            continue
+        fitted = max(rounding(values[name] * length / made_for), name != "warmup_iters")
+        if fitted < values[name]:
+            changed.append(f"{name} {fitted} (not {values[name]})")
+            values[name] = fitted
+    decays = "" if decay is None or decay >= values["max_iters"] else f", decaying in {decay}"
+    return (f"defaults fitted to this run of {values['max_iters']} steps{decays} (they are made "
+            f"for {made_for}): {', '.join(changed)}; set them to choose") if changed else None
 
 
 def default_out_dir(flags):

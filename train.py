@@ -381,6 +381,8 @@ def evaluation(run, sets, ctx):
 
 def log_start(run, tokens_per_iter):
     c, h = run.config, run.history
+    if c.adapted:
+        run.log(c.adapted)
     run.log("config: " + textwrap.fill(", ".join(f"{k}={v}" for k, v in asdict(c).items()),
                                        100, subsequent_indent="  "))
     if c.flex and not run.model.config.flex:

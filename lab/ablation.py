@@ -58,17 +58,16 @@ def plan(args, flags):
     with that seed)."""
     base = flags.get("seed", cfg.TrainConfig.seed)
     seeds = range(base, base + args.seeds)
-    recipe = {**ex.QUICK, **flags}
-    runs = [ex.make_run(f"{variant}_s{seed}", {**recipe, **extra, "seed": seed}, args.out_dir,
-                        variant=variant, seed=seed)
+    runs = [ex.make_run(f"{variant}_s{seed}", {**flags, **extra, "seed": seed}, args.out_dir,
+                        ex.QUICK, variant=variant, seed=seed)
             for seed in seeds for variant, extra in variants(args.strategies).items()]
     for seed in seeds[:args.ft_seeds] if args.ft_iters else ():
         source = os.path.join(args.out_dir, f"bdd_random_s{seed}")
         for arm in FT_ARMS:
-            ft = {**recipe, "arch": "bdd", "boundaries": arm, "seed": seed + FT_SEED,
+            ft = {**flags, "arch": "bdd", "boundaries": arm, "seed": seed + FT_SEED,
                   "max_iters": args.ft_iters, "init_from": source}
-            runs.append(ex.make_run(f"ft_{arm}_s{seed}", ft, args.out_dir, variant=f"ft_{arm}",
-                                    seed=seed))
+            runs.append(ex.make_run(f"ft_{arm}_s{seed}", ft, args.out_dir, ex.QUICK,
+                                    variant=f"ft_{arm}", seed=seed))
     return runs
 
 
@@ -291,7 +290,7 @@ def parse_strategies(text):
 
 def check_args(args, flags):
     """ConfigError for the first thing wrong with the command."""
-    warmup = flags.get("warmup_iters", ex.QUICK["warmup_iters"])
+    warmup = flags.get("warmup_iters", 0)  # the recipe's is fitted to the fine-tune's length
     problems = [
         (not 1 <= args.seeds <= 100, f"--seeds must be 1 to 100, got {args.seeds}"),
         (args.chat_scenes < 1, f"--chat_scenes must be at least 1, got {args.chat_scenes}"),

@@ -4,7 +4,7 @@ trained through train.train() in its own folder, resumed where it stopped, and s
 finished; the variants of --archs (an arch with fewer keys and values: dec:kv2, dec:cla3,
 bdd:kv1); per-arch learning rates (--lr); and the JSON, figure and table helpers of the reports.
 
-    runs = [make_run("bdd", {**flags, "arch": "bdd"}, out_dir), ...]   # the plan
+    runs = [make_run("bdd", {**flags, "arch": "bdd"}, out_dir, QUICK), ...]   # the plan
     done = execute(runs)            # [Done(run, history, flops_per_token, state)], in order
 
 A run's folder that holds a run trained with other settings is refused (one line naming the
@@ -45,7 +45,8 @@ NOT_COMPARED = (*cfg.MACHINE_FIELDS, "max_iters", "log_interval", "eval_interval
 @dataclass
 class Run:
     name: str                  # its folder under the experiment's out_dir
-    flags: dict                # train flags: cfg.make_config(**flags) == config
+    flags: dict                # train flags: cfg.make_config(recipe, **flags) == config
+    recipe: dict               # the experiment's defaults, below the flags
     config: cfg.TrainConfig
     labels: dict               # what the report groups it by (size, seed, ...)
 
@@ -70,11 +71,14 @@ def use_threads(runs):
         torch.set_num_threads(threads)
 
 
-def make_run(name, flags, out_root, **labels):
-    """A run of the plan: its config from the flags, in <out_root>/<name>; checkpoints at every
-    evaluation, so that an interrupted experiment loses at most one evaluation interval."""
+def make_run(name, flags, out_root, recipe=None, **labels):
+    """A run of the plan: its config from the flags (the user's and the run's own) over the
+    experiment's recipe (defaults that fit a shorter run, cfg.make_config), in
+    <out_root>/<name>; checkpoints at every evaluation, so that an interrupted experiment loses at
+    most one evaluation interval."""
     flags = {"always_save_checkpoint": True, **flags, "out_dir": os.path.join(out_root, name)}
-    return Run(name, flags, cfg.make_config(**flags), labels)
+    recipe = recipe or {}
+    return Run(name, flags, recipe, cfg.make_config(recipe, **flags), labels)
 
 
 def run_state(run):
@@ -171,8 +175,8 @@ def train_run(run, state, log=print):
     if state == "done":
         return cfg.load_checkpoint(cfg.checkpoint_path(run.config.out_dir), mmap=True)["history"]
     (Path(run.config.out_dir) / DIVERGED).unlink(missing_ok=True)  # --overwrite: trained anew
-    config = run.config if state == "new" else cfg.make_config(**{**run.flags,
-                                                                  "init_from": "resume"})
+    config = run.config if state == "new" else cfg.make_config(run.recipe, **{
+        **run.flags, "init_from": "resume"})
     return train.train(config, log=lambda s: log(f"[{run.name}] {s}"))
 
 
@@ -274,11 +278,12 @@ def variant_folder(name):
     return name.replace(":", "-")
 
 
-def variant_problem(name, flags):
+def variant_problem(name, flags, recipe=None):
     """(what is wrong, what would fit) if the variant's options do not fit the model the other
-    flags make: kv<N> must divide n_head, cla<K> be at most n_layer; None if they fit."""
+    flags (over the recipe) make: kv<N> must divide n_head, cla<K> be at most n_layer; None if
+    they fit."""
     own = variant_flags(name)
-    config = cfg.make_config(**{**flags, "arch": own["arch"]})
+    config = cfg.make_config(recipe, **{**flags, "arch": own["arch"]})
     kv, share = own.get("n_kv_head"), own.get("kv_share")
     if kv is not None and config.n_head % kv:
         fits = [f"kv{n}" for n in range(1, config.n_head + 1) if config.n_head % n == 0]
@@ -290,9 +295,9 @@ def variant_problem(name, flags):
     return None
 
 
-def check_variant(name, flags):
+def check_variant(name, flags, recipe=None):
     """ConfigError naming the variant if its options do not fit the model (variant_problem)."""
-    problem = variant_problem(name, flags)
+    problem = variant_problem(name, flags, recipe)
     if problem:
         raise cfg.ConfigError(f"--archs {name}: {problem[0]}; {problem[1]}")
 

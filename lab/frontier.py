@@ -69,10 +69,10 @@ def lr_plan(args, flags):
     runs = []
     for rate in args.lrs:
         for name in args.archs:
-            values = {**RECIPE, **flags, "learning_rate": rate, "min_lr": rate / 10}
+            values = {**flags, "learning_rate": rate, "min_lr": rate / 10}
             folder = os.path.join("lr_sweep", f"{ex.variant_folder(name)}_lr{rate:g}")
             runs.append(ex.make_run(folder, {**values, **ex.variant_flags(name)}, args.out_dir,
-                                    variant=name))
+                                    RECIPE, variant=name))
     return runs
 
 
@@ -230,10 +230,10 @@ def plan(args, flags, lrs, source):
     runs = []
     for seed in range(base, base + args.seeds):
         for name in args.archs:
-            values = {**RECIPE, **flags, **ex.lr_flags(name, lrs, source), "seed": seed}
+            values = {**flags, **ex.lr_flags(name, lrs, source), "seed": seed}
             runs.append(ex.make_run(f"{ex.variant_folder(name)}_s{seed}",
                                     {**values, **ex.variant_flags(name)}, args.out_dir,
-                                    variant=name))
+                                    RECIPE, variant=name))
     return runs
 
 
@@ -441,7 +441,7 @@ def check_args(args, flags):
             raise cfg.ConfigError(message)
     args.archs = ex.parse_archs(args.archs or (",".join(ARCHS) if sweep else FRONTIER_ARCHS))
     for name in args.archs:  # before the rates: a variant that cannot be built is the first error
-        ex.check_variant(name, {**RECIPE, **flags})
+        ex.check_variant(name, flags, RECIPE)
     args.lr, args.seeds = args.lr or "auto", args.seeds or 3
     args.repeats = args.repeats or REPEATS
     args.lr_file = args.lr_file or os.path.join(args.out_dir, "lr.json")

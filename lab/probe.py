@@ -254,9 +254,9 @@ def plan(args, flags):
     tasks, runs = {}, []
     for length in args.lengths:
         folder = os.path.join(args.out_dir, f"task_L{length}")
-        runs += [ex.make_run(f"L{length}_{name}", {**RECIPE, **flags, **options, "arch": arch,
+        runs += [ex.make_run(f"L{length}_{name}", {**flags, **options, "arch": arch,
                                                    "data": folder, "block_size": length},
-                             args.out_dir, length=length, variant=name)
+                             args.out_dir, RECIPE, length=length, variant=name)
                  for name, (arch, options) in names.items()]
         # about one pass over the training rows in the longest run
         train_rows = max(r.config.max_iters * r.config.batch_size *

@@ -85,19 +85,18 @@ def run_name(size, variant, config):
     return f"{size}/{ex.variant_folder(variant)}{split}_s{config.seed}"
 
 
-def budget_iters(values, tokens_per_param):
+def budget_iters(values, recipe, tokens_per_param):
     """Steps that give tokens_per_param training tokens per non-embedding parameter of dec at
     this size (every arch of the size gets the same tokens)."""
-    config = cfg.make_config(**{**values, "arch": "dec"})
+    config = cfg.make_config(recipe, **{**values, "arch": "dec"})
     with torch.device("meta"):  # the shapes only, no memory
         n = build_model("dec", cfg.model_config(config)).num_params(non_embedding=True)
     return math.ceil(tokens_per_param * n / ex.tokens_per_iter(config))
 
 
 def size_flags(args, flags, size):
-    """The flags every run of a size shares."""
-    table = SIZES[args.preset]
-    return {**table.overrides, **table.sizes[size], **flags, "preset": args.preset}
+    """The flags every run of a size shares (over the preset's recipe, SIZES' overrides)."""
+    return {**SIZES[args.preset].sizes[size], **flags, "preset": args.preset}
 
 
 def plan(args, flags, sizes, lrs=None):
@@ -108,11 +107,12 @@ def plan(args, flags, sizes, lrs=None):
     runs = []
     for seed in range(base, base + args.seeds):
         for size in sizes:
-            values = {**size_flags(args, flags, size), "seed": seed}
+            values, recipe = {**size_flags(args, flags, size), "seed": seed}, table.overrides
             if table.tokens_per_param and "max_iters" not in flags:
-                values["max_iters"] = budget_iters(values, table.tokens_per_param)
+                recipe = {**recipe, "max_iters": budget_iters(values, recipe,
+                                                              table.tokens_per_param)}
             if args.splits:  # dec as the reference, then bdd at each split
-                n_layer = cfg.make_config(**values).n_layer
+                n_layer = cfg.make_config(recipe, **values).n_layer
                 variants = [("dec", {})] + [("bdd", {"n_dec_layer": n_layer // (r + 1)})
                                             for r in SPLITS]
             else:
@@ -120,9 +120,9 @@ def plan(args, flags, sizes, lrs=None):
             for name, split in variants:
                 v = {**ex.variant_flags(name), **split,
                      **(ex.lr_flags(name, lrs, args.lr) if lrs else {})}
-                config = cfg.make_config(**values, **v)
+                config = cfg.make_config(recipe, **values, **v)
                 runs.append(ex.make_run(run_name(size, name, config), {**values, **v},
-                                        args.out_dir, size=size, variant=name))
+                                        args.out_dir, recipe, size=size, variant=name))
     return runs
 
 
@@ -344,11 +344,13 @@ def parse(argv):
 
 def check_sizes(args, flags, name, sizes):
     """ConfigError if the variant's options do not fit one of the sizes, naming those they fit."""
-    bad = [s for s in sizes if ex.variant_problem(name, size_flags(args, flags, s))]
+    recipe = SIZES[args.preset].overrides
+    bad = [s for s in sizes if ex.variant_problem(name, size_flags(args, flags, s), recipe)]
     if bad:
-        problem = ex.variant_problem(name, size_flags(args, flags, bad[0]))[0]
+        problem = ex.variant_problem(name, size_flags(args, flags, bad[0]), recipe)[0]
         table = SIZES[args.preset].sizes
-        fits = [s for s in table if not ex.variant_problem(name, size_flags(args, flags, s))]
+        fits = [s for s in table
+                if not ex.variant_problem(name, size_flags(args, flags, s), recipe)]
         heads = ", ".join(f"{s} {v['n_head']}" for s, v in table.items())
         raise cfg.ConfigError(f"--archs {name}: {problem} at size {bad[0]}; the {args.preset} "
                               f"sizes keep their heads ({heads}), so {name} fits "
@@ -361,7 +363,8 @@ def check_args(args, flags):
     table = SIZES[args.preset]
     sizes = [s for s in (args.sizes or "").split(",") if s]
     unknown = [s for s in sizes if s not in table.sizes]
-    n_layer = flags.get("n_layer", cfg.make_config(preset=args.preset).n_layer)
+    n_layer = flags.get("n_layer", cfg.PRESETS[args.preset].get("n_layer",
+                                                                cfg.TrainConfig.n_layer))
     problems = [
         (not 1 <= args.seeds <= 100, f"--seeds must be 1 to 100, got {args.seeds}"),
         (args.sizes is not None and not sizes, "--sizes is empty; name sizes of the preset, e.g. "
