@@ -25,10 +25,11 @@ from typing import ClassVar
 import torch
 
 import cli
-from corpus import prepare as corpus
 import files
 import pack
-from corpus import sources
+from corpus.download import DATA, DataError
+from corpus.tokenizers import TOKENIZERS, check_tokenizer
+from corpus.turns import turn_pattern
 from model import ARCHS, ModelConfig, build_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,7 +62,7 @@ class TrainConfig:
     data: str = setting(None, "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT "
                         "folder with train.bin and val.bin (default: Shakespeare)")
     data_root: str = setting(None, "folder of prepared datasets (default: data/)")
-    tokenizer: str = setting("byte", "tokenizer", corpus.TOKENIZERS)
+    tokenizer: str = setting("byte", "tokenizer", TOKENIZERS)
     text_field: str = setting("text", "the text field of jsonl lines")
     turn_regex: str = setting(None, "a regular expression whose matches start the turns of the "
                               "text (default: the speaker lines of the Shakespeare plays; none "
@@ -233,7 +234,7 @@ def check(config):
         if not holds(config):
             raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
     if config.turn_regex is not None:
-        sources.turn_pattern(config.turn_regex)  # DataError: one line, exit 2
+        turn_pattern(config.turn_regex)  # DataError: one line, exit 2
     check_device(config.device)
 
 
@@ -279,7 +280,7 @@ def check_folders(config):
     """Before any data is prepared or model built: out_dir and data_root must be folders this
     process can write (or create), and a fresh run must not silently replace another run."""
     writable_folder(config.out_dir, "out_dir")
-    writable_folder(config.data_root or sources.DATA, "data_root")
+    writable_folder(config.data_root or DATA, "data_root")
     path = checkpoint_path(config.out_dir)
     refuse([(config.init_from != "resume" and not config.overwrite and path.exists(),
              f"{path} already holds a run: continue it with --init_from resume, train into "
@@ -481,8 +482,8 @@ def load_model(out_dir, device="cpu"):
     """(model in eval mode, checkpoint dict without weights and optimizer) of out_dir/ckpt.pt."""
     ckpt = load_checkpoint(checkpoint_path(out_dir))
     try:
-        corpus.check_tokenizer(ckpt["tokenizer"])
-    except corpus.DataError as e:
+        check_tokenizer(ckpt["tokenizer"])
+    except DataError as e:
         raise ConfigError(f"{out_dir}: {e}") from None
     try:
         model = build_model(ckpt["arch"], ModelConfig(**ckpt["model_config"]))

@@ -1,25 +1,22 @@
 """
-Documents -> prepared token streams: the tokenizers and prepare().
+The streamed prepare: the documents of a corpus (corpus/documents.py: Shakespeare by default,
+or --data) tokenized once into data/<name>_<tokenizer>/{train,val}.bin + meta.json.
 
-1. Tokenizers, both tiktoken.Encoding: "byte" (256 bytes + <|endoftext|>) and "gpt2" (GPT-2's BPE,
-   read offline out of the `openai-whisper` sdist, pinned by sha256).
-2. prepare(): the documents of a corpus (corpus/sources.py: Shakespeare by default, or --data) tokenized
-   once into data/<name>_<tokenizer>/{train,val}.bin + meta.json, streaming: documents are read
-   in pieces and tokenized in chunks by one process per core, so a corpus larger than memory
-   works. Documents go whole to train or val, each followed by <|endoftext|>. Re-use is decided
-   from file names, sizes and times (prepare's docstring has the rule).
-3. Turns: the token offsets where turns start (found by sources.with_turns while the text
-   streams by) are kept beside the tokens as {train,val}.turns, sorted; pack.py's `turns` block
-   boundaries read them.
+- Streaming: documents are read in pieces, cut into chunks at places that keep their tokens,
+  and tokenized by one process per core (corpus/tokenizers.py), so a corpus larger than memory
+  works. Documents go whole to train or val, each followed by <|endoftext|>.
+- Turns: the token offsets where turns start (found by corpus/turns.py while the text streams
+  by) are kept beside the tokens as {train,val}.turns, sorted; pack.py's `turns` block
+  boundaries read them.
+- Re-use is decided from file names, sizes and times (prepare's docstring has the rule); a
+  nanoGPT folder (train.bin, val.bin) is used in place.
 
-pack.py cuts the prepared streams into batches. Run `python -m corpus.prepare [--data PATH] [--tokenizer
-byte|gpt2]` to prepare a dataset and print a summary.
+pack.py cuts the prepared streams into batches (load_meta). Run `python -m corpus.prepare
+[--data PATH] [--tokenizer byte|gpt2]` to prepare a dataset and print a summary.
 """
 
-import base64
 import collections
 import contextlib
-import functools
 import hashlib
 import json
 import multiprocessing
@@ -28,26 +25,19 @@ import re
 import shutil
 import signal
 import sys
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 import cli
-from corpus import sources
-from corpus.sources import DataError, DownloadError  # noqa: F401 (corpus.DataError: raised by both)
-
-WHISPER = ("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
-           "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96")
-
-TOKENIZERS = ("byte", "gpt2")
-EOT = "<|endoftext|>"
-# GPT-2's pre-tokenizer split. Every character is a letter, a number, whitespace or "other", so
-# the pieces cover the whole text and the byte tokenizer drops nothing.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+from corpus.documents import (CHUNK_BYTES, JSONL, SPLITS, corpus_documents, is_nanogpt,
+                              source_files, split_documents)
+from corpus.download import DATA, SHAKESPEARE, DataError, sha256
+from corpus.tokenizers import (TOKENIZERS, check_tokenizer, encode_segments, get_tokenizer,
+                               token_bytes, token_dtype)
+from corpus.turns import SHAKESPEARE_TURNS, turn_pattern, with_turns
 
 # Where a text can be cut without changing its tokens: between a non-space and an ASCII space,
 # tab or line break. GPT-2's pattern never joins whitespace to the piece before it, and starts
@@ -58,33 +48,6 @@ SAFE_CUT = re.compile(r"\S[ \t\n\r]")
 # Bump when the prepared layout or split rule changes: prepare() then re-prepares old folders, and
 # load_meta() refuses them. 2: the turn streams ({train,val}.turns) and "turns" in meta.json.
 FORMAT = 2
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizers
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer(name):
-    """tiktoken.Encoding for "byte" (257 ids, eot = 256) or "gpt2" (50257 ids, eot = 50256)."""
-    if name == "byte":
-        ranks = {bytes([i]): i for i in range(256)}
-        return tiktoken.Encoding(name="byte", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: 256})
-    if name == "gpt2":
-        with tarfile.open(sources.fetch(WHISPER)) as tar:
-            text = tar.extractfile("openai_whisper-20250625/whisper/assets/gpt2.tiktoken").read()
-        # tiktoken's file format: one "<base64 token> <rank>" per line
-        ranks = {base64.b64decode(token): int(rank)
-                 for token, rank in (line.split() for line in text.splitlines() if line)}
-        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: 50256})
-    check_tokenizer(name)
-
-
-def check_tokenizer(name):
-    if name not in TOKENIZERS:
-        raise DataError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,56 +86,29 @@ def safe_cut(text, start=0):
 def chunks(parts, turn_pattern=None):
     """Chunks of about CHUNK_BYTES characters per split, in order, from (split, document) pairs.
     A document longer than that is cut into segments at safe cuts, so its tokens are those of the
-    whole; a shorter one is never cut. Turns: where turn_pattern's matches start (sources.with_turns)."""
-    open_chunks = {split: Chunk(split) for split in sources.SPLITS}
+    whole; a shorter one is never cut. Turns: where turn_pattern's matches start (with_turns)."""
+    open_chunks = {split: Chunk(split) for split in SPLITS}
     for split, doc in parts:
         carry, clean = "", 0  # text not yet added; its first `clean` characters hold no safe cut
         turns = []  # offsets in carry
-        for text, size, starts in sources.with_turns(doc.pieces(), turn_pattern):
+        for text, size, starts in with_turns(doc.pieces(), turn_pattern):
             open_chunks[split].nbytes += size
             turns += [len(carry) + t for t in starts]
             carry += text
-            if len(carry) >= sources.CHUNK_BYTES:
+            if len(carry) >= CHUNK_BYTES:
                 if cut := safe_cut(carry, max(clean - 1, 0)):
                     open_chunks[split].add(carry[:cut], False, [t for t in turns if t < cut])
                     carry, turns = carry[cut:], [t - cut for t in turns if t >= cut]
                 clean = len(carry)
-            if open_chunks[split].chars >= sources.CHUNK_BYTES:
+            if open_chunks[split].chars >= CHUNK_BYTES:
                 yield open_chunks[split]
                 open_chunks[split] = Chunk(split)
         open_chunks[split].add(carry, True, turns)
         open_chunks[split].documents.append(doc)
-        if open_chunks[split].chars >= sources.CHUNK_BYTES:
+        if open_chunks[split].chars >= CHUNK_BYTES:
             yield open_chunks[split]
             open_chunks[split] = Chunk(split)
     yield from (chunk for chunk in open_chunks.values() if chunk.segments)
-
-
-def token_dtype(n_vocab):
-    return "uint16" if n_vocab <= 2**16 else "uint32"
-
-
-def encode_segments(tokenizer, segments):
-    """The tokens of text segments, each followed by eot where it ends a document."""
-    enc = get_tokenizer(tokenizer)
-    eot, parts = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)]
-    for text, ends_document in segments:
-        try:  # ordinary: a literal "<|endoftext|>" in a text is text, not the eot id
-            parts.append(enc.encode_to_numpy(text, disallowed_special=()))
-        except UnicodeEncodeError:  # lone surrogates (a jsonl "\ud800"): encode_ordinary copes
-            parts.append(np.array(enc.encode_ordinary(text), dtype=np.uint32))
-        if ends_document:
-            parts.append(eot)
-    return np.concatenate(parts).astype(token_dtype(enc.n_vocab))
-
-
-@functools.lru_cache(maxsize=None)
-def token_bytes(tokenizer):
-    """UTF-8 bytes of every token id's text; 0 for eot, which holds no text."""
-    enc = get_tokenizer(tokenizer)
-    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
-    lengths[enc.eot_token] = 0
-    return lengths
 
 
 def utf8_len(text):
@@ -270,11 +206,11 @@ def tokenize(folder, parts, tokenizer, workers, progress, turn_pattern=None):
     documents of each split; a jsonl file's documents as one entry per split, "file: N documents".
     """
     enc = get_tokenizer(tokenizer)  # loaded before the workers fork, so they share it
-    tokens, documents, names = ({split: kind() for split in sources.SPLITS} for kind in (int, int, list))
-    turns = {split: 0 for split in sources.SPLITS}
+    tokens, documents, names = ({split: kind() for split in SPLITS} for kind in (int, int, list))
+    turns = {split: 0 for split in SPLITS}
     with contextlib.ExitStack() as files:
         out = {(split, kind): files.enter_context(open(folder / f"{split}.{kind}", "wb"))
-               for split in sources.SPLITS for kind in (("bin", "turns") if turn_pattern else ("bin",))}
+               for split in SPLITS for kind in (("bin", "turns") if turn_pattern else ("bin",))}
         for chunk, ids in encode_chunks(tokenizer, chunks(parts, turn_pattern), workers):
             ids.tofile(out[chunk.split, "bin"])
             if turn_pattern:
@@ -316,7 +252,7 @@ def dataset_name(data):
         return "shakespeare"
     path = Path(data)
     stem = slug(path.stem) or slug(path.parent.name) or "data"
-    return f"{stem}-{sources.sha256(str(path.resolve()).encode())[:8]}"
+    return f"{stem}-{sha256(str(path.resolve()).encode())[:8]}"
 
 
 def manifest(files, text_field, turn_regex=None):
@@ -325,27 +261,27 @@ def manifest(files, text_field, turn_regex=None):
     the text field when there are jsonl files, and the turn regex. A digest, so meta.json stays
     small."""
     if files is None:
-        entries = [list(sources.SHAKESPEARE)]
+        entries = [list(SHAKESPEARE)]
     else:
         entries = [[str(f.resolve()), s.st_size, s.st_mtime_ns] for f in files
                    for s in [f.stat()]]
-        if any(str(f).endswith(sources.JSONL) for f in files):
+        if any(str(f).endswith(JSONL) for f in files):
             entries.append(["text_field", text_field])
     if turn_regex is not None:
         entries.append(["turn_regex", turn_regex])
-    return sources.sha256(json.dumps(entries).encode())
+    return sha256(json.dumps(entries).encode())
 
 
 def content_hash(files):
     """sha256 of every source file's name, size and bytes (read in blocks); compared by
     --rehash. The default corpus is pinned by its sdist's sha256."""
     if files is None:
-        return sources.sha256(f"format {FORMAT}\0{sources.SHAKESPEARE[2]}".encode())
+        return sha256(f"format {FORMAT}\0{SHAKESPEARE[2]}".encode())
     h = hashlib.sha256(f"format {FORMAT}".encode())
     for f in files:
         h.update(f"\0{f.resolve()}\0{f.stat().st_size}\0".encode())
         with open(f, "rb") as source:
-            while block := source.read(sources.CHUNK_BYTES):
+            while block := source.read(CHUNK_BYTES):
                 h.update(block)
     return h.hexdigest()
 
@@ -361,7 +297,7 @@ def is_prepared(out, stamp, source_hash=None):
         return (meta["format"] == FORMAT and meta["manifest"] == stamp and
                 source_hash in (None, meta["source_hash"]) and
                 all((out / f"{s}.bin").stat().st_size == meta["tokens"][s] * itemsize
-                    for s in sources.SPLITS) and
+                    for s in SPLITS) and
                 all((out / f"{s}.turns").stat().st_size == n * 8 for s, n in turns.items()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -379,7 +315,7 @@ def nanogpt_meta(folder, tokenizer):
                         f"(like shakespeare_char), not GPT-2's; give its text to --data instead")
     enc = get_tokenizer(tokenizer)
     tokens = {}
-    for split in sources.SPLITS:
+    for split in SPLITS:
         path = folder / f"{split}.bin"
         size = path.stat().st_size
         head = np.fromfile(path, dtype=np.uint16, count=min(size // 2, 1 << 20))
@@ -393,7 +329,7 @@ def nanogpt_meta(folder, tokenizer):
             "turn_regex": None, "dir": str(folder)}
 
 
-def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", rehash=False,
+def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=False,
             turn_regex=None, workers=None):
     """Tokenize a corpus once into root/<name>_<tokenizer>; returns its meta (with "dir").
 
@@ -403,7 +339,7 @@ def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", r
     read. rehash=True (--rehash) also re-reads every byte and compares the content hash, for
     edits that keep size and time.
 
-    Turns: where matches of turn_regex start (default: sources.SHAKESPEARE_TURNS for the Shakespeare
+    Turns: where matches of turn_regex start (default: SHAKESPEARE_TURNS for the Shakespeare
     corpus, none for any other) is kept as {train,val}.turns, meta["turns"] counting them
     (None: no regex). A nanoGPT folder (train.bin, val.bin) holds tokens, not text: no turns.
 
@@ -415,23 +351,23 @@ def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", r
     if data is not None and not str(data):  # Path("") would be the current folder
         raise DataError("--data is empty; give a file, folder or glob, or leave --data out for "
                         "the Shakespeare corpus")
-    if sources.is_nanogpt(data):
+    if is_nanogpt(data):
         if turn_regex is not None:
             raise DataError(f"--data {data} is a nanoGPT folder of tokens, where no --turn_regex "
                             f"can find turns; give its text to --data instead")
         return nanogpt_meta(data, tokenizer)
     if data is None and turn_regex is None:
-        turn_regex = sources.SHAKESPEARE_TURNS
-    pattern = None if turn_regex is None else sources.turn_pattern(turn_regex)
-    files = None if data is None else sources.source_files(data)
+        turn_regex = SHAKESPEARE_TURNS
+    pattern = None if turn_regex is None else turn_pattern(turn_regex)
+    files = None if data is None else source_files(data)
     stamp = manifest(files, text_field, turn_regex)
     out = Path(root) / f"{dataset_name(data)}_{tokenizer}"
     source_hash = content_hash(files) if rehash else None
     if not is_prepared(out, stamp, source_hash):
-        parts = sources.split_documents(sources.corpus_documents(files, text_field), data)
+        parts = split_documents(corpus_documents(files, text_field), data)
         total = None if files is None else sum(f.stat().st_size for f in files)
         if workers is None:
-            workers = cpu_count() if total is None or total > sources.CHUNK_BYTES else 1
+            workers = cpu_count() if total is None or total > CHUNK_BYTES else 1
         # Build in a scratch folder and rename it into place: an interrupted or failed prepare
         # leaves no dataset behind that could pass as prepared.
         tmp = out.with_name(out.name + ".tmp")
@@ -442,7 +378,7 @@ def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", r
                   f"{'' if total is None else f'{total / 1e6:,.1f} MB, '}{workers} "
                   f"process{'es' if workers > 1 else ''}) ...")
             meta = {"format": FORMAT, "name": dataset_name(data),
-                    "source": sources.SHAKESPEARE[0] if data is None else str(data), "manifest": stamp,
+                    "source": SHAKESPEARE[0] if data is None else str(data), "manifest": stamp,
                     "source_hash": source_hash or content_hash(files), "text_field": text_field,
                     **tokenize(tmp, parts, tokenizer, workers, Progress(total), pattern)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -461,12 +397,12 @@ def load_meta(data_dir):
     try:
         meta = json.loads((data_dir / "meta.json").read_text())
     except OSError:
-        raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); "
-                        f"run corpus/prepare.py") from None
+        raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); prepare it with "
+                        f"python -m corpus.prepare") from None
     if meta.get("format") != FORMAT:
-        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this corpus/prepare.py "
-                        f"reads format {FORMAT}; prepare it again (corpus/prepare.py, or train.py, with "
-                        f"the same --data)")
+        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this nanoBDD "
+                        f"reads format {FORMAT}; prepare it again (python -m corpus.prepare, or "
+                        f"train.py, with the same --data)")
     return {**meta, "dir": str(data_dir)}
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 import files
-from corpus.prepare import DataError, get_tokenizer, token_dtype
+from corpus.download import DataError
+from corpus.tokenizers import get_tokenizer, token_dtype
 
 ROWS_FORMAT = 1
 

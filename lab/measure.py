@@ -32,7 +32,8 @@ import config as cfg
 import pack
 import train
 from cache import held_bytes
-from corpus.prepare import DataError, get_tokenizer
+from corpus.download import DataError
+from corpus.tokenizers import get_tokenizer
 from lab.flops import decode_flops, step_flops
 from generate import Session, generate
 

@@ -12,7 +12,7 @@ MQAR: a row of L + 1 tokens (inputs L, targets L) holds D key-value pairs, fille
 again in a random order, each followed by its value. The loss is on those values only (the
 answers), as in Zoology: every other token is random. One model per arch and length is trained
 from scratch on an even mix of the pair counts, through train.train() on the task's rows (a
-prepared dataset of fixed-length rows, rows.write_rows); accuracy is top-1 over the whole
+prepared dataset of fixed-length rows, corpus/rows.py); accuracy is top-1 over the whole
 vocabulary on held-out rows (the val split), per pair count. bdd trains with the default random
 boundaries and is evaluated twice: with its block starting at the first query (prompt = the pairs
 and filler, answers generated) and with random boundaries (1 to 7 per row).
@@ -43,11 +43,11 @@ import torch.nn.functional as F
 
 import cli
 import config as cfg
-from corpus import prepare as corpus
 from lab import experiment as ex
 import files
 import pack
-from corpus import rows
+from corpus.rows import is_rows, write_rows
+from corpus.tokenizers import get_tokenizer
 from mask import block_ids
 from model import ARCHS
 
@@ -124,13 +124,13 @@ def task_splits(length, pairs, vocab, train_rows, eval_rows, seed):
 
 
 def write_task(folder, about):
-    """The task's rows in folder (rows.write_rows), unless it already holds these; returns the
+    """The task's rows in folder (write_rows), unless it already holds these; returns the
     held-out rows {pairs: (tokens, loss)}."""
     splits = task_splits(about["length"], about["pairs"], about["vocab"], about["train_rows"],
                          about["eval_rows"], about["seed"])
     meta = Path(folder) / "meta.json"
-    if not (rows.is_rows(folder) and json.loads(meta.read_text()).get("about") == about):
-        rows.write_rows(folder, splits, "byte", f"mqar_L{about['length']}", about)
+    if not (is_rows(folder) and json.loads(meta.read_text()).get("about") == about):
+        write_rows(folder, splits, "byte", f"mqar_L{about['length']}", about)
     n, (tokens, loss) = about["eval_rows"], splits["val"]
     return {d: (tokens[i * n:(i + 1) * n], loss[i * n:(i + 1) * n])
             for i, d in enumerate(about["pairs"])}
@@ -150,7 +150,7 @@ def answer_accuracy(model, arch, tokens, loss, boundaries="prompt", batch=256):
     for i in range(0, len(tokens), batch):
         w = torch.from_numpy(tokens[i:i + batch].astype(np.int64))
         b = pack.row_batch(arch, w, torch.from_numpy(loss[i:i + batch]), gen, max_blocks=8,
-                           eot=corpus.get_tokenizer("byte").eot_token, boundaries="random")
+                           eot=get_tokenizer("byte").eot_token, boundaries="random")
         if arch == "bdd" and boundaries == "prompt":
             b["block_ids"] = prompt_blocks(b["y"])
         device = next(model.parameters()).device
@@ -174,7 +174,7 @@ def prompt_blocks(y):
 def copy_strings(n, samples, tokenizer, gen):
     """(samples, 2n): random strings A of n ordinary tokens (any id of the tokenizer but eot),
     each as A A."""
-    enc = corpus.get_tokenizer(tokenizer)
+    enc = get_tokenizer(tokenizer)
     a = torch.randint(enc.n_vocab - 1, (samples, n), generator=gen)
     a += (a >= enc.eot_token).long()  # the ids after eot move up one: eot is never drawn
     return torch.cat([a, a], dim=1)

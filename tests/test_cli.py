@@ -13,7 +13,6 @@ import pytest
 from lab import ablation
 import cli
 import compare
-from corpus import prepare as corpus
 import files
 from lab import frontier
 import mask
@@ -21,11 +20,12 @@ from lab import probe
 import sample
 from lab import sweep
 import train
+from corpus.prepare import main as prepare_main
 
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
            "lab/sweep.py": sweep.main, "lab/frontier.py": frontier.main, "lab/ablation.py": ablation.main,
            "mask.py": mask.main,
-           "corpus/prepare.py": corpus.main, "lab/probe.py": probe.main}
+           "corpus/prepare.py": prepare_main, "lab/probe.py": probe.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
        "compare.py": ["--repeats", "x"], "lab/sweep.py": ["--seeds", "x"],
        "lab/frontier.py": ["--seeds", "x"], "lab/ablation.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from corpus import prepare as corpus
 import pack
 from lab import probe
 from model import ARCHS, ModelConfig, build_model
 from corpus.rows import load_rows, write_rows
+from corpus.download import DataError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -117,10 +117,10 @@ def test_row_mode_draws_whole_rows_and_masks_exactly_the_other_targets(task, arc
 
 def test_row_mode_refuses_settings_its_rows_cannot_take(task):
     meta = task[0]
-    with pytest.raises(corpus.DataError, match="--block_size 16") as e:
+    with pytest.raises(DataError, match="--block_size 16") as e:
         pack.Batches(meta, "dec", 32, 4)
     assert "\n" not in str(e.value)
-    with pytest.raises(corpus.DataError, match="--tokenizer byte"):
+    with pytest.raises(DataError, match="--tokenizer byte"):
         load_rows(meta["dir"], "gpt2")
 
 
