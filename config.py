@@ -175,6 +175,9 @@ AGREE = [
     (lambda c: c.objective == "prefix_lm" or c.arch == "encdec",
      "--objective {objective} is an encoder-decoder objective; {arch} always predicts every next "
      "token: drop --objective or use --arch encdec"),
+    (lambda c: c.objective != "span" or c.block_size >= 3,
+     "--objective span needs --block_size 3 or more (its decoder reads a sentinel, the masked "
+     "tokens and an end token, within the row); raise --block_size"),
     (lambda c: c.boundaries == "random" or c.arch == "bdd",
      "--boundaries {boundaries} places bdd's block boundaries; {arch} has none: drop "
      "--boundaries or use --arch bdd"),
@@ -248,12 +251,15 @@ def check_fields(obj):
     for f in fields(obj):
         value, allowed = getattr(obj, f.name), f.metadata["allowed"]
         interval = allowed if isinstance(allowed, str) and value is not None else None
+        too_long = f.name in PATH_FIELDS and value and files.name_too_long(value)
         refuse([(value == "" and f.name in PATH_FIELDS, f"--{f.name} is empty; give a path, or "
                                                         f"leave --{f.name} out for its default"),
+                (too_long, f"--{f.name} {cli.shown(value)}: {too_long}; give a shorter path"),
                 (isinstance(allowed, tuple) and value is not None and value not in allowed,
                  f"--{f.name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
                 (interval and not in_interval(value, interval), f"--{f.name} {value} is out of "
-                 f"range: it must be {interval and describe_interval(interval)}")])
+                 f"range: it must be {interval and describe_interval(interval)}"
+                 f"{' and finite' if value in (math.inf, -math.inf) else ''}")])
 
 
 def allowed(name):
@@ -279,23 +285,12 @@ def check_device(device):
 def check_folders(config):
     """Before any data is prepared or model built: out_dir and data_root must be folders this
     process can write (or create), and a fresh run must not silently replace another run."""
-    writable_folder(config.out_dir, "out_dir")
-    writable_folder(config.data_root or DATA, "data_root")
+    files.usable_folder(config.out_dir, "out_dir")
+    files.usable_folder(config.data_root or DATA, "data_root")
     path = checkpoint_path(config.out_dir)
     refuse([(config.init_from != "resume" and not config.overwrite and path.exists(),
              f"{path} already holds a run: continue it with --init_from resume, train into "
              f"another --out_dir, or replace it with --overwrite")])
-
-
-def writable_folder(path, flag):
-    """ConfigError unless path is a writable folder, or could be created as one."""
-    existing = Path(path).absolute()
-    while not existing.exists():  # the nearest existing folder is where it would be created
-        existing = existing.parent
-    refuse([(not existing.is_dir(), f"--{flag} {path}: {existing} is a file, not a folder; "
-                                    f"choose another --{flag}"),
-            (not os.access(existing, os.W_OK | os.X_OK), f"--{flag} {path}: {existing} is not "
-                                                         f"writable; choose another --{flag}")])
 
 
 # -----------------------------------------------------------------------------
@@ -374,10 +369,12 @@ def add_flags(parser, per_run=None, skip=(), settings=None):
             parser.add_argument(f"--{f.name}", action=Refused, advice=per_run[f.name],
                                 help=argparse.SUPPRESS, default=argparse.SUPPRESS)
             continue
-        gpu = f", gpu preset {PRESETS['gpu'][f.name]}" if f.name in PRESETS["gpu"] and \
-            settings is None else ""
-        limits = f", allowed {allowed}" if isinstance(allowed, str) else ""
-        kw = dict(help=f"{f.metadata['help']} (default {f.default}{gpu}{limits})",
+        # the default, unless the help says it in words; the gpu preset's; the range
+        notes = [] if "default" in f.metadata["help"] else [f"default {f.default}"]
+        notes += [f"gpu preset {PRESETS['gpu'][f.name]}"] if f.name in PRESETS["gpu"] and \
+            settings is None else []
+        notes += [f"allowed {allowed}"] if isinstance(allowed, str) else []
+        kw = dict(help=f.metadata["help"] + (" (" + ", ".join(notes) + ")" if notes else ""),
                   default=argparse.SUPPRESS)
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)

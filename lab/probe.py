@@ -69,6 +69,7 @@ RECIPE = dict(tokenizer="byte", n_layer=2, n_head=2, n_embd=64, dropout=0.0, bat
 # --variants: the model's cache-cutting options on the archs that take them
 VARIANTS = {"dec_kv_share2": ("dec", {"kv_share": 2}), "bdd_n_kv_head1": ("bdd", {"n_kv_head": 1})}
 COPY_SAMPLES = 64
+COPY_BATCH = 64  # strings scored at a time: memory holds one batch's cache and one step's logits
 
 
 # -----------------------------------------------------------------------------
@@ -181,16 +182,20 @@ def copy_strings(n, samples, tokenizer, gen):
 
 
 @torch.no_grad()
-def cached_logits(model, seq, start):
-    """Next-token logits (B, T-1-start, vocab) at positions start..T-2 of seq (B, T), through the
-    KV cache: prefill seq[:, :start+1] (bdd's block and encdec's decoder start at `start`), then
-    decode each true next token."""
+def cached_steps(model, seq, start):
+    """Next-token logits (B, vocab) at positions start..T-2 of seq (B, T), one position at a time,
+    through the KV cache: prefill seq[:, :start+1] (bdd's block and encdec's decoder start at
+    `start`), then decode each true next token."""
     logits, cache = model.prefill(seq[:, :start + 1])
-    out = [logits]
+    yield logits
     for t in range(start + 1, seq.shape[1] - 1):
         logits, cache = model.decode(seq[:, t], cache)
-        out.append(logits)
-    return torch.stack(out, dim=1)
+        yield logits
+
+
+def cached_logits(model, seq, start):
+    """All of cached_steps, stacked: (B, T-1-start, vocab)."""
+    return torch.stack(list(cached_steps(model, seq, start)), dim=1)
 
 
 @torch.no_grad()
@@ -209,9 +214,25 @@ def copy_scores(logits, seq, start):
     n = seq.shape[1] // 2
     pred, target = logits[:, n - start:].float(), seq[:, n + 1:]  # positions n..2n-2
     nll = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")  # (B, n-1)
-    hit = (pred.argmax(-1) == target).float()
-    return {"n": n, "loss": nll.mean().item(), "accuracy": hit.mean().item(),
+    return scores(nll, (pred.argmax(-1) == target).float())
+
+
+def scores(nll, hit):
+    """copy_scores from the loss and the hits (B, n-1) of the second copy."""
+    return {"n": nll.shape[1] + 1, "loss": nll.mean().item(), "accuracy": hit.mean().item(),
             "loss_by_offset": nll.mean(0).tolist(), "accuracy_by_offset": hit.mean(0).tolist()}
+
+
+def streamed_scores(model, seq, start):
+    """copy_scores of seq through cached_steps, each step scored as it comes, so that memory
+    holds one step's logits, not the whole copy's: (nll, hit), each (B, n-1)."""
+    n, nll, hit = seq.shape[1] // 2, [], []
+    for position, logits in enumerate(cached_steps(model, seq, start), start):
+        if position >= n:  # the second copy from its second token: targets n+1..2n-1
+            target = seq[:, position + 1]
+            nll.append(F.cross_entropy(logits.float(), target, reduction="none"))
+            hit.append((logits.argmax(-1) == target).float())
+    return torch.stack(nll, 1), torch.stack(hit, 1)
 
 
 def copy_starts(arch, n):
@@ -221,24 +242,38 @@ def copy_starts(arch, n):
 
 def copy_probe(out_dir, lengths, samples, device):
     """The copy probe of one checkpoint: {dir, arch, tokenizer, block_size, splits: {split:
-    [scores per n]}}."""
+    [scores per n]}}. Strings go through the model COPY_BATCH at a time, each step scored as it
+    comes, so that memory does not grow with --copy_samples (a slice of the same draws)."""
     model, ckpt = cfg.load_model(out_dir, device)
-    block_size = model.config.block_size
-    lengths = lengths or [2 ** k for k in range(3, 20) if 2 ** (k + 1) <= block_size]
-    too_long = [n for n in lengths if 2 * n > block_size]
-    if too_long:
-        raise cfg.ConfigError(f"--copy_lengths {too_long[0]}: {out_dir} holds a model of "
-                              f"block_size {block_size}, which reads strings A A of at most "
-                              f"{block_size // 2} tokens each")
+    lengths = copy_lengths(lengths, model.config.block_size, out_dir)
     gen = torch.Generator().manual_seed(SEED)
     splits = {}
     for n in lengths:
-        seq = copy_strings(n, samples, ckpt["tokenizer"], gen).to(device)
-        for split, start in copy_starts(ckpt["arch"], n).items():
-            splits.setdefault(split, []).append(
-                copy_scores(cached_logits(model, seq, start), seq, start))
+        parts = {split: [] for split in copy_starts(ckpt["arch"], n)}
+        for count in [COPY_BATCH] * (samples // COPY_BATCH) + [samples % COPY_BATCH]:
+            seq = copy_strings(n, count, ckpt["tokenizer"], gen).to(device) if count else None
+            for split, start in copy_starts(ckpt["arch"], n).items():
+                parts[split] += [streamed_scores(model, seq, start)] if count else []
+        for split, batches in parts.items():
+            splits.setdefault(split, []).append(scores(*(torch.cat(b) for b in zip(*batches))))
     return {"dir": str(out_dir), "arch": ckpt["arch"], "tokenizer": ckpt["tokenizer"],
-            "block_size": block_size, "iter_num": ckpt["iter_num"], "splits": splits}
+            "block_size": model.config.block_size, "iter_num": ckpt["iter_num"],
+            "splits": splits}
+
+
+def copy_lengths(lengths, block_size, out_dir):
+    """The string lengths n to probe a model of block_size with (strings A A: 2n tokens): the
+    given ones, else 8, 16, ... up to half the context (half of a context under 16); ConfigError
+    if one does not fit, or the context holds no copy of two tokens."""
+    default = [2 ** k for k in range(3, 20) if 2 ** (k + 1) <= block_size] or [block_size // 2]
+    lengths = lengths or default
+    too_long = [n for n in lengths if 2 * n > block_size]
+    cfg.refuse([(block_size < 4, f"--copy {out_dir} holds a model of block_size {block_size}, "
+                 f"too short for the copy probe (strings A A of at least 2 tokens each)"),
+                (too_long, f"--copy_lengths {too_long and too_long[0]}: {out_dir} holds a "
+                 f"model of block_size {block_size}, which reads strings A A of at most "
+                 f"{block_size // 2} tokens each")])
+    return lengths
 
 
 # -----------------------------------------------------------------------------
@@ -432,26 +467,32 @@ def parse(argv):
                            "block_size": "use --lengths", "tokenizer": "the task is byte ids"})
     p.add_argument("--copy", nargs="+", metavar="RUN_DIR", default=[], help="run folders (each "
                    "holding a ckpt.pt) to give the copy probe")
-    args = cfg.add_flags(p, settings=ProbeConfig).parse_args(argv)
+    args = ex.parse_args(cfg.add_flags(p, settings=ProbeConfig), argv)
     flags = cfg.given_flags(args)
     training = next((k for k in flags if k not in ("device", "out_dir", "threads")), None)
     probe = ProbeConfig(**cfg.given_flags(args, ProbeConfig))
     cfg.refuse([(not (probe.mqar or args.copy),
                  "nothing to probe: give --mqar, --copy RUN_DIR ..., or both"),
                 (training and not probe.mqar, f"--{training} is a training flag, for "
-                 f"--mqar's runs; the copy probe reads trained checkpoints"),
-                (not args.out_dir, "--out_dir is empty; give a folder, or leave it out for "
-                 "out/probes")])
+                 f"--mqar's runs; the copy probe reads trained checkpoints")])
     return argparse.Namespace(**vars(probe), out_dir=args.out_dir, copy=args.copy), flags
 
 
+# What plot() and the tables read of each section of probes.json, checked when an earlier one is
+# read back: a mode keeps the other mode's section.
+SECTIONS = {"copy?": {"samples": int, "checkpoints": [{"dir": str, "arch": str, "splits": {
+               str: [{"n": int, "loss": float, "accuracy": float}]}}]},
+            "mqar?": {"task": {"pairs": [int], "lengths": [int], "vocab": int}, "runs": [{
+               "length": int, "arch": str, "variant": str, "accuracy": {str: float},
+               "accuracy_random_boundaries?": {str: float}}], "wall_time": float}}
+
+
 def earlier_results(path):
-    """The sections of an earlier probes.json (none if there is no readable one)."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    """The sections of an earlier probes.json (none if there is none), checked by shape."""
+    if not os.path.exists(path):
         return {}
-    return results if isinstance(results, dict) else {}
+    return files.read_json(path, SECTIONS, "delete it, or fix that field (the probes write it "
+                           "again)")
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ Written to --out_dir (default out/sweep):
 and the tables are printed at the end.
 """
 
-import json
 import math
 import os
 import statistics
@@ -270,7 +269,7 @@ def plot_splits(doc, path):
 
 
 def loss_cell(p):
-    return f"{p['loss']:.4f}" + (f" ±{p['loss_std']:.4f}" if p["seeds"] > 1 else "")
+    return ex.mean_cell(p["loss"], p["loss_std"], p["seeds"])
 
 
 def sweep_table(section):
@@ -331,7 +330,7 @@ def parse(argv):
     p.add_argument("--fit", choices=("auto", "offset", "power"), default="auto",
                    help="L = E + A*N^-alpha (offset), L = A*N^-alpha (power), or auto: offset "
                    "where the data pin E")
-    args = p.parse_args(argv)
+    args = ex.parse_args(p, argv)
     flags = cfg.given_flags(args)
     args.preset = flags.get("preset") or cfg.make_config(**flags).preset
     sizes = check_args(args, flags)
@@ -381,9 +380,7 @@ def check_args(args, flags):
          "--lr sets each run's learning_rate and min_lr; drop --learning_rate and --min_lr"),
         (flags.get("max_iters") == 0, "--max_iters 0 trains nothing to fit; give at least 1"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise cfg.ConfigError(message)
+    cfg.refuse(problems)
     if not sizes:
         return [table.split_size] if args.splits else list(table.sizes)
     return [s for s in table.sizes if s in sizes]  # the preset's order, small to large
@@ -406,16 +403,14 @@ def document(section, runs, args, started):
             "wall_time": time.time() - started, **section}
 
 
-def save(doc, name, out_dir):
-    """Write the section into sweep.json, keeping the other section if the file has one."""
+def earlier_sections(out_dir):
+    """The sections of an earlier sweep.json in out_dir (none if there is none), checked by
+    shape: a sweep keeps the splits' section and the other way round."""
     path = os.path.join(out_dir, "sweep.json")
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = {}
-    ex.write_json({**{k: v for k, v in old.items() if k in ("sweep", "splits")}, name: doc},
-                  path)
+    if not os.path.exists(path):
+        return {}
+    return files.read_json(path, {"sweep?": dict, "splits?": dict}, "delete it, or fix that "
+                           "field")
 
 
 def main(argv=None):
@@ -426,16 +421,18 @@ def main(argv=None):
         runs = plan(args, flags, sizes, lrs)
         ex.use_threads(runs)
         with files.holding(args.out_dir, "experiment"):
+            earlier = earlier_sections(args.out_dir)  # before the runs: a damaged file stops now
             rows = [measure_run(done) for done in ex.execute(runs)]
             name = "splits" if args.splits else "sweep"
             section = splits_section(rows) if args.splits else sweep_section(rows, args.fit)
             doc = document(section, runs, args, started)
-            save(doc, name, args.out_dir)
+            path = os.path.join(args.out_dir, "sweep.json")
+            ex.write_json({**{k: v for k, v in earlier.items() if k in ("sweep", "splits")},
+                           name: doc}, path)
             figure = os.path.join(args.out_dir, f"{name}.png")
             (plot_splits if args.splits else plot_sweep)(doc, figure)
     print((splits_table if args.splits else sweep_table)(section))
-    print(f"wrote {os.path.join(args.out_dir, 'sweep.json')} ({name}) and {figure} in "
-          f"{train.duration(doc['wall_time'])}")
+    print(f"wrote {path} ({name}) and {figure} in {train.duration(doc['wall_time'])}")
 
 
 if __name__ == "__main__":

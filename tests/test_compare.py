@@ -237,6 +237,7 @@ def test_skip_train_kv_ratios_equal_the_formula(tmp_path):
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--kv_budget_mb", "0.1"], "--kv_budget_mb 0.1 holds 0 dec sequences"),
     (["--out_dir="], "--out_dir is empty"),
+    (["--archs", "dec,dec:kv1"], "--archs dec:kv1: compare.py trains the three archs as they are"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -10,22 +10,26 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cli
 import corpus.documents
 import corpus.download
 import corpus.prepare
+import corpus.turns
 from corpus.documents import Document, source_files, split_documents
-from corpus.download import DATA, DataError, DownloadError, fetch
+from corpus.download import DATA, WHISPER, DataError, DownloadError, fetch
 from corpus.prepare import (Progress, chunks, dataset_name, encode_chunks, is_prepared,
                             main as prepare_main, manifest, prepare)
 from corpus.tokenizers import TOKENIZERS, encode_segments, get_tokenizer
 from corpus.turns import SHAKESPEARE_TURNS
 from model import ARCHS
 
+REPO = Path(__file__).resolve().parents[1]
 # letters, digits, whitespace, punctuation and multi-byte UTF-8 (2, 3 and 4 bytes)
 ALPHABET = "abcdefghij klmnop QRS\n\t,.!?'0123 éüß—中文🙂"
 
@@ -173,14 +177,14 @@ def test_interrupted_prepare_is_not_trusted(tmp_path, capsys):
     write_corpus(tmp_path / "docs", n_docs=3, chars=100)
     good = prepare(tmp_path / "docs", root=tmp_path / "data")
     out = Path(good["dir"])
-    scratch = out.with_name(out.name + ".tmp")
+    scratch = out.with_name(out.name + ".tmp.12345")  # the scratch folder of a killed prepare
 
     def damage_and_reprepare(damage):
         capsys.readouterr()
         damage()
         assert prepare(tmp_path / "docs", root=tmp_path / "data") == good
         assert "tokenizing" in capsys.readouterr().out
-        assert not scratch.exists()
+        assert not list(out.parent.glob("*.tmp*"))
 
     # killed before the rename: only a (complete-looking) scratch folder is left
     damage_and_reprepare(lambda: out.rename(scratch))
@@ -436,6 +440,9 @@ def test_jsonl_corpus(tmp_path, suffix):
     ({"text": None}, "'text' is a JSON null, not a string"),
     ('{"text": "cut', "is not JSON"),
     ('["text"]', "is a JSON array, not an object"),
+    # json.loads raised AttributeError (no .msg) for the first, RecursionError for the second
+    ('{"text": "x", "n": ' + "9" * 5000 + "}", "is not JSON that can be read (Exceeds the limit"),
+    ("[" * 100_000 + "]" * 100_000, "is not JSON that can be read (brackets nested too deeply"),
 ])
 def test_bad_jsonl_line_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, suffix,
                                                      bad, message):
@@ -509,6 +516,71 @@ def test_nanogpt_folder_mismatches_are_clear_errors(tmp_path):
         prepare(folder / "train.bin", "gpt2", root=tmp_path)
     with pytest.raises(DataError, match="nanoGPT folder of tokens, where no --turn_regex"):
         prepare(folder, "gpt2", root=tmp_path, turn_regex="B: ")
+
+
+class SlowPattern:
+    """A turn regex whose every search takes 0.3 s and finds nothing."""
+    pattern = "(slow)+"
+
+    def finditer(self, text, pos=0):
+        time.sleep(0.3)
+        return iter(())
+
+
+def test_a_slow_turn_regex_is_reported_while_it_searches(tmp_path, capsys, monkeypatch):
+    """A regex that backtracks catastrophically showed nothing for minutes; now a line names it
+    and says what to do while the search runs."""
+    write_corpus(tmp_path / "docs", n_docs=2, chars=50)
+    monkeypatch.setattr(corpus.prepare, "turn_pattern", lambda regex: SlowPattern())
+    monkeypatch.setattr(corpus.turns, "SLOW_AFTER", 0.1)
+    prepare(tmp_path / "docs", root=tmp_path / "data", turn_regex="(slow)+")
+    out = capsys.readouterr().out
+    assert "finding turns: --turn_regex '(slow)+' has searched one piece of text" in out
+    assert "simplify it, or stop with Ctrl-C" in out
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_line_exit_3(tmp_path, monkeypatch):
+    """The tokenizer's download into data/_downloads (sampling a gpt2 checkpoint on a fresh
+    clone) raised PermissionError from mkdir; the walk in test_cli.py covers prepare itself."""
+    unwritable = Path("/sys/nanobdd_test")
+    try:
+        unwritable.mkdir()
+        unwritable.rmdir()
+        pytest.skip("no folder here refuses every user")
+    except OSError:
+        pass
+    monkeypatch.setattr(corpus.download, "DOWNLOADS", unwritable / "_downloads")
+    with pytest.raises(cli.CannotWrite, match=r"cannot save openai_whisper-20250625\.tar\.gz "
+                       r"into /sys/nanobdd_test/_downloads \("):
+        fetch(WHISPER)
+
+
+def test_two_preparations_of_one_new_corpus_started_together_both_succeed(tmp_path):
+    """The second one crashed in the first one's scratch folder (3 times in 3): now it waits
+    for the first, then finds the dataset prepared."""
+    write_corpus(tmp_path / "docs", n_docs=40, chars=40_000)
+    cmd = [sys.executable, "-m", "corpus.prepare", "--data", str(tmp_path / "docs"),
+           "--data_root", str(tmp_path / "data")]
+    runs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert [out.splitlines()[-1] for out, _ in outputs][0] == outputs[1][0].splitlines()[-1]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == \
+        [f"{dataset_name(tmp_path / 'docs')}_byte"]
+
+
+def test_a_bad_id_anywhere_in_a_nanogpt_folder_is_refused_before_training(tmp_path):
+    """Only the first 1M tokens were checked: an id past GPT-2's vocabulary at token 2.5M passed
+    preparation and stopped training later, in the embedding."""
+    tokenizer_or_skip("gpt2")
+    folder = nanogpt_folder(tmp_path / "owt", n_train=2_600_000)
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    ids[2_500_000] = 50257
+    ids.tofile(folder / "train.bin")
+    with pytest.raises(DataError, match=r"train\.bin is not uint16 GPT-2 token ids \(token "
+                       r"2,500,000 is 50257, over 50256\)"):
+        prepare(folder, "gpt2", root=tmp_path / "data")
 
 
 @pytest.mark.parametrize("missing", ["val.bin", "train.bin"])

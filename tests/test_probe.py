@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import config as cfg
 import pack
 from lab import probe
 from model import ARCHS, ModelConfig, build_model
@@ -194,6 +195,36 @@ def test_a_second_mqar_run_trains_nothing_and_keeps_the_copy_section(tiny, capsy
     out = capsys.readouterr().out
     assert "10 runs: 10 finished, 0 to resume, 0 new" in out and "2 pairs" in out
     assert "copy" in json.loads((tiny / "probes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """The folder of a bdd run of block_size 8 (one MQAR run of one step)."""
+    out = tmp_path_factory.mktemp("short")
+    probe.main(["--mqar", "--archs", "bdd", "--lengths", "8", "--pairs", "1", *TINY[4:],
+                "--out_dir", str(out)])
+    return out / "L8_bdd"
+
+
+def test_the_copy_probe_of_a_short_context_probes_what_fits(short_context, tmp_path, capsys):
+    """A model of block_size 8 got an empty table and exit 0: the default lengths started at 8."""
+    probe.main(["--copy", str(short_context), "--out_dir", str(tmp_path)])
+    splits = json.loads((tmp_path / "probes.json").read_text())["copy"]["checkpoints"][0]["splits"]
+    assert [s["n"] for s in splits["end"]] == [4] and "n=4" in capsys.readouterr().out
+
+
+def test_the_copy_probe_scores_any_number_of_strings_a_batch_at_a_time(short_context):
+    """--copy_samples 20000000 would have held every string's logits at once; strings now go
+    through COPY_BATCH at a time, each step scored as it comes, with the scores of all at once."""
+    samples = 2 * probe.COPY_BATCH + 3
+    batched = probe.copy_probe(short_context, [2, 4], samples, "cpu")["splits"]
+    model, ckpt = cfg.load_model(short_context)
+    gen = torch.Generator().manual_seed(probe.SEED)
+    for i, n in enumerate([2, 4]):
+        seq = probe.copy_strings(n, samples, "byte", gen)
+        for split, start in probe.copy_starts("bdd", n).items():
+            whole = probe.copy_scores(probe.cached_logits(model, seq, start), seq, start)
+            assert {k: pytest.approx(v) for k, v in whole.items()} == batched[split][i]
 
 
 @pytest.mark.parametrize("argv,message", [

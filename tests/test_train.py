@@ -319,6 +319,8 @@ BAD = [  # (flags, what the error line must say)
     (["--n_layer", "4", "--n_dec_layer", "4"], "--n_dec_layer 4 must be"),
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must split"),
     (["--arch", "dec", "--objective", "span"], "encoder-decoder objective"),
+    (["--arch", "encdec", "--objective", "span", "--block_size", "2"],  # was a ValueError
+     "--objective span needs --block_size 3 or more"),
     (["--device", "banana"], "'banana' is not a device"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--block_size", "100000"], "block_size 100000 needs windows"),
@@ -355,7 +357,8 @@ BAD = [  # (flags, what the error line must say)
     (["--weight_decay", "-1"], "--weight_decay -1.0 is out of range"),
     (["--learning_rate", "-1"], "--learning_rate -1.0 is out of range: it must be above 0"),
     (["--learning_rate", "nan"], "--learning_rate nan is out of range: it must be above 0"),
-    (["--learning_rate", "inf"], "--learning_rate inf is out of range"),
+    (["--learning_rate", "inf"], "--learning_rate inf is out of range: it must be above 0 and "
+     "finite"),  # "above 0" alone did not say what was wrong with inf
     (["--beta1", "2"], "--beta1 2.0 is out of range: it must be at least 0 and below 1"),
     (["--dropout", "1.5"], "--dropout 1.5 is out of range: it must be at least 0 and below 1"),
     (["--dropout", "nan"], "--dropout nan is out of range"),
