@@ -344,17 +344,17 @@ def parse(argv):
                    "preset, 64 on the gpu preset)")
     p.add_argument("--serving_max_batch", type=int, help="serving: the largest decode batch "
                    "measured (default: cpu preset 64, gpu 256)")
-    args = p.parse_args(argv)
-    problems = [(args.repeats < 1, f"--repeats must be at least 1, got {args.repeats}"),
-                (not args.out_dir, "--out_dir is empty; give a folder, or leave --out_dir "
-                 "out for out/compare"),
+    args = ex.parse_args(p, argv)
+    args.archs = ex.parse_archs(args.archs)
+    variants = [name for name in args.archs if ":" in name]
+    cfg.refuse([(args.repeats < 1, f"--repeats must be at least 1, got {args.repeats}"),
                 (args.kv_budget_mb is not None and not 0 < args.kv_budget_mb < float("inf"),
                  f"--kv_budget_mb must be a positive number of MB, got {args.kv_budget_mb}"),
                 (args.serving_max_batch is not None and args.serving_max_batch < 1,
-                 f"--serving_max_batch must be at least 1, got {args.serving_max_batch}")]
-    for bad, message in problems:
-        if bad:
-            raise cfg.ConfigError(message)
+                 f"--serving_max_batch must be at least 1, got {args.serving_max_batch}"),
+                (variants, f"--archs {','.join(variants)}: compare.py trains the three archs as "
+                 f"they are; their variants with fewer keys and values are lab.frontier's "
+                 f"(python -m lab.frontier --archs dec,{','.join(variants)})")])
     return args, cfg.given_flags(args)
 
 
@@ -363,7 +363,7 @@ def main(argv=None):
                    "results.json and compare.png are replaced whole or not at all; run the same "
                    "command again to resume"):
         args, flags = parse(argv)
-        runs = plan(ex.parse_archs(args.archs), flags, args.out_dir)
+        runs = plan(args.archs, flags, args.out_dir)
         ex.use_threads(runs)
         budget = serving_budget(runs, args)  # before any training: a budget that cannot work
         with files.holding(args.out_dir, "experiment"):

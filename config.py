@@ -20,14 +20,16 @@ import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 import cli
-from corpus import prepare as corpus
 import files
 import pack
-from corpus import sources
+from corpus.download import DATA, DataError
+from corpus.tokenizers import TOKENIZERS, check_tokenizer
+from corpus.turns import turn_pattern
 from lab import convert
 from model import ARCHS, ModelConfig, build_model
 
@@ -61,7 +63,7 @@ class TrainConfig:
     data: str = setting(None, "text or jsonl file, folder of .txt/.jsonl files, glob, or nanoGPT "
                         "folder with train.bin and val.bin (default: Shakespeare)")
     data_root: str = setting(None, "folder of prepared datasets (default: data/)")
-    tokenizer: str = setting("byte", "tokenizer", corpus.TOKENIZERS)
+    tokenizer: str = setting("byte", "tokenizer", TOKENIZERS)
     text_field: str = setting("text", "the text field of jsonl lines")
     turn_regex: str = setting(None, "a regular expression whose matches start the turns of the "
                               "text (default: the speaker lines of the Shakespeare plays; none "
@@ -100,7 +102,8 @@ class TrainConfig:
     max_iters: int = setting(300, "optimizer steps", "[0, inf)")
     learning_rate: float = setting(1e-3, "peak learning rate", "(0, inf)")
     min_lr: float = setting(1e-4, "final learning rate", "[0, inf)")
-    warmup_iters: int = setting(30, "linear warmup steps", "[0, inf)")
+    warmup_iters: int = setting(30, "linear warmup steps (unset: scaled down with a shorter "
+                                "--max_iters or --lr_decay_iters)", "[0, inf)")
     lr_decay_iters: int = setting(None, "step where the cosine reaches min_lr (default: "
                                   "max_iters, also a resumed run's new max_iters)", "[0, inf)")
     weight_decay: float = setting(0.1, "AdamW weight decay of matrices", "[0, inf)")
@@ -108,9 +111,11 @@ class TrainConfig:
     beta2: float = setting(0.99, "AdamW beta2 (0.99 for small batches of tokens)", "[0, 1)")
     grad_clip: float = setting(1.0, "clip the gradient norm (0: off)", "[0, inf)")
     # evaluation and logging
-    eval_interval: int = setting(50, "evaluate every this many steps", "[1, inf)")
+    eval_interval: int = setting(50, "evaluate every this many steps (unset: scaled down with a "
+                                 "shorter --max_iters)", "[1, inf)")
     eval_iters: int = setting(4, "batches per evaluation set", "[1, inf)")
-    log_interval: int = setting(10, "log every this many steps", "[1, inf)")
+    log_interval: int = setting(10, "log every this many steps (unset: scaled down with a "
+                                "shorter --max_iters)", "[1, inf)")
     # system
     preset: str = setting(None, "the recipe unset flags come from (default: gpu on a CUDA "
                           "machine, else cpu)", ("cpu", "gpu"))
@@ -124,6 +129,9 @@ class TrainConfig:
     threads: int = setting(None, "CPU threads torch computes with (default: torch's, "
                            "OMP_NUM_THREADS or one per core); 1 is often far faster on a machine "
                            "busy with other work", "[1, 1024]")
+
+    # What make_config scaled to the run's length (fit_to_length), in words; None: nothing.
+    adapted: ClassVar[str] = None
 
     def __post_init__(self):
         if self.out_dir is None:
@@ -174,6 +182,9 @@ AGREE = [
     (lambda c: c.objective == "prefix_lm" or c.arch == "encdec",
      "--objective {objective} is an encoder-decoder objective; {arch} always predicts every next "
      "token: drop --objective or use --arch encdec"),
+    (lambda c: c.objective != "span" or c.block_size >= 3,
+     "--objective span needs --block_size 3 or more (its decoder reads a sentinel, the masked "
+     "tokens and an end token, within the row); raise --block_size"),
     (lambda c: c.boundaries == "random" or c.arch == "bdd",
      "--boundaries {boundaries} places bdd's block boundaries; {arch} has none: drop "
      "--boundaries or use --arch bdd"),
@@ -236,7 +247,7 @@ def check(config):
         if not holds(config):
             raise ConfigError(message.format(**asdict(config), even_width=64 * config.n_head))
     if config.turn_regex is not None:
-        sources.turn_pattern(config.turn_regex)  # DataError: one line, exit 2
+        turn_pattern(config.turn_regex)  # DataError: one line, exit 2
     check_device(config.device)
 
 
@@ -250,12 +261,15 @@ def check_fields(obj):
     for f in fields(obj):
         value, allowed = getattr(obj, f.name), f.metadata["allowed"]
         interval = allowed if isinstance(allowed, str) and value is not None else None
+        too_long = f.name in PATH_FIELDS and value and files.name_too_long(value)
         refuse([(value == "" and f.name in PATH_FIELDS, f"--{f.name} is empty; give a path, or "
                                                         f"leave --{f.name} out for its default"),
+                (too_long, f"--{f.name} {cli.shown(value)}: {too_long}; give a shorter path"),
                 (isinstance(allowed, tuple) and value is not None and value not in allowed,
                  f"--{f.name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
                 (interval and not in_interval(value, interval), f"--{f.name} {value} is out of "
-                 f"range: it must be {interval and describe_interval(interval)}")])
+                 f"range: it must be {interval and describe_interval(interval)}"
+                 f"{' and finite' if value in (math.inf, -math.inf) else ''}")])
 
 
 def allowed(name):
@@ -281,47 +295,68 @@ def check_device(device):
 def check_folders(config):
     """Before any data is prepared or model built: out_dir and data_root must be folders this
     process can write (or create), and a fresh run must not silently replace another run."""
-    writable_folder(config.out_dir, "out_dir")
-    writable_folder(config.data_root or sources.DATA, "data_root")
+    files.usable_folder(config.out_dir, "out_dir")
+    files.usable_folder(config.data_root or DATA, "data_root")
     path = checkpoint_path(config.out_dir)
     refuse([(config.init_from != "resume" and not config.overwrite and path.exists(),
              f"{path} already holds a run: continue it with --init_from resume, train into "
              f"another --out_dir, or replace it with --overwrite")])
 
 
-def writable_folder(path, flag):
-    """ConfigError unless path is a writable folder, or could be created as one."""
-    existing = Path(path).absolute()
-    while not existing.exists():  # the nearest existing folder is where it would be created
-        existing = existing.parent
-    refuse([(not existing.is_dir(), f"--{flag} {path}: {existing} is a file, not a folder; "
-                                    f"choose another --{flag}"),
-            (not os.access(existing, os.W_OK | os.X_OK), f"--{flag} {path}: {existing} is not "
-                                                         f"writable; choose another --{flag}")])
-
-
 # -----------------------------------------------------------------------------
 # making a config: defaults < preset < checkpoint (resume) < the flags given
 
 
-def make_config(**flags):
-    """TrainConfig from the fields a user set. Every other field comes from the preset (given,
-    or gpu when the device is a CUDA GPU, else cpu) and, with init_from="resume", from the run
-    being resumed (so `--init_from resume --max_iters 800` continues a run without repeating
-    its flags)."""
+def make_config(recipe=None, **flags):
+    """TrainConfig from the fields a user set (flags). Every other field comes from the preset
+    (given, or gpu when the device is a CUDA GPU, else cpu), then an experiment's recipe (its own
+    defaults, such as a shorter run), and, with init_from="resume", from the run being resumed
+    (so `--init_from resume --max_iters 800` continues a run without repeating its flags).
+    Defaults made for the preset's or recipe's length fit a shorter run (fit_to_length)."""
     cuda = torch.cuda.is_available()
     device = flags.get("device") or ("cuda" if cuda else "cpu")
     preset = flags.get("preset") or ("gpu" if device.startswith("cuda") else "cpu")
-    values = {**PRESETS[preset], "preset": preset}
+    values = {**{f.name: f.default for f in fields(TrainConfig)}, **PRESETS[preset],
+              **(recipe or {}), "preset": preset}
     if values.get("dtype") == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
         values["dtype"] = "float16"
-    if flags.get("init_from") == "resume":
+    made_for = values["max_iters"]
+    if flags.get("init_from") == "resume":  # the checkpoint's values, as they were
         path = checkpoint_path(flags.get("out_dir") or default_out_dir(flags))
         saved = load_checkpoint(path, mmap=True)["train_config"]
         known = {f.name for f in fields(TrainConfig)}
         values.update({k: v for k, v in saved.items() if k in known and k not in MACHINE_FIELDS})
     values.update(flags)
-    return TrainConfig(**values)
+    adapted = None if flags.get("init_from") == "resume" else fit_to_length(values, flags, made_for)
+    config = TrainConfig(**values)
+    config.adapted = adapted
+    return config
+
+
+# Settings whose defaults are made for the preset's (or a recipe's) number of steps, and how each
+# scales: a tenth of the run warms up, about six evaluations and thirty log lines.
+FOLLOW_LENGTH = {"warmup_iters": math.floor, "eval_interval": math.ceil, "log_interval": math.ceil}
+
+
+def fit_to_length(values, given, made_for):
+    """Scale the FOLLOW_LENGTH fields the user did not give (not in `given`) to a run shorter
+    than the `made_for` steps their defaults were made for, in place: a quick try (--max_iters 20)
+    warms up, evaluates and logs in proportion instead of being refused. The warmup also fits a
+    given --lr_decay_iters. Returns a line saying what changed, or None."""
+    changed, decay = [], values["lr_decay_iters"]
+    for name, rounding in FOLLOW_LENGTH.items():
+        length = values["max_iters"]
+        if name == "warmup_iters" and decay is not None:
+            length = min(length, decay)
+        if name in given or length >= made_for:
+            continue
+        fitted = max(rounding(values[name] * length / made_for), name != "warmup_iters")
+        if fitted < values[name]:
+            changed.append(f"{name} {fitted} (not {values[name]})")
+            values[name] = fitted
+    decays = "" if decay is None or decay >= values["max_iters"] else f", decaying in {decay}"
+    return (f"defaults fitted to this run of {values['max_iters']} steps{decays} (they are made "
+            f"for {made_for}): {', '.join(changed)}; set them to choose") if changed else None
 
 
 def default_out_dir(flags):
@@ -344,10 +379,12 @@ def add_flags(parser, per_run=None, skip=(), settings=None):
             parser.add_argument(f"--{f.name}", action=Refused, advice=per_run[f.name],
                                 help=argparse.SUPPRESS, default=argparse.SUPPRESS)
             continue
-        gpu = f", gpu preset {PRESETS['gpu'][f.name]}" if f.name in PRESETS["gpu"] and \
-            settings is None else ""
-        limits = f", allowed {allowed}" if isinstance(allowed, str) else ""
-        kw = dict(help=f"{f.metadata['help']} (default {f.default}{gpu}{limits})",
+        # the default, unless the help says it in words; the gpu preset's; the range
+        notes = [] if "default" in f.metadata["help"] else [f"default {f.default}"]
+        notes += [f"gpu preset {PRESETS['gpu'][f.name]}"] if f.name in PRESETS["gpu"] and \
+            settings is None else []
+        notes += [f"allowed {allowed}"] if isinstance(allowed, str) else []
+        kw = dict(help=f.metadata["help"] + (" (" + ", ".join(notes) + ")" if notes else ""),
                   default=argparse.SUPPRESS)
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
@@ -450,8 +487,8 @@ def load_model(out_dir, device="cpu"):
     """(model in eval mode, checkpoint dict without weights and optimizer) of out_dir/ckpt.pt."""
     ckpt = load_checkpoint(checkpoint_path(out_dir))
     try:
-        corpus.check_tokenizer(ckpt["tokenizer"])
-    except corpus.DataError as e:
+        check_tokenizer(ckpt["tokenizer"])
+    except DataError as e:
         raise ConfigError(f"{out_dir}: {e}") from None
     try:
         model = build_model(ckpt["arch"], ModelConfig(**ckpt["model_config"]))

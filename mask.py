@@ -261,13 +261,18 @@ def main(argv=None):
                    help="block starts, comma-separated ('' for one block)")
     p.add_argument("--png", help="also save the plot to this PNG file")
     args = p.parse_args(argv)
-    if not 1 <= args.T <= MAX_T:
-        cli.fail(f"--T {args.T}: draw rows of 1 to {MAX_T} tokens; a longer row fits neither a "
-                 f"text line (2T + 1 characters) nor the PNG's pixels")
+    with cli.guard():
+        show(args)
+
+
+def show(args):
+    """Print the mask of --T and --boundaries (and save it with --png)."""
+    cli.refuse([(not 1 <= args.T <= MAX_T, f"--T {args.T}: draw rows of 1 to {MAX_T} tokens; a "
+                 f"longer row fits neither a text line (2T + 1 characters) nor the PNG's pixels")])
     try:
         bounds = parse_boundaries(args.boundaries, args.T)
     except ValueError as e:
-        cli.fail(f"--boundaries {args.boundaries!r}: {e}")
+        raise cli.BadInput(f"--boundaries {args.boundaries!r}: {e}") from None
     dec = bdd_mask(block_ids(args.T, bounds))
     if not bounds:
         print("no boundaries: one block, so the decoder sees only its own stream, causally")
@@ -276,7 +281,8 @@ def main(argv=None):
         try:
             save_png(dec, bounds, args.T, args.png)
         except cli.CannotWrite as e:
-            cli.fail(f"--png {args.png}: {e}; give a path in an existing, writable folder")
+            raise cli.CannotWrite(f"--png {args.png}: {e}; give a path in an existing, writable "
+                                  f"folder") from None
         print(f"saved {args.png}")
 
 

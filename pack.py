@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corpus.prepare import DataError, get_tokenizer, load_meta
+from corpus.download import DataError
+from corpus.prepare import load_meta
+from corpus.tokenizers import get_tokenizer
 from mask import block_ids
 
 ARCHS = ("dec", "bdd", "encdec")

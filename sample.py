@@ -21,7 +21,7 @@ import torch
 
 import cli
 import config as cfg
-from corpus.prepare import get_tokenizer
+from corpus.tokenizers import get_tokenizer
 from generate import generate
 from lab.flops import decode_flops
 from model import DecoderOnly

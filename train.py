@@ -26,10 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
 import config as cfg
-from corpus import prepare as corpus
 import files
 import pack
-from corpus import rows
+from corpus.prepare import prepare
+from corpus.rows import is_rows, load_rows
 
 
 class LossNotFinite(cli.Stop):
@@ -93,15 +93,15 @@ def load_batches(config, rank=0, world=1, log=print):
     where supervision_stats needs no device sync, and to_device overlaps the copies."""
     kw = dict(text_field=config.text_field, turn_regex=config.turn_regex,
               **({} if config.data_root is None else {"root": config.data_root}))
-    if rows.is_rows(config.data):  # a task's fixed-length rows (lab/probe.py): nothing to prepare
-        meta = rows.load_rows(config.data, config.tokenizer)
+    if is_rows(config.data):  # a task's fixed-length rows (lab/probe.py): nothing to prepare
+        meta = load_rows(config.data, config.tokenizer)
     else:  # rank 0 prepares (tokenizes) the data; the others wait, then find it ready
         if rank == 0:
-            meta = corpus.prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)
+            meta = prepare(config.data, config.tokenizer, rehash=config.rehash, **kw)
         if world > 1:
             dist.barrier()
         if rank != 0:
-            meta = corpus.prepare(config.data, config.tokenizer, **kw)
+            meta = prepare(config.data, config.tokenizer, **kw)
     batches = pack.Batches(meta, config.arch, config.block_size, config.batch_size,
                            objective=config.objective, max_blocks=config.max_blocks,
                            layouts=config.block_layouts, boundaries=config.boundaries,
@@ -292,7 +292,7 @@ def start(config, rank, world, device, log, t_start):
 
 def train(config, log=print):
     """Train config.arch as config says; returns the history (new_history says what it holds,
-    and the checkpoint keeps it). Raises cli.Stop: ConfigError or corpus.DataError for bad input,
+    and the checkpoint keeps it). Raises cli.Stop: ConfigError or DataError for bad input,
     LossNotFinite if training diverges, cli.CannotWrite if a checkpoint cannot be written."""
     t_start = time.time()
     cfg.check_folders(config)
@@ -391,6 +391,8 @@ def evaluation(run, sets, ctx):
 
 def log_start(run, tokens_per_iter):
     c, h = run.config, run.history
+    if c.adapted:
+        run.log(c.adapted)
     run.log("config: " + textwrap.fill(", ".join(f"{k}={v}" for k, v in asdict(c).items()),
                                        100, subsequent_indent="  "))
     if c.flex and not run.model.config.flex:

@@ -1,5 +1,5 @@
 """
-Benchmark of corpus.prepare() at scale: the three goals of preparing a large corpus.
+Benchmark of corpus/prepare.py's prepare() at scale: the three goals of preparing a large corpus.
 
     python bench/prepare_bench.py                 # 1 GB synthetic corpus, 2 cores (minutes)
     python bench/prepare_bench.py --size_mb 30    # a quick check that it runs
@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import cli  # noqa: E402  (after the path to the repository)
-from corpus import prepare as corpus  # noqa: E402
-from corpus import sources  # noqa: E402
+from corpus.documents import Document, shakespeare_documents  # noqa: E402
+from corpus.prepare import chunks, cpu_count, encode_chunks, prepare  # noqa: E402
+from corpus.tokenizers import get_tokenizer, TOKENIZERS  # noqa: E402
 
 
 
@@ -82,7 +83,7 @@ def child(data, root, tokenizer):
     if has_proc:
         sampler.start()
     start = time.perf_counter()
-    meta = corpus.prepare(data, tokenizer, root=root)
+    meta = prepare(data, tokenizer, root=root)
     seconds = time.perf_counter() - start
     done.set()
     print(json.dumps({
@@ -94,14 +95,14 @@ def child(data, root, tokenizer):
 def pin(cores):
     """Run this process and its children on `cores` cores; returns how many it got."""
     if not hasattr(os, "sched_setaffinity"):
-        return corpus.cpu_count()
+        return cpu_count()
     allowed = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, allowed[:cores])
     return len(os.sched_getaffinity(0))
 
 
 def shakespeare_lines():
-    return [line for _, text in sources.shakespeare_documents()
+    return [line for _, text in shakespeare_documents()
             for line in text.decode().splitlines() if line.strip()]
 
 
@@ -136,23 +137,23 @@ def cpu_seconds():
 
 
 def throughput(folder, size_mb, repeats, workers):
-    """{path: (MB/s, cores used)} of encode_ordinary on one thread and of corpus.encode_chunks:
+    """{path: (MB/s, cores used)} of encode_ordinary on one thread and of encode_chunks:
     median wall and CPU times of alternating runs on the same chunks. The text is the first
     size_mb of a corpus file (to a line break), read as prepare() reads a file: in pieces, cut
-    into chunks of about sources.CHUNK_BYTES."""
+    into chunks of about corpus.documents.CHUNK_BYTES."""
     path = folder / "part0.txt"
     with open(path, "rb") as f:
         head = f.read(int(size_mb * 1e6))
-    doc = sources.Document(str(path), head.rindex(b"\n") + 1, path=path)
-    chunks = list(corpus.chunks([("train", doc)]))
-    enc = corpus.get_tokenizer("gpt2")
+    doc = Document(str(path), head.rindex(b"\n") + 1, path=path)
+    pieces = list(chunks([("train", doc)]))
+    enc = get_tokenizer("gpt2")
 
     def single():
-        return [t for chunk in chunks for segment, _ in chunk.segments
+        return [t for chunk in pieces for segment, _ in chunk.segments
                 for t in enc.encode_ordinary(segment)]
 
     def parallel():
-        return [ids for _, ids in corpus.encode_chunks("gpt2", chunks, workers)]
+        return [ids for _, ids in encode_chunks("gpt2", pieces, workers)]
 
     reference = single()  # warm both paths once, and check that they agree
     tokens = [int(t) for ids in parallel() for t in ids]
@@ -168,7 +169,7 @@ def throughput(folder, size_mb, repeats, workers):
 
 
 def main():
-    parser = cli.Parser(description="Measure corpus.prepare() on a large synthetic corpus.")
+    parser = cli.Parser(description="Measure corpus.prepare on a large synthetic corpus.")
     parser.add_argument("--size_mb", type=int, default=1024, help="corpus size (default 1024)")
     parser.add_argument("--throughput_mb", type=float, default=64,
                         help="text of the throughput measurement (default 64, at most size/8)")
@@ -188,7 +189,7 @@ def main():
         write_corpus(tmp / "corpus", args.size_mb)
         mb = sum(f.stat().st_size for f in (tmp / "corpus").iterdir()) / 1e6
         results = {}
-        for tokenizer in corpus.TOKENIZERS:
+        for tokenizer in TOKENIZERS:
             first = run_prepare(tmp / "corpus", tmp / "data", tokenizer)
             results[tokenizer] = (first, run_prepare(tmp / "corpus", tmp / "data", tokenizer))
         speed = throughput(tmp / "corpus", min(args.throughput_mb, args.size_mb / 8),
@@ -200,7 +201,7 @@ def main():
 
 def report(results, mb, cores, speed):
     def row(label, value, goal=""):
-        cells = " | ".join(value(*results[t]) for t in corpus.TOKENIZERS)
+        cells = " | ".join(value(*results[t]) for t in TOKENIZERS)
         print(f"| {label} | {cells} | {goal} |")
 
     def megabytes(value):
@@ -219,7 +220,7 @@ def report(results, mb, cores, speed):
         "< 1 s")
     (single, single_cores), (parallel, parallel_cores) = speed["single"], speed["parallel"]
     print(f"\ngpt2 throughput on the same text: tiktoken encode_ordinary, 1 thread "
-          f"{single:.1f} MB/s; corpus.encode_chunks, {cores} processes {parallel:.1f} MB/s; "
+          f"{single:.1f} MB/s; encode_chunks, {cores} processes {parallel:.1f} MB/s; "
           f"ratio {parallel / single:.2f} (goal >= 1.6 on 2 cores)")
     print(f"cores busy (CPU time / wall time): {single_cores:.2f} and {parallel_cores:.2f}" +
           ("; under 0.9 per process: other work shared the cores, rerun on a quiet machine"

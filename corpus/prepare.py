@@ -1,25 +1,22 @@
 """
-Documents -> prepared token streams: the tokenizers and prepare().
+The streamed prepare: the documents of a corpus (corpus/documents.py: Shakespeare by default,
+or --data) tokenized once into data/<name>_<tokenizer>/{train,val}.bin + meta.json.
 
-1. Tokenizers, both tiktoken.Encoding: "byte" (256 bytes + <|endoftext|>) and "gpt2" (GPT-2's BPE,
-   read offline out of the `openai-whisper` sdist, pinned by sha256).
-2. prepare(): the documents of a corpus (corpus/sources.py: Shakespeare by default, or --data) tokenized
-   once into data/<name>_<tokenizer>/{train,val}.bin + meta.json, streaming: documents are read
-   in pieces and tokenized in chunks by one process per core, so a corpus larger than memory
-   works. Documents go whole to train or val, each followed by <|endoftext|>. Re-use is decided
-   from file names, sizes and times (prepare's docstring has the rule).
-3. Turns: the token offsets where turns start (found by sources.with_turns while the text
-   streams by) are kept beside the tokens as {train,val}.turns, sorted; pack.py's `turns` block
-   boundaries read them.
+- Streaming: documents are read in pieces, cut into chunks at places that keep their tokens,
+  and tokenized by one process per core (corpus/tokenizers.py), so a corpus larger than memory
+  works. Documents go whole to train or val, each followed by <|endoftext|>.
+- Turns: the token offsets where turns start (found by corpus/turns.py while the text streams
+  by) are kept beside the tokens as {train,val}.turns, sorted; pack.py's `turns` block
+  boundaries read them.
+- Re-use is decided from file names, sizes and times (prepare's docstring has the rule); a
+  nanoGPT folder (train.bin, val.bin) is used in place.
 
-pack.py cuts the prepared streams into batches. Run `python -m corpus.prepare [--data PATH] [--tokenizer
-byte|gpt2]` to prepare a dataset and print a summary.
+pack.py cuts the prepared streams into batches (load_meta). Run `python -m corpus.prepare
+[--data PATH] [--tokenizer byte|gpt2]` to prepare a dataset and print a summary.
 """
 
-import base64
 import collections
 import contextlib
-import functools
 import hashlib
 import json
 import multiprocessing
@@ -28,26 +25,20 @@ import re
 import shutil
 import signal
 import sys
-import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 
 import cli
-from corpus import sources
-from corpus.sources import DataError, DownloadError  # noqa: F401 (corpus.DataError: raised by both)
-
-WHISPER = ("openai-whisper==20250625", "openai_whisper-20250625.tar.gz",
-           "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96")
-
-TOKENIZERS = ("byte", "gpt2")
-EOT = "<|endoftext|>"
-# GPT-2's pre-tokenizer split. Every character is a letter, a number, whitespace or "other", so
-# the pieces cover the whole text and the byte tokenizer drops nothing.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+import files
+from corpus.documents import (CHUNK_BYTES, JSONL, SPLITS, corpus_documents, is_nanogpt,
+                              source_files, split_documents)
+from corpus.download import DATA, SHAKESPEARE, DataError, sha256
+from corpus.tokenizers import (TOKENIZERS, check_tokenizer, encode_segments, get_tokenizer,
+                               token_bytes, token_dtype)
+from corpus.turns import SHAKESPEARE_TURNS, turn_pattern, with_turns
 
 # Where a text can be cut without changing its tokens: between a non-space and an ASCII space,
 # tab or line break. GPT-2's pattern never joins whitespace to the piece before it, and starts
@@ -58,33 +49,6 @@ SAFE_CUT = re.compile(r"\S[ \t\n\r]")
 # Bump when the prepared layout or split rule changes: prepare() then re-prepares old folders, and
 # load_meta() refuses them. 2: the turn streams ({train,val}.turns) and "turns" in meta.json.
 FORMAT = 2
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizers
-
-
-@functools.lru_cache(maxsize=None)
-def get_tokenizer(name):
-    """tiktoken.Encoding for "byte" (257 ids, eot = 256) or "gpt2" (50257 ids, eot = 50256)."""
-    if name == "byte":
-        ranks = {bytes([i]): i for i in range(256)}
-        return tiktoken.Encoding(name="byte", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: 256})
-    if name == "gpt2":
-        with tarfile.open(sources.fetch(WHISPER)) as tar:
-            text = tar.extractfile("openai_whisper-20250625/whisper/assets/gpt2.tiktoken").read()
-        # tiktoken's file format: one "<base64 token> <rank>" per line
-        ranks = {base64.b64decode(token): int(rank)
-                 for token, rank in (line.split() for line in text.splitlines() if line)}
-        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={EOT: 50256})
-    check_tokenizer(name)
-
-
-def check_tokenizer(name):
-    if name not in TOKENIZERS:
-        raise DataError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,56 +87,29 @@ def safe_cut(text, start=0):
 def chunks(parts, turn_pattern=None):
     """Chunks of about CHUNK_BYTES characters per split, in order, from (split, document) pairs.
     A document longer than that is cut into segments at safe cuts, so its tokens are those of the
-    whole; a shorter one is never cut. Turns: where turn_pattern's matches start (sources.with_turns)."""
-    open_chunks = {split: Chunk(split) for split in sources.SPLITS}
+    whole; a shorter one is never cut. Turns: where turn_pattern's matches start (with_turns)."""
+    open_chunks = {split: Chunk(split) for split in SPLITS}
     for split, doc in parts:
         carry, clean = "", 0  # text not yet added; its first `clean` characters hold no safe cut
         turns = []  # offsets in carry
-        for text, size, starts in sources.with_turns(doc.pieces(), turn_pattern):
+        for text, size, starts in with_turns(doc.pieces(), turn_pattern):
             open_chunks[split].nbytes += size
             turns += [len(carry) + t for t in starts]
             carry += text
-            if len(carry) >= sources.CHUNK_BYTES:
+            if len(carry) >= CHUNK_BYTES:
                 if cut := safe_cut(carry, max(clean - 1, 0)):
                     open_chunks[split].add(carry[:cut], False, [t for t in turns if t < cut])
                     carry, turns = carry[cut:], [t - cut for t in turns if t >= cut]
                 clean = len(carry)
-            if open_chunks[split].chars >= sources.CHUNK_BYTES:
+            if open_chunks[split].chars >= CHUNK_BYTES:
                 yield open_chunks[split]
                 open_chunks[split] = Chunk(split)
         open_chunks[split].add(carry, True, turns)
         open_chunks[split].documents.append(doc)
-        if open_chunks[split].chars >= sources.CHUNK_BYTES:
+        if open_chunks[split].chars >= CHUNK_BYTES:
             yield open_chunks[split]
             open_chunks[split] = Chunk(split)
     yield from (chunk for chunk in open_chunks.values() if chunk.segments)
-
-
-def token_dtype(n_vocab):
-    return "uint16" if n_vocab <= 2**16 else "uint32"
-
-
-def encode_segments(tokenizer, segments):
-    """The tokens of text segments, each followed by eot where it ends a document."""
-    enc = get_tokenizer(tokenizer)
-    eot, parts = np.array([enc.eot_token], dtype=np.uint32), [np.empty(0, dtype=np.uint32)]
-    for text, ends_document in segments:
-        try:  # ordinary: a literal "<|endoftext|>" in a text is text, not the eot id
-            parts.append(enc.encode_to_numpy(text, disallowed_special=()))
-        except UnicodeEncodeError:  # lone surrogates (a jsonl "\ud800"): encode_ordinary copes
-            parts.append(np.array(enc.encode_ordinary(text), dtype=np.uint32))
-        if ends_document:
-            parts.append(eot)
-    return np.concatenate(parts).astype(token_dtype(enc.n_vocab))
-
-
-@functools.lru_cache(maxsize=None)
-def token_bytes(tokenizer):
-    """UTF-8 bytes of every token id's text; 0 for eot, which holds no text."""
-    enc = get_tokenizer(tokenizer)
-    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
-    lengths[enc.eot_token] = 0
-    return lengths
 
 
 def utf8_len(text):
@@ -270,11 +207,11 @@ def tokenize(folder, parts, tokenizer, workers, progress, turn_pattern=None):
     documents of each split; a jsonl file's documents as one entry per split, "file: N documents".
     """
     enc = get_tokenizer(tokenizer)  # loaded before the workers fork, so they share it
-    tokens, documents, names = ({split: kind() for split in sources.SPLITS} for kind in (int, int, list))
-    turns = {split: 0 for split in sources.SPLITS}
+    tokens, documents, names = ({split: kind() for split in SPLITS} for kind in (int, int, list))
+    turns = {split: 0 for split in SPLITS}
     with contextlib.ExitStack() as files:
         out = {(split, kind): files.enter_context(open(folder / f"{split}.{kind}", "wb"))
-               for split in sources.SPLITS for kind in (("bin", "turns") if turn_pattern else ("bin",))}
+               for split in SPLITS for kind in (("bin", "turns") if turn_pattern else ("bin",))}
         for chunk, ids in encode_chunks(tokenizer, chunks(parts, turn_pattern), workers):
             ids.tofile(out[chunk.split, "bin"])
             if turn_pattern:
@@ -316,7 +253,7 @@ def dataset_name(data):
         return "shakespeare"
     path = Path(data)
     stem = slug(path.stem) or slug(path.parent.name) or "data"
-    return f"{stem}-{sources.sha256(str(path.resolve()).encode())[:8]}"
+    return f"{stem}-{sha256(str(path.resolve()).encode())[:8]}"
 
 
 def manifest(files, text_field, turn_regex=None):
@@ -325,27 +262,27 @@ def manifest(files, text_field, turn_regex=None):
     the text field when there are jsonl files, and the turn regex. A digest, so meta.json stays
     small."""
     if files is None:
-        entries = [list(sources.SHAKESPEARE)]
+        entries = [list(SHAKESPEARE)]
     else:
         entries = [[str(f.resolve()), s.st_size, s.st_mtime_ns] for f in files
                    for s in [f.stat()]]
-        if any(str(f).endswith(sources.JSONL) for f in files):
+        if any(str(f).endswith(JSONL) for f in files):
             entries.append(["text_field", text_field])
     if turn_regex is not None:
         entries.append(["turn_regex", turn_regex])
-    return sources.sha256(json.dumps(entries).encode())
+    return sha256(json.dumps(entries).encode())
 
 
 def content_hash(files):
     """sha256 of every source file's name, size and bytes (read in blocks); compared by
     --rehash. The default corpus is pinned by its sdist's sha256."""
     if files is None:
-        return sources.sha256(f"format {FORMAT}\0{sources.SHAKESPEARE[2]}".encode())
+        return sha256(f"format {FORMAT}\0{SHAKESPEARE[2]}".encode())
     h = hashlib.sha256(f"format {FORMAT}".encode())
     for f in files:
         h.update(f"\0{f.resolve()}\0{f.stat().st_size}\0".encode())
         with open(f, "rb") as source:
-            while block := source.read(sources.CHUNK_BYTES):
+            while block := source.read(CHUNK_BYTES):
                 h.update(block)
     return h.hexdigest()
 
@@ -361,7 +298,7 @@ def is_prepared(out, stamp, source_hash=None):
         return (meta["format"] == FORMAT and meta["manifest"] == stamp and
                 source_hash in (None, meta["source_hash"]) and
                 all((out / f"{s}.bin").stat().st_size == meta["tokens"][s] * itemsize
-                    for s in sources.SPLITS) and
+                    for s in SPLITS) and
                 all((out / f"{s}.turns").stat().st_size == n * 8 for s, n in turns.items()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
@@ -369,31 +306,42 @@ def is_prepared(out, stamp, source_hash=None):
 
 def nanogpt_meta(folder, tokenizer):
     """meta of a nanoGPT data folder: train.bin and val.bin of uint16 GPT-2 tokens, as nanoGPT's
-    data/*/prepare.py scripts write them. Used in place (memory-mapped, never copied)."""
+    data/*/prepare.py scripts write them. Used in place (memory-mapped, never copied); every id
+    is checked first (streamed), so that a damaged file is refused now, not by the embedding
+    hours into training."""
     folder = Path(folder)
-    if tokenizer != "gpt2":
-        raise DataError(f"--data {folder} holds nanoGPT's train.bin and val.bin, which are GPT-2 "
-                        f"tokens; use --tokenizer gpt2 (not {tokenizer})")
-    if (folder / "meta.pkl").exists():
-        raise DataError(f"{folder / 'meta.pkl'}: this nanoGPT folder has its own vocabulary "
-                        f"(like shakespeare_char), not GPT-2's; give its text to --data instead")
+    cli.refuse([(tokenizer != "gpt2", f"--data {folder} holds nanoGPT's train.bin and val.bin, "
+                 f"which are GPT-2 tokens; use --tokenizer gpt2 (not {tokenizer})"),
+                ((folder / "meta.pkl").exists(), f"{folder / 'meta.pkl'}: this nanoGPT folder "
+                 f"has its own vocabulary (like shakespeare_char), not GPT-2's; give its text to "
+                 f"--data instead")], DataError)
     enc = get_tokenizer(tokenizer)
-    tokens = {}
-    for split in sources.SPLITS:
-        path = folder / f"{split}.bin"
-        size = path.stat().st_size
-        head = np.fromfile(path, dtype=np.uint16, count=min(size // 2, 1 << 20))
-        if size % 2 or (len(head) and head.max() >= enc.n_vocab):
-            raise DataError(f"{path} is not uint16 GPT-2 token ids (odd size, or an id over "
-                            f"{enc.n_vocab - 1}); it is not from nanoGPT's prepare.py")
-        tokens[split] = size // 2
+    tokens = {split: checked_ids(folder / f"{split}.bin", enc.n_vocab) for split in SPLITS}
     return {"format": FORMAT, "name": dataset_name(folder), "source": str(folder),
             "tokenizer": tokenizer, "n_vocab": enc.n_vocab, "eot": enc.eot_token,
             "dtype": "uint16", "documents": None, "tokens": tokens, "turns": None,
             "turn_regex": None, "dir": str(folder)}
 
 
-def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", rehash=False,
+def checked_ids(path, n_vocab, block=1 << 24):
+    """The tokens of a file of uint16 ids, each checked to be below n_vocab, `block` at a time
+    (memory-mapped: the file is never held whole); DataError naming the first one that is not."""
+    size = path.stat().st_size
+    if size > 1 << 27:
+        print(f"checking the {size // 2:,} token ids of {path} ...", flush=True)
+    ids = np.memmap(path, dtype=np.uint16, mode="r", shape=(size // 2,)) if size > 1 else []
+    bad = next((start + int(np.argmax(ids[start:start + block] >= n_vocab))
+                for start in range(0, len(ids), block)
+                if ids[start:start + block].max() >= n_vocab), None)
+    cli.refuse([(size % 2, f"{path} is not uint16 GPT-2 token ids (an odd size, {size:,} bytes); "
+                           f"it is not from nanoGPT's prepare.py"),
+                (bad is not None, f"{path} is not uint16 GPT-2 token ids (token {bad or 0:,} is "
+                 f"{ids[bad or 0] if len(ids) else 0}, over {n_vocab - 1}); it is not from "
+                 f"nanoGPT's prepare.py, or it is damaged")], DataError)
+    return size // 2
+
+
+def prepare(data=None, tokenizer="byte", root=DATA, text_field="text", rehash=False,
             turn_regex=None, workers=None):
     """Tokenize a corpus once into root/<name>_<tokenizer>; returns its meta (with "dir").
 
@@ -403,7 +351,7 @@ def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", r
     read. rehash=True (--rehash) also re-reads every byte and compares the content hash, for
     edits that keep size and time.
 
-    Turns: where matches of turn_regex start (default: sources.SHAKESPEARE_TURNS for the Shakespeare
+    Turns: where matches of turn_regex start (default: SHAKESPEARE_TURNS for the Shakespeare
     corpus, none for any other) is kept as {train,val}.turns, meta["turns"] counting them
     (None: no regex). A nanoGPT folder (train.bin, val.bin) holds tokens, not text: no turns.
 
@@ -412,61 +360,84 @@ def prepare(data=None, tokenizer="byte", root=sources.DATA, text_field="text", r
     memory does not grow with the corpus. A nanoGPT folder is used in place.
     """
     check_tokenizer(tokenizer)
-    if data is not None and not str(data):  # Path("") would be the current folder
-        raise DataError("--data is empty; give a file, folder or glob, or leave --data out for "
-                        "the Shakespeare corpus")
-    if sources.is_nanogpt(data):
-        if turn_regex is not None:
-            raise DataError(f"--data {data} is a nanoGPT folder of tokens, where no --turn_regex "
-                            f"can find turns; give its text to --data instead")
+    too_long = data is not None and files.name_too_long(data)
+    cli.refuse([(data is not None and not str(data), "--data is empty; give a file, folder or "
+                 "glob, or leave --data out for the Shakespeare corpus"),  # Path("") is "."
+                (too_long, f"--data {cli.shown(data)}: {too_long}; give a shorter path"),
+                (turn_regex is not None and is_nanogpt(data), f"--data {data} is a nanoGPT "
+                 f"folder of tokens, where no --turn_regex can find turns; give its text to "
+                 f"--data instead")], DataError)
+    if is_nanogpt(data):
         return nanogpt_meta(data, tokenizer)
     if data is None and turn_regex is None:
-        turn_regex = sources.SHAKESPEARE_TURNS
-    pattern = None if turn_regex is None else sources.turn_pattern(turn_regex)
-    files = None if data is None else sources.source_files(data)
-    stamp = manifest(files, text_field, turn_regex)
+        turn_regex = SHAKESPEARE_TURNS
+    pattern = None if turn_regex is None else turn_pattern(turn_regex)
+    paths = None if data is None else source_files(data)
+    stamp = manifest(paths, text_field, turn_regex)
     out = Path(root) / f"{dataset_name(data)}_{tokenizer}"
-    source_hash = content_hash(files) if rehash else None
-    if not is_prepared(out, stamp, source_hash):
-        parts = sources.split_documents(sources.corpus_documents(files, text_field), data)
-        total = None if files is None else sum(f.stat().st_size for f in files)
-        if workers is None:
-            workers = cpu_count() if total is None or total > sources.CHUNK_BYTES else 1
-        # Build in a scratch folder and rename it into place: an interrupted or failed prepare
-        # leaves no dataset behind that could pass as prepared.
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            print(f"tokenizing {dataset_name(data)} with {tokenizer} ("
-                  f"{'' if total is None else f'{total / 1e6:,.1f} MB, '}{workers} "
-                  f"process{'es' if workers > 1 else ''}) ...")
-            meta = {"format": FORMAT, "name": dataset_name(data),
-                    "source": sources.SHAKESPEARE[0] if data is None else str(data), "manifest": stamp,
-                    "source_hash": source_hash or content_hash(files), "text_field": text_field,
-                    **tokenize(tmp, parts, tokenizer, workers, Progress(total), pattern)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(out, ignore_errors=True)  # a stale or broken earlier version
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    source_hash = content_hash(paths) if rehash else None
+    if not is_prepared(out, stamp, source_hash):  # one prepare at a time in a data folder
+        with files.waiting_for(out.parent, f"waiting for another process that prepares data in "
+                               f"{out.parent} ...", "data_root"):
+            if not is_prepared(out, stamp, source_hash):  # the other process may have done it
+                source = {"data": data, "paths": paths, "text_field": text_field,
+                          "manifest": stamp, "source_hash": source_hash}
+                build(out, source, tokenizer, pattern, workers)
     return load_meta(out)
 
 
-def load_meta(data_dir):
-    """meta.json of a prepared dataset of this FORMAT, with "dir" added. prepare() re-prepares
-    a folder of another format; opened directly, one is refused."""
-    data_dir = Path(data_dir)
+def build(out, source, tokenizer, pattern, workers):
+    """Tokenize a corpus (source: prepare's) into out. Built in a scratch folder of this process
+    and renamed into place, so an interrupted or failed prepare leaves no dataset behind that
+    could pass as prepared; the caller holds out's lock, so scratch folders of killed prepares
+    are leftovers. A folder that cannot be written is cli.CannotWrite."""
+    data, paths = source["data"], source["paths"]
+    parts = split_documents(corpus_documents(paths, source["text_field"]), data)
+    total = None if paths is None else sum(f.stat().st_size for f in paths)
+    if workers is None:
+        workers = cpu_count() if total is None or total > CHUNK_BYTES else 1
+    tmp = out.with_name(f"{out.name}{files.TMP}{os.getpid()}")
     try:
-        meta = json.loads((data_dir / "meta.json").read_text())
-    except OSError:
-        raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); "
-                        f"run corpus/prepare.py") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{data_dir} was prepared in format {meta.get('format')}, this corpus/prepare.py "
-                        f"reads format {FORMAT}; prepare it again (corpus/prepare.py, or train.py, with "
-                        f"the same --data)")
+        for stale in out.parent.glob(f"{out.name}{files.TMP}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        print(f"tokenizing {dataset_name(data)} with {tokenizer} ("
+              f"{'' if total is None else f'{total / 1e6:,.1f} MB, '}{workers} "
+              f"process{'es' if workers > 1 else ''}) ...")
+        meta = {"format": FORMAT, "name": dataset_name(data),
+                "source": SHAKESPEARE[0] if data is None else str(data),
+                "manifest": source["manifest"],
+                "source_hash": source["source_hash"] or content_hash(paths),
+                "text_field": source["text_field"],
+                **tokenize(tmp, parts, tokenizer, workers, Progress(total), pattern)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(out, ignore_errors=True)  # a stale or broken earlier version
+        tmp.rename(out)
+    except OSError as e:  # the source's read errors are DataError: this is a write
+        raise cli.CannotWrite(f"cannot write the prepared dataset {cli.shown(out)} "
+                              f"({e.strerror or e}); make {cli.shown(out.parent)} writable, or "
+                              f"give another --data_root") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What pack.py reads of a prepared dataset's meta.json, checked when it is loaded.
+META = {"format": int, "name": str, "tokenizer": str, "n_vocab": int, "eot": int, "dtype": str,
+        "tokens": {"train": int, "val": int}, "turns": (None, {"train": int, "val": int})}
+
+
+def load_meta(data_dir):
+    """meta.json of a prepared dataset of this FORMAT, checked by shape, with "dir" added.
+    prepare() re-prepares a folder of another format; opened directly, one is refused."""
+    path, again = Path(data_dir) / "meta.json", "prepare it again (python -m corpus.prepare, " \
+        "or train.py, with the same --data)"
+    cli.refuse([(not path.is_file(), f"{data_dir} is not a prepared dataset (no meta.json); "
+                                     f"prepare it with python -m corpus.prepare")], DataError)
+    meta = files.read_json(path, dict, again)
+    problem = files.misfit(meta, META, "")
+    cli.refuse([(meta.get("format") != FORMAT, f"{data_dir} was prepared in format "
+                 f"{meta.get('format')}, this nanoBDD reads format {FORMAT}; {again}"),
+                (problem, f"{path}: {problem}; {again}")], DataError)
     return {**meta, "dir": str(data_dir)}
 
 
@@ -493,16 +464,16 @@ def main(argv=None):
     parser.add_argument("--turn_regex", default=None, help="Python regex whose matches start "
                         "the turns (speeches, messages) of a document (default: the speaker "
                         "lines of the Shakespeare corpus; none for other corpora)")
+    parser.add_argument("--data_root", default=None, help="folder of prepared datasets "
+                        "(default: data/)")
     args = parser.parse_args(argv)
-    try:
-        meta = prepare(args.data, args.tokenizer, text_field=args.text_field, rehash=args.rehash,
-                       turn_regex=args.turn_regex)
-    except DataError as e:
-        cli.fail(str(e))
-    print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, {meta['dtype']}), "
-          f"{describe(meta, 'train')}, {describe(meta, 'val')}")
+    with cli.guard():
+        files.usable_folder(args.data_root or DATA, "data_root")
+        meta = prepare(args.data, args.tokenizer, args.data_root or DATA,
+                       text_field=args.text_field, rehash=args.rehash, turn_regex=args.turn_regex)
+        print(f"{meta['dir']}: {meta['tokenizer']} tokens ({meta['n_vocab']} ids, "
+              f"{meta['dtype']}), {describe(meta, 'train')}, {describe(meta, 'val')}")
 
 
 if __name__ == "__main__":
     main()
-

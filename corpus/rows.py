@@ -1,8 +1,9 @@
 """
-A task's rows on disk: a prepared dataset of fixed-length rows whose loss is on some targets only,
-such as lab/probe.py's associative recall. {split}.bin holds the tokens, {split}.loss a byte per token
-(1: a target that carries loss), meta.json a "rows" entry; train.py reads such a folder as --data
-as it is (nothing to prepare), and pack.Batches draws whole rows from it (pack.row_batch).
+A task's rows on disk: a prepared dataset of fixed-length rows whose loss is on some targets
+only, such as lab/probe.py's associative recall. {split}.bin holds the tokens, {split}.loss a byte
+per token (1: a target that carries loss), meta.json a "rows" entry; train.py reads such a
+folder as --data as it is (nothing to prepare), and pack.Batches draws whole rows from it
+(pack.row_batch).
 """
 
 import json
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import files
-from corpus.prepare import DataError, get_tokenizer, token_dtype
+from corpus.download import DataError
+from corpus.tokenizers import get_tokenizer, token_dtype
 
 ROWS_FORMAT = 1
 
@@ -47,24 +50,33 @@ def write_rows(folder, splits, tokenizer, name, about):
         Path(tmp).write_text(json.dumps(meta, indent=1))
 
 
+# What pack.py reads of a task's meta.json, checked when it is loaded.
+ROWS_META = {"rows": {"format": int, "length": int}, "tokenizer": str, "n_vocab": int, "eot": int,
+             "dtype": str, "tokens": {"train": int, "val": int}}
+
+
 def load_rows(folder, tokenizer):
-    """meta of a folder of task rows (is_rows), with "dir"; DataError if it is of another format,
-    for another tokenizer, or cut short."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    if meta["rows"].get("format") != ROWS_FORMAT:
-        raise DataError(f"{folder} holds task rows of format {meta['rows'].get('format')}, this "
-                        f"pack.py reads format {ROWS_FORMAT}; write them again (lab/probe.py)")
-    if meta["tokenizer"] != tokenizer:
-        raise DataError(f"--data {folder} holds {meta['tokenizer']} tokens; use --tokenizer "
-                        f"{meta['tokenizer']}")
-    for split in ("train", "val"):
-        n = meta["tokens"][split]
-        try:
-            sizes = {suffix: (Path(folder) / f"{split}.{suffix}").stat().st_size
-                     for suffix in ("bin", "loss")}
-        except OSError:
-            sizes = None
-        if sizes != {"bin": n * np.dtype(meta["dtype"]).itemsize, "loss": n}:
-            raise DataError(f"{folder}: its {split} split is not the {n:,} tokens its meta.json "
-                            f"says (cut short?); write it again (lab/probe.py)")
+    """meta of a folder of task rows (is_rows), checked by shape, with "dir"; DataError if it is
+    of another format, for another tokenizer, or cut short."""
+    meta = files.read_json(Path(folder) / "meta.json", ROWS_META, "write the rows again "
+                           "(python -m lab.probe --mqar)")
+    cli.refuse([(meta["rows"]["format"] != ROWS_FORMAT, f"{folder} holds task rows of format "
+                 f"{meta['rows']['format']}, this nanoBDD reads format {ROWS_FORMAT}; write them "
+                 f"again (python -m lab.probe --mqar)"),
+                (meta["tokenizer"] != tokenizer, f"--data {folder} holds {meta['tokenizer']} "
+                 f"tokens; use --tokenizer {meta['tokenizer']}")], DataError)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, n in meta["tokens"].items():
+        cli.refuse([(split_sizes(folder, split) != {"bin": n * itemsize, "loss": n},
+                     f"{folder}: its {split} split is not the {n:,} tokens its meta.json says "
+                     f"(cut short?); write it again (python -m lab.probe --mqar)")], DataError)
     return {**meta, "dir": str(folder)}
+
+
+def split_sizes(folder, split):
+    """{suffix: bytes} of a split's token and loss files, None if one is missing."""
+    try:
+        return {suffix: (Path(folder) / f"{split}.{suffix}").stat().st_size
+                for suffix in ("bin", "loss")}
+    except OSError:
+        return None

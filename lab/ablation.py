@@ -58,17 +58,16 @@ def plan(args, flags):
     with that seed)."""
     base = flags.get("seed", cfg.TrainConfig.seed)
     seeds = range(base, base + args.seeds)
-    recipe = {**ex.QUICK, **flags}
-    runs = [ex.make_run(f"{variant}_s{seed}", {**recipe, **extra, "seed": seed}, args.out_dir,
-                        variant=variant, seed=seed)
+    runs = [ex.make_run(f"{variant}_s{seed}", {**flags, **extra, "seed": seed}, args.out_dir,
+                        ex.QUICK, variant=variant, seed=seed)
             for seed in seeds for variant, extra in variants(args.strategies).items()]
     for seed in seeds[:args.ft_seeds] if args.ft_iters else ():
         source = os.path.join(args.out_dir, f"bdd_random_s{seed}")
         for arm in FT_ARMS:
-            ft = {**recipe, "arch": "bdd", "boundaries": arm, "seed": seed + FT_SEED,
+            ft = {**flags, "arch": "bdd", "boundaries": arm, "seed": seed + FT_SEED,
                   "max_iters": args.ft_iters, "init_from": source}
-            runs.append(ex.make_run(f"ft_{arm}_s{seed}", ft, args.out_dir, variant=f"ft_{arm}",
-                                    seed=seed))
+            runs.append(ex.make_run(f"ft_{arm}_s{seed}", ft, args.out_dir, ex.QUICK,
+                                    variant=f"ft_{arm}", seed=seed))
     return runs
 
 
@@ -219,10 +218,6 @@ def plot(doc, path):
     ex.save_figure(fig, path)
 
 
-def cell(mean, sd, seeds):
-    return f"{mean:.4f}" + (f" ±{sd:.4f}" if seeds > 1 else "")
-
-
 def table(doc):
     """The variants, then the fine-tune: both losses and the chat loss by speech."""
     head = ["variant", "seeds", "continuation", "chat", *(f"chat speech {g}"
@@ -230,19 +225,19 @@ def table(doc):
 
     def line(p, name=None):
         n = len(p["seeds"])
-        return [name or label(p["variant"]), n, cell(p["cont_loss"], p["cont_sd"], n),
-                cell(p["chat_loss"], p["chat_sd"], n),
-                *(cell(p["chat_by_group"][g]["loss"], p["chat_by_group"][g]["sd"], n)
+        return [name or label(p["variant"]), n, ex.mean_cell(p["cont_loss"], p["cont_sd"], n),
+                ex.mean_cell(p["chat_loss"], p["chat_sd"], n),
+                *(ex.mean_cell(p["chat_by_group"][g]["loss"], p["chat_by_group"][g]["sd"], n)
                   if g in p["chat_by_group"] else "-" for g in TURN_GROUPS)]
 
     text = ex.format_table([head] + [line(p) for p in doc["points"]])
     ft = doc["fine_tune"]
     if ft:
         d = ft["turns_minus_random"]
+        n = len(ft["seeds"])
         lines = [head, line(ft["start"], "start (bdd random)")] + [line(p) for p in ft["arms"]] + \
-            [["turns - random", len(ft["seeds"]),
-              cell(d["cont_loss"]["mean"], d["cont_loss"]["sd"], len(ft["seeds"])),
-              cell(d["chat_loss"]["mean"], d["chat_loss"]["sd"], len(ft["seeds"])), "", "", ""]]
+            [["turns - random", n, ex.mean_cell(d["cont_loss"]["mean"], d["cont_loss"]["sd"], n),
+              ex.mean_cell(d["chat_loss"]["mean"], d["chat_loss"]["sd"], n), "", "", ""]]
         s = ft["schedule"]
         text += (f"\n\nfine-tune: {ft['iters']} more steps from the finished bdd random run, "
                  f"both arms with warmup {s['warmup_iters']} to lr {s['learning_rate']:g}, cosine "
@@ -269,7 +264,7 @@ def parse(argv):
                    "no fine-tune); needs random among --strategies (the source)")
     p.add_argument("--ft_seeds", type=int, default=1, help="fine-tune from the bdd random runs "
                    "of this many seeds (at most --seeds)")
-    args = p.parse_args(argv)
+    args = ex.parse_args(p, argv)
     flags = cfg.given_flags(args)
     args.strategies = parse_strategies(args.strategies)
     check_args(args, flags)
@@ -291,7 +286,7 @@ def parse_strategies(text):
 
 def check_args(args, flags):
     """ConfigError for the first thing wrong with the command."""
-    warmup = flags.get("warmup_iters", ex.QUICK["warmup_iters"])
+    warmup = flags.get("warmup_iters", 0)  # the recipe's is fitted to the fine-tune's length
     problems = [
         (not 1 <= args.seeds <= 100, f"--seeds must be 1 to 100, got {args.seeds}"),
         (args.chat_scenes < 1, f"--chat_scenes must be at least 1, got {args.chat_scenes}"),

@@ -4,7 +4,7 @@ trained through train.train() in its own folder, resumed where it stopped, and s
 finished; the variants of --archs (an arch with fewer keys and values: dec:kv2, dec:cla3,
 bdd:kv1); per-arch learning rates (--lr); and the JSON, figure and table helpers of the reports.
 
-    runs = [make_run("bdd", {**flags, "arch": "bdd"}, out_dir), ...]   # the plan
+    runs = [make_run("bdd", {**flags, "arch": "bdd"}, out_dir, QUICK), ...]   # the plan
     done = execute(runs)            # [Done(run, history, flops_per_token, state)], in order
 
 A run's folder that holds a run trained with other settings is refused (one line naming the
@@ -45,7 +45,8 @@ NOT_COMPARED = (*cfg.MACHINE_FIELDS, "max_iters", "log_interval", "eval_interval
 @dataclass
 class Run:
     name: str                  # its folder under the experiment's out_dir
-    flags: dict                # train flags: cfg.make_config(**flags) == config
+    flags: dict                # train flags: cfg.make_config(recipe, **flags) == config
+    recipe: dict               # the experiment's defaults, below the flags
     config: cfg.TrainConfig
     labels: dict               # what the report groups it by (size, seed, ...)
 
@@ -70,11 +71,14 @@ def use_threads(runs):
         torch.set_num_threads(threads)
 
 
-def make_run(name, flags, out_root, **labels):
-    """A run of the plan: its config from the flags, in <out_root>/<name>; checkpoints at every
-    evaluation, so that an interrupted experiment loses at most one evaluation interval."""
+def make_run(name, flags, out_root, recipe=None, **labels):
+    """A run of the plan: its config from the flags (the user's and the run's own) over the
+    experiment's recipe (defaults that fit a shorter run, cfg.make_config), in
+    <out_root>/<name>; checkpoints at every evaluation, so that an interrupted experiment loses at
+    most one evaluation interval."""
     flags = {"always_save_checkpoint": True, **flags, "out_dir": os.path.join(out_root, name)}
-    return Run(name, flags, cfg.make_config(**flags), labels)
+    recipe = recipe or {}
+    return Run(name, flags, recipe, cfg.make_config(recipe, **flags), labels)
 
 
 def run_state(run):
@@ -86,7 +90,8 @@ def run_state(run):
     if run.config.overwrite or not (path.exists() or marker.exists()):
         return "new", 0
     if marker.exists():
-        saved = json.loads(marker.read_text())
+        saved = files.read_json(marker, {"train_config": dict, "n_dec_layer": (int, None)},
+                                "delete it (the run trains again), or use --overwrite")
         check_same(run, saved["train_config"], saved["n_dec_layer"], 0)
         return "diverged", 0
     ckpt = cfg.load_checkpoint(path, mmap=True)
@@ -118,6 +123,7 @@ def execute(runs, log=print, allow_diverged=False, head_start=None):
     head_start(run): called when a new run's turn comes; True if it put a checkpoint that the
     run may resume from into its folder (lab/uptrain.py: an earlier point of the same
     uptraining), which the run then resumes."""
+    assert len({run.config.out_dir for run in runs}) == len(runs), "two runs share a folder"
     states = [run_state(run) for run in runs]
     for run, (state, _) in zip(runs, states):
         if state == "new":
@@ -178,8 +184,8 @@ def train_run(run, state, log=print):
     if state == "done":
         return cfg.load_checkpoint(cfg.checkpoint_path(run.config.out_dir), mmap=True)["history"]
     (Path(run.config.out_dir) / DIVERGED).unlink(missing_ok=True)  # --overwrite: trained anew
-    config = run.config if state == "new" else cfg.make_config(**{**run.flags,
-                                                                  "init_from": "resume"})
+    config = run.config if state == "new" else cfg.make_config(run.recipe, **{
+        **run.flags, "init_from": "resume"})
     return train.train(config, log=lambda s: log(f"[{run.name}] {s}"))
 
 
@@ -202,7 +208,7 @@ def parser(description, out_dir, per_run):
     """An experiment's command line: --out_dir (default out/<out_dir>), its own flags (add them
     to the parser returned) and every train.py flag, which overrides the preset for all runs;
     per_run: {flag: what to use instead}, the flags the experiment sets for each run (refused
-    with that advice)."""
+    with that advice). Parse it with parse_args."""
     p = cli.Parser(description=description + " Any train.py flag overrides the preset.",
                    allow_abbrev=False)  # --arch must not pass for --archs
     p.add_argument("--out_dir", default=os.path.join("out", out_dir), help="the experiment's "
@@ -210,6 +216,14 @@ def parser(description, out_dir, per_run):
                    f"out/{out_dir})")
     return cfg.add_flags(p, per_run={"init_from": "an experiment resumes its runs by itself",
                                      **per_run}, skip=("out_dir",))
+
+
+def parse_args(parser, argv):
+    """The parsed command line of an experiment, its --out_dir checked to be a usable folder
+    (files.usable_folder: the check of every entry point) before anything else."""
+    args = parser.parse_args(argv)
+    files.usable_folder(args.out_dir, "out_dir")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -281,11 +295,12 @@ def variant_folder(name):
     return name.replace(":", "-")
 
 
-def variant_problem(name, flags):
+def variant_problem(name, flags, recipe=None):
     """(what is wrong, what would fit) if the variant's options do not fit the model the other
-    flags make: kv<N> must divide n_head, cla<K> be at most n_layer; None if they fit."""
+    flags (over the recipe) make: kv<N> must divide n_head, cla<K> be at most n_layer; None if
+    they fit."""
     own = variant_flags(name)
-    config = cfg.make_config(**{**flags, "arch": own["arch"]})
+    config = cfg.make_config(recipe, **{**flags, "arch": own["arch"]})
     kv, share = own.get("n_kv_head"), own.get("kv_share")
     if kv is not None and config.n_head % kv:
         fits = [f"kv{n}" for n in range(1, config.n_head + 1) if config.n_head % n == 0]
@@ -297,11 +312,24 @@ def variant_problem(name, flags):
     return None
 
 
-def check_variant(name, flags):
+def check_variant(name, flags, recipe=None):
     """ConfigError naming the variant if its options do not fit the model (variant_problem)."""
-    problem = variant_problem(name, flags)
+    problem = variant_problem(name, flags, recipe)
     if problem:
         raise cfg.ConfigError(f"--archs {name}: {problem[0]}; {problem[1]}")
+
+
+def same_models(names, flags, recipe=None):
+    """The variants among names that build the model of an earlier one with these flags (over
+    the recipe): {name: the earlier name}. dec:kv2 at --n_head 2 gives every head its own keys
+    and values, as dec does: measured twice it would be drawn twice, on top of itself."""
+    first, same = {}, {}
+    for name in names:
+        c = cfg.make_config(recipe, **{**flags, **variant_flags(name)})
+        model = (c.arch, c.n_kv_head or c.n_head, c.kv_share)
+        same.update({name: first[model]} if model in first else {})
+        first.setdefault(model, name)
+    return same
 
 
 def variant_style(name, names):
@@ -368,21 +396,20 @@ def positive_rate(value, where):
 
 
 def read_lrs(path):
-    """The lr.json that `python -m lab.frontier --lr_sweep` wrote at path, its "chosen" rates
-    {arch or variant: rate} checked; ConfigError if there is none, saying how to make one."""
+    """The lr.json that `python -m lab.frontier --lr_sweep` wrote at path, checked by shape (its
+    "chosen" rates {arch or variant: rate}, the "recipe" they were tuned with) and each rate a
+    positive number; ConfigError if there is none, saying how to make one."""
     make = "python -m lab.frontier --lr_sweep" + ("" if path == LR_FILE else f" --lr_file {path}")
+    cfg.refuse([(not os.path.exists(path), f"--lr auto: no tuned learning rates at {path}; run "
+                 f"`{make}` first, or give them with --lr dec=...,encdec=...,bdd=..."),
+                (os.path.isdir(path), f"--lr_file {path} is a folder; give the path of the "
+                                      f"lr.json file")])
     try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise cfg.ConfigError(f"--lr auto: no tuned learning rates at {path}; run `{make}` "
-                              f"first, or give them with --lr dec=...,encdec=...,bdd=...") from None
-    except (OSError, ValueError) as e:
-        raise cfg.ConfigError(f"--lr auto: {path} is not a readable lr.json ({e}); run `{make}` "
-                              f"again, or give the rates with --lr") from None
-    chosen = doc.get("chosen") if isinstance(doc, dict) else None
-    if not isinstance(chosen, dict):
-        raise cfg.ConfigError(f"--lr auto: {path} has no chosen learning rates; run `{make}` again")
-    for name, rate in chosen.items():
+        doc = files.read_json(path, {"chosen": {str: float}, "recipe": dict},
+                              f"run `{make}` again, or give the rates with --lr")
+    except cli.BadInput as e:
+        raise cfg.ConfigError(f"--lr auto: {e}") from None
+    for name, rate in doc["chosen"].items():
         positive_rate(rate, f"--lr auto: {path}: {variant_name(name, f'--lr auto: {path}')}")
     return doc
 
@@ -438,6 +465,12 @@ def save_figure(fig, path, dpi=110):
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         pyplot().close(fig)
+
+
+def mean_cell(mean, sd, seeds):
+    """A table's cell of a mean over seeds: "2.3100 ±0.0040", the spread only where there is one
+    (one seed has none)."""
+    return f"{mean:.4f}" + (f" ±{sd:.4f}" if seeds > 1 else "")
 
 
 def format_table(lines):

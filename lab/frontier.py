@@ -69,10 +69,10 @@ def lr_plan(args, flags):
     runs = []
     for rate in args.lrs:
         for name in args.archs:
-            values = {**RECIPE, **flags, "learning_rate": rate, "min_lr": rate / 10}
+            values = {**flags, "learning_rate": rate, "min_lr": rate / 10}
             folder = os.path.join("lr_sweep", f"{ex.variant_folder(name)}_lr{rate:g}")
             runs.append(ex.make_run(folder, {**values, **ex.variant_flags(name)}, args.out_dir,
-                                    variant=name))
+                                    RECIPE, variant=name))
     return runs
 
 
@@ -206,7 +206,7 @@ def lr_sweep(args, flags):
     started = time.time()
     runs = lr_plan(args, flags)
     ex.use_threads(runs)
-    cfg.writable_folder(os.path.dirname(args.lr_file) or ".", "lr_file")
+    files.usable_folder(os.path.dirname(args.lr_file) or ".", "lr_file")
     with files.holding(args.out_dir, "experiment"):
         done = ex.execute(runs, allow_diverged=True)
         print("== scoring every run on both halves of the validation windows ==", flush=True)
@@ -230,10 +230,10 @@ def plan(args, flags, lrs, source):
     runs = []
     for seed in range(base, base + args.seeds):
         for name in args.archs:
-            values = {**RECIPE, **flags, **ex.lr_flags(name, lrs, source), "seed": seed}
+            values = {**flags, **ex.lr_flags(name, lrs, source), "seed": seed}
             runs.append(ex.make_run(f"{ex.variant_folder(name)}_s{seed}",
                                     {**values, **ex.variant_flags(name)}, args.out_dir,
-                                    variant=name))
+                                    RECIPE, variant=name))
     return runs
 
 
@@ -343,12 +343,13 @@ def plot(doc, path):
 
 
 def table(doc):
-    lines = [["variant", "lr", "non-emb params", "cont loss ± sd", "bytes/position", "x dec",
+    spread = " ± sd" if len(doc["seeds"]) > 1 else ""
+    lines = [["variant", "lr", "non-emb params", f"cont loss{spread}", "bytes/position", "x dec",
               f"batch in {doc['serving']['budget_bytes'] / 1e6:.3g} MB", "tokens/s there",
               "Pareto-optimal"]]
     for p in doc["variants"]:
         lines.append([p["variant"], f"{p['learning_rate']:g}", f"{p['non_embedding_params']:,}",
-                      f"{p['loss']:.4f} ± {p['loss_sd']:.4f}",
+                      ex.mean_cell(p["loss"], p["loss_sd"], p["seeds"]),
                       f"{p['held_bytes_per_position']:,.0f}",
                       "-" if p["held_vs_dec"] is None else f"{p['held_vs_dec']:.3f}",
                       p["budget_batch"], f"{p['budget_tokens_per_sec']:,.0f}",
@@ -412,7 +413,7 @@ def parse(argv):
                    "preset's 1e-3)")
     p.add_argument("--repeats", type=int, help="the frontier's serving benchmark: timing rounds "
                    f"(default {REPEATS}; 8x at batch 1)")
-    args = p.parse_args(argv)
+    args = ex.parse_args(p, argv)
     flags = cfg.given_flags(args)
     check_args(args, flags)
     return args, flags
@@ -422,7 +423,6 @@ def check_args(args, flags):
     """Fill in the defaults; ConfigError for the first thing wrong with the command."""
     sweep = args.lr_sweep
     problems = [
-        (not args.out_dir, "--out_dir is empty; give a folder, or leave it out for out/frontier"),
         (sweep and args.lr is not None, "--lr_sweep tunes the learning rates; drop --lr (give "
          "the rates to try with --lrs)"),
         (sweep and args.seeds is not None, "--lr_sweep trains one seed; drop --seeds (choose "
@@ -435,13 +435,18 @@ def check_args(args, flags):
         (args.repeats is not None and args.repeats < 1,
          f"--repeats must be at least 1, got {args.repeats}"),
         (flags.get("max_iters") == 0, "--max_iters 0 trains nothing; give at least 1"),
+        (args.lr_file is not None and os.path.isdir(args.lr_file), f"--lr_file {args.lr_file} "
+         f"is a folder; give the path of the lr.json file"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise cfg.ConfigError(message)
+    cfg.refuse(problems)
     args.archs = ex.parse_archs(args.archs or (",".join(ARCHS) if sweep else FRONTIER_ARCHS))
     for name in args.archs:  # before the rates: a variant that cannot be built is the first error
-        ex.check_variant(name, {**RECIPE, **flags})
+        ex.check_variant(name, flags, RECIPE)
+    same = ex.same_models(args.archs, flags, RECIPE)
+    for name, first in same.items():
+        print(f"note: {name} is {first} with these flags (as many key/value heads as heads, "
+              f"nothing shared); trained and measured once, as {first}")
+    args.archs = [name for name in args.archs if name not in same]
     args.lr, args.seeds = args.lr or "auto", args.seeds or 3
     args.repeats = args.repeats or REPEATS
     args.lr_file = args.lr_file or os.path.join(args.out_dir, "lr.json")
@@ -449,12 +454,16 @@ def check_args(args, flags):
 
 
 def parse_grid(text):
-    """--lrs as sorted rates; ConfigError for a rate that is not positive, or one given twice."""
+    """--lrs as sorted rates; ConfigError for a rate that is not positive, or two that name one
+    run's folder (<variant>_lr<rate>, 6 significant digits)."""
     rates = [ex.positive_rate(r.strip(), f"--lrs {text!r}") for r in text.split(",") if r.strip()]
-    if not rates:
-        raise cfg.ConfigError(f"--lrs {text!r} gives no rate; e.g. --lrs 5e-4,1e-3,2e-3,4e-3,8e-3")
-    if len(set(rates)) < len(rates):
-        raise cfg.ConfigError(f"--lrs {text!r} gives a rate twice; give each once")
+    named = {}
+    for rate in rates:
+        named.setdefault(f"{rate:g}", []).append(rate)
+    same = next((both for both in named.values() if len(both) > 1), None)
+    cfg.refuse([(not rates, f"--lrs {text!r} gives no rate; e.g. --lrs 5e-4,1e-3,2e-3,4e-3,8e-3"),
+                (same, f"--lrs {text!r}: {same and ' and '.join(map(repr, same))} are one rate "
+                 f"to 6 digits, which the runs' folders are named by; give each rate once")])
     return tuple(sorted(rates))
 
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import config as cfg
 import pack
 import train
-from corpus.prepare import DataError, get_tokenizer
+from corpus.download import DataError
+from corpus.tokenizers import get_tokenizer
 from lab.flops import decode_flops, step_flops
 from generate import decode_steps
 from serve.memory import held_bytes, nbytes

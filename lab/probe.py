@@ -12,7 +12,7 @@ MQAR: a row of L + 1 tokens (inputs L, targets L) holds D key-value pairs, fille
 again in a random order, each followed by its value. The loss is on those values only (the
 answers), as in Zoology: every other token is random. One model per arch and length is trained
 from scratch on an even mix of the pair counts, through train.train() on the task's rows (a
-prepared dataset of fixed-length rows, rows.write_rows); accuracy is top-1 over the whole
+prepared dataset of fixed-length rows, corpus/rows.py); accuracy is top-1 over the whole
 vocabulary on held-out rows (the val split), per pair count. bdd trains with the default random
 boundaries and is evaluated twice: with its block starting at the first query (prompt = the pairs
 and filler, answers generated) and with random boundaries (1 to 7 per row).
@@ -43,11 +43,11 @@ import torch.nn.functional as F
 
 import cli
 import config as cfg
-from corpus import prepare as corpus
 from lab import experiment as ex
 import files
 import pack
-from corpus import rows
+from corpus.rows import is_rows, write_rows
+from corpus.tokenizers import get_tokenizer
 from mask import block_ids
 from model import ARCHS
 
@@ -69,6 +69,7 @@ RECIPE = dict(tokenizer="byte", n_layer=2, n_head=2, n_embd=64, dropout=0.0, bat
 # --variants: the model's cache-cutting options on the archs that take them
 VARIANTS = {"dec_kv_share2": ("dec", {"kv_share": 2}), "bdd_n_kv_head1": ("bdd", {"n_kv_head": 1})}
 COPY_SAMPLES = 64
+COPY_BATCH = 64  # strings scored at a time: memory holds one batch's cache and one step's logits
 
 
 # -----------------------------------------------------------------------------
@@ -124,13 +125,13 @@ def task_splits(length, pairs, vocab, train_rows, eval_rows, seed):
 
 
 def write_task(folder, about):
-    """The task's rows in folder (rows.write_rows), unless it already holds these; returns the
+    """The task's rows in folder (write_rows), unless it already holds these; returns the
     held-out rows {pairs: (tokens, loss)}."""
     splits = task_splits(about["length"], about["pairs"], about["vocab"], about["train_rows"],
                          about["eval_rows"], about["seed"])
     meta = Path(folder) / "meta.json"
-    if not (rows.is_rows(folder) and json.loads(meta.read_text()).get("about") == about):
-        rows.write_rows(folder, splits, "byte", f"mqar_L{about['length']}", about)
+    if not (is_rows(folder) and json.loads(meta.read_text()).get("about") == about):
+        write_rows(folder, splits, "byte", f"mqar_L{about['length']}", about)
     n, (tokens, loss) = about["eval_rows"], splits["val"]
     return {d: (tokens[i * n:(i + 1) * n], loss[i * n:(i + 1) * n])
             for i, d in enumerate(about["pairs"])}
@@ -150,7 +151,7 @@ def answer_accuracy(model, arch, tokens, loss, boundaries="prompt", batch=256):
     for i in range(0, len(tokens), batch):
         w = torch.from_numpy(tokens[i:i + batch].astype(np.int64))
         b = pack.row_batch(arch, w, torch.from_numpy(loss[i:i + batch]), gen, max_blocks=8,
-                           eot=corpus.get_tokenizer("byte").eot_token, boundaries="random")
+                           eot=get_tokenizer("byte").eot_token, boundaries="random")
         if arch == "bdd" and boundaries == "prompt":
             b["block_ids"] = prompt_blocks(b["y"])
         device = next(model.parameters()).device
@@ -174,22 +175,26 @@ def prompt_blocks(y):
 def copy_strings(n, samples, tokenizer, gen):
     """(samples, 2n): random strings A of n ordinary tokens (any id of the tokenizer but eot),
     each as A A."""
-    enc = corpus.get_tokenizer(tokenizer)
+    enc = get_tokenizer(tokenizer)
     a = torch.randint(enc.n_vocab - 1, (samples, n), generator=gen)
     a += (a >= enc.eot_token).long()  # the ids after eot move up one: eot is never drawn
     return torch.cat([a, a], dim=1)
 
 
 @torch.no_grad()
-def cached_logits(model, seq, start):
-    """Next-token logits (B, T-1-start, vocab) at positions start..T-2 of seq (B, T), through the
-    KV cache: prefill seq[:, :start+1] (bdd's block and encdec's decoder start at `start`), then
-    decode each true next token."""
+def cached_steps(model, seq, start):
+    """Next-token logits (B, vocab) at positions start..T-2 of seq (B, T), one position at a time,
+    through the KV cache: prefill seq[:, :start+1] (bdd's block and encdec's decoder start at
+    `start`), then decode each true next token."""
     cache = model.new_cache()
-    out = [model.prefill(seq[:, :start + 1], cache)]
+    yield model.prefill(seq[:, :start + 1], cache)
     for t in range(start + 1, seq.shape[1] - 1):
-        out.append(model.decode(seq[:, t:t + 1], cache))
-    return torch.stack(out, dim=1)
+        yield model.decode(seq[:, t:t + 1], cache)
+
+
+def cached_logits(model, seq, start):
+    """All of cached_steps, stacked: (B, T-1-start, vocab)."""
+    return torch.stack(list(cached_steps(model, seq, start)), dim=1)
 
 
 @torch.no_grad()
@@ -208,9 +213,25 @@ def copy_scores(logits, seq, start):
     n = seq.shape[1] // 2
     pred, target = logits[:, n - start:].float(), seq[:, n + 1:]  # positions n..2n-2
     nll = F.cross_entropy(pred.transpose(1, 2), target, reduction="none")  # (B, n-1)
-    hit = (pred.argmax(-1) == target).float()
-    return {"n": n, "loss": nll.mean().item(), "accuracy": hit.mean().item(),
+    return scores(nll, (pred.argmax(-1) == target).float())
+
+
+def scores(nll, hit):
+    """copy_scores from the loss and the hits (B, n-1) of the second copy."""
+    return {"n": nll.shape[1] + 1, "loss": nll.mean().item(), "accuracy": hit.mean().item(),
             "loss_by_offset": nll.mean(0).tolist(), "accuracy_by_offset": hit.mean(0).tolist()}
+
+
+def streamed_scores(model, seq, start):
+    """copy_scores of seq through cached_steps, each step scored as it comes, so that memory
+    holds one step's logits, not the whole copy's: (nll, hit), each (B, n-1)."""
+    n, nll, hit = seq.shape[1] // 2, [], []
+    for position, logits in enumerate(cached_steps(model, seq, start), start):
+        if position >= n:  # the second copy from its second token: targets n+1..2n-1
+            target = seq[:, position + 1]
+            nll.append(F.cross_entropy(logits.float(), target, reduction="none"))
+            hit.append((logits.argmax(-1) == target).float())
+    return torch.stack(nll, 1), torch.stack(hit, 1)
 
 
 def copy_starts(arch, n):
@@ -220,24 +241,38 @@ def copy_starts(arch, n):
 
 def copy_probe(out_dir, lengths, samples, device):
     """The copy probe of one checkpoint: {dir, arch, tokenizer, block_size, splits: {split:
-    [scores per n]}}."""
+    [scores per n]}}. Strings go through the model COPY_BATCH at a time, each step scored as it
+    comes, so that memory does not grow with --copy_samples (a slice of the same draws)."""
     model, ckpt = cfg.load_model(out_dir, device)
-    block_size = model.config.block_size
-    lengths = lengths or [2 ** k for k in range(3, 20) if 2 ** (k + 1) <= block_size]
-    too_long = [n for n in lengths if 2 * n > block_size]
-    if too_long:
-        raise cfg.ConfigError(f"--copy_lengths {too_long[0]}: {out_dir} holds a model of "
-                              f"block_size {block_size}, which reads strings A A of at most "
-                              f"{block_size // 2} tokens each")
+    lengths = copy_lengths(lengths, model.config.block_size, out_dir)
     gen = torch.Generator().manual_seed(SEED)
     splits = {}
     for n in lengths:
-        seq = copy_strings(n, samples, ckpt["tokenizer"], gen).to(device)
-        for split, start in copy_starts(ckpt["arch"], n).items():
-            splits.setdefault(split, []).append(
-                copy_scores(cached_logits(model, seq, start), seq, start))
+        parts = {split: [] for split in copy_starts(ckpt["arch"], n)}
+        for count in [COPY_BATCH] * (samples // COPY_BATCH) + [samples % COPY_BATCH]:
+            seq = copy_strings(n, count, ckpt["tokenizer"], gen).to(device) if count else None
+            for split, start in copy_starts(ckpt["arch"], n).items():
+                parts[split] += [streamed_scores(model, seq, start)] if count else []
+        for split, batches in parts.items():
+            splits.setdefault(split, []).append(scores(*(torch.cat(b) for b in zip(*batches))))
     return {"dir": str(out_dir), "arch": ckpt["arch"], "tokenizer": ckpt["tokenizer"],
-            "block_size": block_size, "iter_num": ckpt["iter_num"], "splits": splits}
+            "block_size": model.config.block_size, "iter_num": ckpt["iter_num"],
+            "splits": splits}
+
+
+def copy_lengths(lengths, block_size, out_dir):
+    """The string lengths n to probe a model of block_size with (strings A A: 2n tokens): the
+    given ones, else 8, 16, ... up to half the context (half of a context under 16); ConfigError
+    if one does not fit, or the context holds no copy of two tokens."""
+    default = [2 ** k for k in range(3, 20) if 2 ** (k + 1) <= block_size] or [block_size // 2]
+    lengths = lengths or default
+    too_long = [n for n in lengths if 2 * n > block_size]
+    cfg.refuse([(block_size < 4, f"--copy {out_dir} holds a model of block_size {block_size}, "
+                 f"too short for the copy probe (strings A A of at least 2 tokens each)"),
+                (too_long, f"--copy_lengths {too_long and too_long[0]}: {out_dir} holds a "
+                 f"model of block_size {block_size}, which reads strings A A of at most "
+                 f"{block_size // 2} tokens each")])
+    return lengths
 
 
 # -----------------------------------------------------------------------------
@@ -253,9 +288,9 @@ def plan(args, flags):
     tasks, runs = {}, []
     for length in args.lengths:
         folder = os.path.join(args.out_dir, f"task_L{length}")
-        runs += [ex.make_run(f"L{length}_{name}", {**RECIPE, **flags, **options, "arch": arch,
+        runs += [ex.make_run(f"L{length}_{name}", {**flags, **options, "arch": arch,
                                                    "data": folder, "block_size": length},
-                             args.out_dir, length=length, variant=name)
+                             args.out_dir, RECIPE, length=length, variant=name)
                  for name, (arch, options) in names.items()]
         # about one pass over the training rows in the longest run
         train_rows = max(r.config.max_iters * r.config.batch_size *
@@ -431,26 +466,32 @@ def parse(argv):
                            "block_size": "use --lengths", "tokenizer": "the task is byte ids"})
     p.add_argument("--copy", nargs="+", metavar="RUN_DIR", default=[], help="run folders (each "
                    "holding a ckpt.pt) to give the copy probe")
-    args = cfg.add_flags(p, settings=ProbeConfig).parse_args(argv)
+    args = ex.parse_args(cfg.add_flags(p, settings=ProbeConfig), argv)
     flags = cfg.given_flags(args)
     training = next((k for k in flags if k not in ("device", "out_dir", "threads")), None)
     probe = ProbeConfig(**cfg.given_flags(args, ProbeConfig))
     cfg.refuse([(not (probe.mqar or args.copy),
                  "nothing to probe: give --mqar, --copy RUN_DIR ..., or both"),
                 (training and not probe.mqar, f"--{training} is a training flag, for "
-                 f"--mqar's runs; the copy probe reads trained checkpoints"),
-                (not args.out_dir, "--out_dir is empty; give a folder, or leave it out for "
-                 "out/probes")])
+                 f"--mqar's runs; the copy probe reads trained checkpoints")])
     return argparse.Namespace(**vars(probe), out_dir=args.out_dir, copy=args.copy), flags
 
 
+# What plot() and the tables read of each section of probes.json, checked when an earlier one is
+# read back: a mode keeps the other mode's section.
+SECTIONS = {"copy?": {"samples": int, "checkpoints": [{"dir": str, "arch": str, "splits": {
+               str: [{"n": int, "loss": float, "accuracy": float}]}}]},
+            "mqar?": {"task": {"pairs": [int], "lengths": [int], "vocab": int}, "runs": [{
+               "length": int, "arch": str, "variant": str, "accuracy": {str: float},
+               "accuracy_random_boundaries?": {str: float}}], "wall_time": float}}
+
+
 def earlier_results(path):
-    """The sections of an earlier probes.json (none if there is no readable one)."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    """The sections of an earlier probes.json (none if there is none), checked by shape."""
+    if not os.path.exists(path):
         return {}
-    return results if isinstance(results, dict) else {}
+    return files.read_json(path, SECTIONS, "delete it, or fix that field (the probes write it "
+                           "again)")
 
 
 def main(argv=None):

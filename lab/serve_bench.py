@@ -43,7 +43,8 @@ import torch
 import cli
 import config as cfg
 import files
-from corpus.prepare import DataError, prepare
+from corpus.download import DataError
+from corpus.prepare import prepare
 from lab import experiment as ex
 from lab.measure import dialogue_scenes
 from serve.engine import Engine, EngineConfig

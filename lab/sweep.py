@@ -22,7 +22,6 @@ Written to --out_dir (default out/sweep):
 and the tables are printed at the end.
 """
 
-import json
 import math
 import os
 import statistics
@@ -85,19 +84,18 @@ def run_name(size, variant, config):
     return f"{size}/{ex.variant_folder(variant)}{split}_s{config.seed}"
 
 
-def budget_iters(values, tokens_per_param):
+def budget_iters(values, recipe, tokens_per_param):
     """Steps that give tokens_per_param training tokens per non-embedding parameter of dec at
     this size (every arch of the size gets the same tokens)."""
-    config = cfg.make_config(**{**values, "arch": "dec"})
+    config = cfg.make_config(recipe, **{**values, "arch": "dec"})
     with torch.device("meta"):  # the shapes only, no memory
         n = build_model("dec", cfg.model_config(config)).num_params(non_embedding=True)
     return math.ceil(tokens_per_param * n / ex.tokens_per_iter(config))
 
 
 def size_flags(args, flags, size):
-    """The flags every run of a size shares."""
-    table = SIZES[args.preset]
-    return {**table.overrides, **table.sizes[size], **flags, "preset": args.preset}
+    """The flags every run of a size shares (over the preset's recipe, SIZES' overrides)."""
+    return {**SIZES[args.preset].sizes[size], **flags, "preset": args.preset}
 
 
 def plan(args, flags, sizes, lrs=None):
@@ -108,11 +106,12 @@ def plan(args, flags, sizes, lrs=None):
     runs = []
     for seed in range(base, base + args.seeds):
         for size in sizes:
-            values = {**size_flags(args, flags, size), "seed": seed}
+            values, recipe = {**size_flags(args, flags, size), "seed": seed}, table.overrides
             if table.tokens_per_param and "max_iters" not in flags:
-                values["max_iters"] = budget_iters(values, table.tokens_per_param)
+                recipe = {**recipe, "max_iters": budget_iters(values, recipe,
+                                                              table.tokens_per_param)}
             if args.splits:  # dec as the reference, then bdd at each split
-                n_layer = cfg.make_config(**values).n_layer
+                n_layer = cfg.make_config(recipe, **values).n_layer
                 variants = [("dec", {})] + [("bdd", {"n_dec_layer": n_layer // (r + 1)})
                                             for r in SPLITS]
             else:
@@ -120,9 +119,9 @@ def plan(args, flags, sizes, lrs=None):
             for name, split in variants:
                 v = {**ex.variant_flags(name), **split,
                      **(ex.lr_flags(name, lrs, args.lr) if lrs else {})}
-                config = cfg.make_config(**values, **v)
+                config = cfg.make_config(recipe, **values, **v)
                 runs.append(ex.make_run(run_name(size, name, config), {**values, **v},
-                                        args.out_dir, size=size, variant=name))
+                                        args.out_dir, recipe, size=size, variant=name))
     return runs
 
 
@@ -270,7 +269,7 @@ def plot_splits(doc, path):
 
 
 def loss_cell(p):
-    return f"{p['loss']:.4f}" + (f" ±{p['loss_std']:.4f}" if p["seeds"] > 1 else "")
+    return ex.mean_cell(p["loss"], p["loss_std"], p["seeds"])
 
 
 def sweep_table(section):
@@ -331,7 +330,7 @@ def parse(argv):
     p.add_argument("--fit", choices=("auto", "offset", "power"), default="auto",
                    help="L = E + A*N^-alpha (offset), L = A*N^-alpha (power), or auto: offset "
                    "where the data pin E")
-    args = p.parse_args(argv)
+    args = ex.parse_args(p, argv)
     flags = cfg.given_flags(args)
     args.preset = flags.get("preset") or cfg.make_config(**flags).preset
     sizes = check_args(args, flags)
@@ -344,11 +343,13 @@ def parse(argv):
 
 def check_sizes(args, flags, name, sizes):
     """ConfigError if the variant's options do not fit one of the sizes, naming those they fit."""
-    bad = [s for s in sizes if ex.variant_problem(name, size_flags(args, flags, s))]
+    recipe = SIZES[args.preset].overrides
+    bad = [s for s in sizes if ex.variant_problem(name, size_flags(args, flags, s), recipe)]
     if bad:
-        problem = ex.variant_problem(name, size_flags(args, flags, bad[0]))[0]
+        problem = ex.variant_problem(name, size_flags(args, flags, bad[0]), recipe)[0]
         table = SIZES[args.preset].sizes
-        fits = [s for s in table if not ex.variant_problem(name, size_flags(args, flags, s))]
+        fits = [s for s in table
+                if not ex.variant_problem(name, size_flags(args, flags, s), recipe)]
         heads = ", ".join(f"{s} {v['n_head']}" for s, v in table.items())
         raise cfg.ConfigError(f"--archs {name}: {problem} at size {bad[0]}; the {args.preset} "
                               f"sizes keep their heads ({heads}), so {name} fits "
@@ -361,7 +362,8 @@ def check_args(args, flags):
     table = SIZES[args.preset]
     sizes = [s for s in (args.sizes or "").split(",") if s]
     unknown = [s for s in sizes if s not in table.sizes]
-    n_layer = flags.get("n_layer", cfg.make_config(preset=args.preset).n_layer)
+    n_layer = flags.get("n_layer", cfg.PRESETS[args.preset].get("n_layer",
+                                                                cfg.TrainConfig.n_layer))
     problems = [
         (not 1 <= args.seeds <= 100, f"--seeds must be 1 to 100, got {args.seeds}"),
         (args.sizes is not None and not sizes, "--sizes is empty; name sizes of the preset, e.g. "
@@ -378,9 +380,7 @@ def check_args(args, flags):
          "--lr sets each run's learning_rate and min_lr; drop --learning_rate and --min_lr"),
         (flags.get("max_iters") == 0, "--max_iters 0 trains nothing to fit; give at least 1"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise cfg.ConfigError(message)
+    cfg.refuse(problems)
     if not sizes:
         return [table.split_size] if args.splits else list(table.sizes)
     return [s for s in table.sizes if s in sizes]  # the preset's order, small to large
@@ -403,16 +403,14 @@ def document(section, runs, args, started):
             "wall_time": time.time() - started, **section}
 
 
-def save(doc, name, out_dir):
-    """Write the section into sweep.json, keeping the other section if the file has one."""
+def earlier_sections(out_dir):
+    """The sections of an earlier sweep.json in out_dir (none if there is none), checked by
+    shape: a sweep keeps the splits' section and the other way round."""
     path = os.path.join(out_dir, "sweep.json")
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        old = {}
-    ex.write_json({**{k: v for k, v in old.items() if k in ("sweep", "splits")}, name: doc},
-                  path)
+    if not os.path.exists(path):
+        return {}
+    return files.read_json(path, {"sweep?": dict, "splits?": dict}, "delete it, or fix that "
+                           "field")
 
 
 def main(argv=None):
@@ -423,16 +421,18 @@ def main(argv=None):
         runs = plan(args, flags, sizes, lrs)
         ex.use_threads(runs)
         with files.holding(args.out_dir, "experiment"):
+            earlier = earlier_sections(args.out_dir)  # before the runs: a damaged file stops now
             rows = [measure_run(done) for done in ex.execute(runs)]
             name = "splits" if args.splits else "sweep"
             section = splits_section(rows) if args.splits else sweep_section(rows, args.fit)
             doc = document(section, runs, args, started)
-            save(doc, name, args.out_dir)
+            path = os.path.join(args.out_dir, "sweep.json")
+            ex.write_json({**{k: v for k, v in earlier.items() if k in ("sweep", "splits")},
+                           name: doc}, path)
             figure = os.path.join(args.out_dir, f"{name}.png")
             (plot_splits if args.splits else plot_sweep)(doc, figure)
     print((splits_table if args.splits else sweep_table)(section))
-    print(f"wrote {os.path.join(args.out_dir, 'sweep.json')} ({name}) and {figure} in "
-          f"{train.duration(doc['wall_time'])}")
+    print(f"wrote {path} ({name}) and {figure} in {train.duration(doc['wall_time'])}")
 
 
 if __name__ == "__main__":

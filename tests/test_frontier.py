@@ -130,6 +130,9 @@ def test_bad_variant_names(text, message):
     (["--lr", "dec=1e-3"], "--lr gives no learning rate for encdec"),
     (["--lr", "dec=1e-3", "--archs", "dec:kv1,bdd"], "--lr gives no learning rate for bdd"),
     (["--lr_sweep", "--lrs", "1e-3,0"], "--lrs '1e-3,0': '0' is not a learning rate"),
+    # both trained into one folder, and the sweep stopped advising a flag frontier.py refuses
+    (["--lr_sweep", "--lrs", "1e-3,1.0000001e-3"], "0.001 and 0.0010000001 are one rate to 6 "
+                                                   "digits"),
     (["--lr_sweep", "--lr", "auto"], "--lr_sweep tunes the learning rates; drop --lr"),
     (["--lrs", "1e-3"], "--lrs is the grid of --lr_sweep"),
     (["--learning_rate", "1e-3"], "--learning_rate is set per run here; use --lr"),
@@ -231,11 +234,11 @@ def test_lr_json_round_trip(tiny, tmp_path):
     chosen = json.loads((folder / "out" / "lr.json").read_text())["chosen"]
     assert ex.learning_rates("auto", path) == (chosen, path)
     assert ex.learning_rates("dec=5e-3", path) == ({"dec": 5e-3}, "--lr")
-    (tmp_path / "lr.json").write_text(json.dumps({"chosen": {"dec": -1}}))
+    (tmp_path / "lr.json").write_text(json.dumps({"chosen": {"dec": -1}, "recipe": {}}))
     with pytest.raises(cfg.ConfigError, match="dec: -1 is not a learning rate"):
         ex.read_lrs(str(tmp_path / "lr.json"))
     (tmp_path / "lr.json").write_text("{not json")
-    with pytest.raises(cfg.ConfigError, match="is not a readable lr.json"):
+    with pytest.raises(cfg.ConfigError, match="lr.json is not JSON"):
         ex.read_lrs(str(tmp_path / "lr.json"))
 
 
@@ -311,6 +314,25 @@ def test_a_second_frontier_trains_nothing(tiny, tiny_frontier, monkeypatch, caps
     after = json.loads((folder / "out" / "frontier.json").read_text())
     assert {r["status"] for r in after["runs"]} == {"finished before"}
     assert [r["cont_loss"] for r in after["runs"]] == [r["cont_loss"] for r in before["runs"]]
+
+
+def test_a_variant_that_is_its_arch_with_these_flags_is_measured_once(capsys, tmp_path):
+    """dec:kv2 at --n_head 2 is dec (a key/value head per head): it was trained, measured and
+    drawn on top of dec, and both were marked Pareto-optimal."""
+    args, _ = frontier.parse([*TINY, "--archs", "dec,dec:kv2,bdd:kv1", "--lr",
+                              "dec=1e-3,bdd=1e-3", "--out_dir", str(tmp_path)])
+    assert args.archs == ["dec", "bdd:kv1"]
+    assert "note: dec:kv2 is dec with these flags" in capsys.readouterr().out
+
+
+def test_one_seed_shows_no_spread():
+    """"± 0.0000" for one seed read as a measured spread of zero."""
+    point = {"variant": "dec", "learning_rate": 1e-3, "non_embedding_params": 1, "loss": 2.0,
+             "loss_sd": 0.0, "seeds": 1, "held_bytes_per_position": 8.0, "held_vs_dec": 1.0,
+             "budget_batch": 1, "budget_tokens_per_sec": 1.0, "pareto": True}
+    table = frontier.table({"serving": {"budget_bytes": 1e6}, "seeds": [1337],
+                            "variants": [point]})
+    assert "±" not in table and "2.0000" in table
 
 
 def test_pareto_marks_the_points_nothing_beats():

@@ -4,9 +4,10 @@ the same continuation targets for all three."""
 import pytest
 import torch
 
-from corpus import prepare as corpus
 import pack
 from test_corpus import stream, write_corpus
+from corpus.download import DataError
+from corpus.prepare import prepare
 
 T = 64  # block size of the batch tests
 CONFIGS = [("dec", "prefix_lm"), ("bdd", "prefix_lm"), ("encdec", "prefix_lm"), ("encdec", "span")]
@@ -17,7 +18,7 @@ def prepared(tmp_path_factory):
     """meta of a 20-document random corpus with byte tokens (val: documents 9 and 19)."""
     tmp = tmp_path_factory.mktemp("corpus")
     write_corpus(tmp / "docs")
-    return corpus.prepare(tmp / "docs", root=tmp / "data")
+    return prepare(tmp / "docs", root=tmp / "data")
 
 
 def joined(ids):
@@ -36,7 +37,7 @@ def test_vocab_size_adds_sentinels_for_span_only():
 
 def test_a_split_too_short_for_block_size_is_a_one_line_error(prepared):
     """Settings are the config layer's to check; what depends on the data is a DataError."""
-    with pytest.raises(corpus.DataError, match="the val split") as e:
+    with pytest.raises(DataError, match="the val split") as e:
         pack.Batches(prepared, "dec", prepared["tokens"]["val"], 4)
     assert "\n" not in str(e.value)
 

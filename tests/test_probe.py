@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from corpus import prepare as corpus
+import config as cfg
 import pack
 from lab import probe
 from model import ARCHS, ModelConfig, build_model
 from corpus.rows import load_rows, write_rows
+from corpus.download import DataError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -157,10 +158,10 @@ def test_row_mode_draws_whole_rows_and_masks_exactly_the_other_targets(task, arc
 
 def test_row_mode_refuses_settings_its_rows_cannot_take(task):
     meta = task[0]
-    with pytest.raises(corpus.DataError, match="--block_size 16") as e:
+    with pytest.raises(DataError, match="--block_size 16") as e:
         pack.Batches(meta, "dec", 32, 4)
     assert "\n" not in str(e.value)
-    with pytest.raises(corpus.DataError, match="--tokenizer byte"):
+    with pytest.raises(DataError, match="--tokenizer byte"):
         load_rows(meta["dir"], "gpt2")
 
 
@@ -234,6 +235,36 @@ def test_a_second_mqar_run_trains_nothing_and_keeps_the_copy_section(tiny, capsy
     out = capsys.readouterr().out
     assert "10 runs: 10 finished, 0 to resume, 0 new" in out and "2 pairs" in out
     assert "copy" in json.loads((tiny / "probes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """The folder of a bdd run of block_size 8 (one MQAR run of one step)."""
+    out = tmp_path_factory.mktemp("short")
+    probe.main(["--mqar", "--archs", "bdd", "--lengths", "8", "--pairs", "1", *TINY[4:],
+                "--out_dir", str(out)])
+    return out / "L8_bdd"
+
+
+def test_the_copy_probe_of_a_short_context_probes_what_fits(short_context, tmp_path, capsys):
+    """A model of block_size 8 got an empty table and exit 0: the default lengths started at 8."""
+    probe.main(["--copy", str(short_context), "--out_dir", str(tmp_path)])
+    splits = json.loads((tmp_path / "probes.json").read_text())["copy"]["checkpoints"][0]["splits"]
+    assert [s["n"] for s in splits["end"]] == [4] and "n=4" in capsys.readouterr().out
+
+
+def test_the_copy_probe_scores_any_number_of_strings_a_batch_at_a_time(short_context):
+    """--copy_samples 20000000 would have held every string's logits at once; strings now go
+    through COPY_BATCH at a time, each step scored as it comes, with the scores of all at once."""
+    samples = 2 * probe.COPY_BATCH + 3
+    batched = probe.copy_probe(short_context, [2, 4], samples, "cpu")["splits"]
+    model, ckpt = cfg.load_model(short_context)
+    gen = torch.Generator().manual_seed(probe.SEED)
+    for i, n in enumerate([2, 4]):
+        seq = probe.copy_strings(n, samples, "byte", gen)
+        for split, start in probe.copy_starts("bdd", n).items():
+            whole = probe.copy_scores(probe.cached_logits(model, seq, start), seq, start)
+            assert {k: pytest.approx(v) for k, v in whole.items()} == batched[split][i]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -320,6 +320,8 @@ BAD = [  # (flags, what the error line must say)
     (["--n_layer", "4", "--n_dec_layer", "4"], "--n_dec_layer 4 must be"),
     (["--n_embd", "30", "--n_head", "4"], "--n_embd 30 must split"),
     (["--arch", "dec", "--objective", "span"], "encoder-decoder objective"),
+    (["--arch", "encdec", "--objective", "span", "--block_size", "2"],  # was a ValueError
+     "--objective span needs --block_size 3 or more"),
     (["--device", "banana"], "'banana' is not a device"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--block_size", "100000"], "block_size 100000 needs windows"),
@@ -356,7 +358,8 @@ BAD = [  # (flags, what the error line must say)
     (["--weight_decay", "-1"], "--weight_decay -1.0 is out of range"),
     (["--learning_rate", "-1"], "--learning_rate -1.0 is out of range: it must be above 0"),
     (["--learning_rate", "nan"], "--learning_rate nan is out of range: it must be above 0"),
-    (["--learning_rate", "inf"], "--learning_rate inf is out of range"),
+    (["--learning_rate", "inf"], "--learning_rate inf is out of range: it must be above 0 and "
+     "finite"),  # "above 0" alone did not say what was wrong with inf
     (["--beta1", "2"], "--beta1 2.0 is out of range: it must be at least 0 and below 1"),
     (["--dropout", "1.5"], "--dropout 1.5 is out of range: it must be at least 0 and below 1"),
     (["--dropout", "nan"], "--dropout nan is out of range"),
@@ -404,6 +407,54 @@ def test_zero_iterations_with_the_default_warmup_are_accepted():
     """--max_iters 0 evaluates the fresh model: its warmup never starts, so it cannot be too long
     (it was refused with "--lr_decay_iters None ends the decay before the warmup ends")."""
     assert cfg.TrainConfig(max_iters=0).warmup_iters == cfg.TrainConfig.warmup_iters > 0
+
+
+SHORT = ["--n_layer", "2", "--n_dec_layer", "1", "--n_head", "2", "--n_embd", "32",
+         "--block_size", "32", "--batch_size", "4", "--eval_iters", "1"]
+
+
+@pytest.mark.parametrize("steps", [1, 5, 20])
+def test_a_short_run_fits_the_defaults_it_did_not_set_and_says_so(corpus, tmp_path, capsys,
+                                                                    steps):
+    """`train.py --max_iters 20` with the preset's warmup of 30 was refused ("--warmup_iters 30
+    is longer than the run"); the defaults the user did not set now follow the run's length, and
+    the run's first line says which."""
+    out = tmp_path / "out"
+    train.main(["--data", str(corpus / "tiny.txt"), "--data_root", str(corpus / "data"),
+                "--out_dir", str(out), "--max_iters", str(steps), *SHORT])
+    lines = capsys.readouterr().out.splitlines()
+    first = next(line for line in lines if not line.startswith("tokeniz"))
+    assert first.startswith(f"defaults fitted to this run of {steps} steps") and \
+        "warmup_iters" in first, first
+    config = load(out)["train_config"]
+    assert load(out)["iter_num"] == steps and config["warmup_iters"] <= steps
+    assert config["eval_interval"] <= steps and config["log_interval"] <= steps
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_defaults_follow_the_length_and_what_the_user_sets_is_kept(preset):
+    full = cfg.make_config(preset=preset, device="cpu")
+    assert full.adapted is None  # the preset's own length: its values as they are
+    longer = cfg.make_config(preset=preset, device="cpu", max_iters=5 * full.max_iters)
+    assert (longer.warmup_iters, longer.eval_interval) == (full.warmup_iters, full.eval_interval)
+    short = cfg.make_config(preset=preset, device="cpu", max_iters=4)
+    assert (short.warmup_iters, short.eval_interval, short.log_interval) == (0, 1, 1)
+    assert cfg.make_config(preset=preset, device="cpu", max_iters=4,
+                           eval_interval=3).eval_interval == 3
+    decays = cfg.make_config(preset=preset, device="cpu", lr_decay_iters=full.warmup_iters // 2)
+    assert decays.warmup_iters <= decays.lr_decay_iters
+    with pytest.raises(cfg.ConfigError, match="--warmup_iters 5 is longer than the run"):
+        cfg.make_config(preset=preset, device="cpu", max_iters=4, warmup_iters=5)
+
+
+def test_a_resumed_run_keeps_the_schedule_it_started_with(corpus, tmp_path):
+    """A short run's fitted warmup is part of its schedule: resumed for longer, it keeps it."""
+    base = dict(data=str(corpus / "tiny.txt"), data_root=str(corpus / "data"),
+                out_dir=str(tmp_path / "r"), n_layer=2, n_head=2, n_embd=32, block_size=32,
+                batch_size=4, eval_iters=1)
+    train.train(cfg.make_config(**base, max_iters=20), log=quiet)
+    resumed = cfg.make_config(init_from="resume", out_dir=base["out_dir"], max_iters=300)
+    assert resumed.warmup_iters == 2 and resumed.adapted is None
 
 
 def test_every_numeric_field_has_a_range():
@@ -615,3 +666,24 @@ def test_ddp_two_cpu_processes_stay_in_sync(corpus, tmp_path):
     model = build_model("bdd", ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     assert train.param_checksum(model).item() == ddp["param_checksums"][0]
+
+
+EXPERIMENTS = {  # an experiment's command and how it plans its runs
+    "frontier": (["--lr", "dec=1e-3,encdec=1e-3,bdd=1e-3"],
+                 lambda m, a: m.plan(*a, *m.ex.learning_rates(a[0].lr, a[0].lr_file))),
+    "ablation": ([], lambda m, a: m.plan(*a)),
+    "probe": (["--mqar"], lambda m, a: m.plan(*a)[1]),
+    "sweep": (["--preset", "gpu", "--device", "cpu"], lambda m, a: m.plan(*a)),
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_fits_its_recipe_to_a_short_run(name, tmp_path):
+    """The experiments' recipes (a warmup of 12 to 100 steps) were refused with --max_iters 5,
+    which the user set, for a warmup the user did not set."""
+    import importlib
+    module = importlib.import_module(f"lab.{name}")
+    argv, plan = EXPERIMENTS[name]
+    runs = plan(module, module.parse([*argv, "--max_iters", "5", "--out_dir", str(tmp_path)]))
+    assert runs and all(r.config.max_iters == 5 and r.config.warmup_iters <= 5 and
+                        r.config.eval_interval <= 5 for r in runs if "ft_" not in r.name)

