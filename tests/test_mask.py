@@ -147,12 +147,14 @@ def grid_lines(ax):
     (["--boundaries", "0"], "--boundaries '0': entry 0 ('0') is not in (0, 24)"),
     (["--boundaries", "5,3"], "--boundaries '5,3': entry 1 ('3') does not follow 5"),
     (["--boundaries", "2.5"], "--boundaries '2.5': entry 0 ('2.5') is not an integer"),
-    (["--png", "/nonexistent/dir/x.png"], "--png /nonexistent/dir/x.png: cannot write /nonexistent/dir/x.png (No such file or directory); nothing was written"),
+    (["--png", "/nonexistent/dir/x.png"], "--png /nonexistent/dir/x.png: cannot write "
+     "/nonexistent/dir/x.png (No such file or directory); nothing was written"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):
+    """Exit 2 for misuse, 3 for a file that cannot be written."""
     with pytest.raises(SystemExit) as e:
         mask.main(argv)
-    assert e.value.code == 2
+    assert e.value.code == (3 if "--png" in argv else 2)
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
 
