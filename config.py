@@ -233,10 +233,12 @@ def in_interval(value, interval):
 
 
 def describe_interval(interval):
-    """"[0, 1)" -> "at least 0 and below 1"."""
+    """"[0, 1)" -> "at least 0 and below 1"; "(0, inf)" -> "above 0 and finite"."""
     lo, lo_in, hi, hi_in = interval_bounds(interval)
     text = f"{'at least' if lo_in else 'above'} {lo:g}"
-    return text if hi == math.inf else f"{text} and {'at most' if hi_in else 'below'} {hi:g}"
+    if hi == math.inf:
+        return text if hi_in else f"{text} and finite"
+    return f"{text} and {'at most' if hi_in else 'below'} {hi:g}"
 
 
 def check(config):

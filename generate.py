@@ -19,7 +19,8 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Next token (B,) from logits (B, vocab): argmax when temperature is 0."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()  # the largest is 0 before the division: no inf at any temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))

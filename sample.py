@@ -26,7 +26,7 @@ from generate import generate
 from lab.flops import decode_flops
 from model import DecoderOnly
 from serve.cache import PREFIX_POLICIES, padded_batch
-from serve.memory import available_memory, nbytes, request_bytes
+from serve.memory import available_memory, chat_bytes, nbytes, request_bytes
 from serve.session import Session
 
 
@@ -121,32 +121,41 @@ def format_stats(prompt_lens, encoded, generated, timing, cache):
 MEMORY_SHARE = {"cpu": 0.5, "cuda": 0.8}
 
 
-def check_memory(model, batches, args, device, span):
-    """Refuse (ConfigError, one line) a request whose largest batch of prompt ids would need more
-    memory (request_bytes) than its limit: --memory_limit_mb, else MEMORY_SHARE of the memory
-    free now on the device."""
+def check_memory(need, what, args, device):
+    """Refuse (ConfigError, one line) a request that would need `need` bytes (`what`: its rows
+    and what they hold) over its limit: --memory_limit_mb, else MEMORY_SHARE of the memory free
+    now on the device."""
+    if args.memory_limit_mb is not None:
+        limit, source = args.memory_limit_mb * 1e6, "--memory_limit_mb"
+    else:
+        share, free = MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"]), available_memory(device)
+        limit = share * free
+        source = f"{share:.0%} of the {in_words(free)} free on {device.type}; --memory_limit_mb " \
+                 f"sets another"
+    cfg.refuse([(need > limit, f"this request needs about {in_words(need)} ({what}), over its "
+                               f"limit of {in_words(limit)} ({source}); " + (
+                                   "lower --max_new_tokens or --block_size" if args.chat else
+                                   "lower --num_samples, --batch_size or --max_new_tokens"))])
+
+
+def check_batches(model, batches, args, device, span):
+    """check_memory of the largest batch of prompt ids, each prompt --num_samples rows."""
     def need(batch):
         return request_bytes(model, [len(ids) for ids in batch for _ in range(args.num_samples)],
                              args.max_new_tokens, cfg.DTYPES[args.dtype].itemsize, span)
     batch = max(batches, key=need)
-    if args.memory_limit_mb is not None:
-        limit, what = args.memory_limit_mb * 1e6, "--memory_limit_mb"
-    else:
-        share, free = MEMORY_SHARE.get(device.type, MEMORY_SHARE["cpu"]), available_memory(device)
-        limit = share * free
-        what = f"{share:.0%} of the {in_words(free)} free on {device.type}; --memory_limit_mb " \
-               f"sets another"
-    if need(batch) > limit:
-        rows = len(batch) * args.num_samples
-        raise cfg.ConfigError(f"this request needs about {in_words(need(batch))} ({rows:,} rows: "
-                         f"{len(batch)} prompt(s) x --num_samples {args.num_samples}, of up to "
-                         f"{max(map(len, batch)) + args.max_new_tokens - 1} positions: their "
-                         f"KV cache, logits and prefill), over its limit of {in_words(limit)} "
-                         f"({what}); lower --num_samples, --batch_size or --max_new_tokens")
+    check_memory(need(batch), f"{len(batch) * args.num_samples:,} rows: {len(batch)} prompt(s) x "
+                 f"--num_samples {args.num_samples}, of up to "
+                 f"{max(map(len, batch)) + args.max_new_tokens - 1} positions: their KV cache, "
+                 f"logits and prefill", args, device)
 
 
 def in_words(nbytes):
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+    """Bytes in words to three figures at least: 43.2 GB, 8.8 MB, 12.5 kB, 300 B."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes:.0f} B"
 
 
 @dataclass
@@ -157,7 +166,8 @@ class SampleConfig:
     prompt: str = cfg.setting(None, "prompt text, or FILE:path to read it (default: a newline)")
     prompts: str = cfg.setting(None, "a file of prompts, one per line (empty lines refused), "
                                "generated in batches of --batch_size, printed in input order")
-    batch_size: int = cfg.setting(8, "prompts per batch with --prompts", "[1, inf)")
+    batch_size: int = cfg.setting(None, "prompts per batch with --prompts (default 8)",
+                                  "[1, inf)")
     num_samples: int = cfg.setting(1, "continuations per prompt, each a row of the batch",
                                    "[1, inf)")
     max_new_tokens: int = cfg.setting(200, "tokens generated per prompt (or chat turn)",
@@ -193,15 +203,21 @@ class SampleConfig:
         self.device = self.device or ("cuda" if cuda else "cpu")
         self.dtype = self.dtype or ("bfloat16" if cuda else "float32")
         cfg.check_fields(self)
+        not_in_chat = [f"--{name}" for name, given in (
+            ("prompt", self.prompt is not None), ("prompts", self.prompts is not None),
+            ("batch_size", self.batch_size is not None), ("num_samples", self.num_samples > 1),
+            ("compile", self.compile)) if given]
         cfg.refuse([
-            (self.chat and (self.prompts or self.num_samples > 1 or self.compile),
-             "--chat continues one conversation: drop --prompts, --num_samples and --compile"),
+            (self.chat and not_in_chat, f"--chat reads one conversation's turns from stdin: "
+                                        f"drop {', '.join(not_in_chat)}"),
             (self.prompts is not None and self.prompt is not None,
              "give --prompt or --prompts, not both"),
             (self.prefix_cache == "offload" and not (self.device.startswith("cuda") and cuda),
              f"--prefix_cache offload moves bdd's encoder cache from the GPU to host memory "
              f"between turns: it needs CUDA (--device cuda), not --device {self.device}; use keep "
              f"or drop")])
+        cfg.check_device(self.device)
+        self.batch_size = self.batch_size or 8
 
 
 def parse_args(argv):
@@ -238,6 +254,10 @@ def sample(args):
     cfg.refuse([(args.chat and args.max_new_tokens > room,  # each reply is cut to the room left
                  f"--max_new_tokens {args.max_new_tokens} runs past the model's context "
                  f"(block_size {model.config.block_size}); use at most {room}")])
+    if args.chat:  # one row, its caches at most the context's
+        check_memory(chat_bytes(model, cfg.DTYPES[args.dtype].itemsize), "a conversation of "
+                     f"up to {model.config.block_size} positions: its caches, logits and a "
+                     f"prefill", args, device)
     batches = [] if args.chat else prompt_batches(args, enc, model, room, device, span)
     torch.manual_seed(args.seed)
     ctx = (torch.autocast(device.type, dtype=getattr(torch, args.dtype))
@@ -274,7 +294,7 @@ def prompt_batches(args, enc, model, room, device, span):
                          model.config.block_size)
     prompts = [(text, ids) for (_, text, _), ids in zip(read, fitted)]
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    check_memory(model, [[ids for _, ids in batch] for batch in batches], args, device, span)
+    check_batches(model, [[ids for _, ids in batch] for batch in batches], args, device, span)
     return batches
 
 

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from model import CHUNK, EncoderDecoder
+from model import CHUNK, BlockDoubleDecoder, EncoderDecoder
 
 
 def held_bytes(tensors):
@@ -70,15 +70,35 @@ def bytes_after(model, rows, prompt_len, new_tokens, element_size, span=False):
 
 def request_bytes(model, prompt_lens, new_tokens, element_size, span=False):
     """The memory one batch of a one-turn request needs at its peak, estimated: its KV cache
-    after the last step (bytes_after; each row as long as the longest) and which of its columns
-    are real (a byte per row and column), a step's logits in float32 four times over (the copies
-    sampling makes), and the prefill's largest activations (one layer's attention scores and
-    MLP states in float32). prompt_lens: one per row (a prompt repeated for its samples)."""
-    c, P, rows = model.config, max(prompt_lens), len(prompt_lens)
+    after the last step (bytes_after; each row as long as the longest) and what it computes with
+    (working_bytes). prompt_lens: one per row (a prompt repeated for its samples)."""
+    P, rows = max(prompt_lens), len(prompt_lens)
+    return bytes_after(model, rows, P, new_tokens, element_size, span) + \
+        working_bytes(model, rows, P, new_tokens)
+
+
+def chat_bytes(model, element_size):
+    """The most a one-row conversation (serve.session.Session) holds at once, estimated: K/V of
+    the whole context in every layer it caches (bdd: its encoder's too, kept between turns or
+    filled by each prefill; encdec: its source's cross K/V besides its own), grown in CHUNKs, and
+    what a context-long prefill computes with."""
+    c = model.config
+    extra = c.n_enc_layer if isinstance(model, BlockDoubleDecoder) else \
+        c.n_dec_layer if isinstance(model, EncoderDecoder) else 0
+    columns = math.ceil(c.block_size / CHUNK) * CHUNK
+    kv = (len(model.cached_layers()) + extra) * columns * 2 * c.n_kv_head * (c.n_embd // c.n_head)
+    return kv * element_size + working_bytes(model, 1, c.block_size, 1)
+
+
+def working_bytes(model, rows, P, new_tokens):
+    """Besides the K/V: which columns are real (a byte per row and column), a step's logits in
+    float32 four times over (the copies sampling makes), and a prefill's largest activations
+    (one layer's attention scores and MLP states in float32)."""
+    c = model.config
     valid = rows * (P + new_tokens + 1)
     logits = 4 * rows * c.vocab_size * 4
     prefill = rows * P * (c.n_head * P + 8 * c.n_embd) * 4
-    return bytes_after(model, rows, P, new_tokens, element_size, span) + valid + logits + prefill
+    return valid + logits + prefill
 
 
 def available_memory(device):

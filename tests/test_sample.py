@@ -388,13 +388,14 @@ def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsy
     (["--temperature", -1], "--temperature -1.0 is out of range: it must be at least 0"),
     (["--temperature", "nan"], "--temperature nan is out of range: it must be at least 0"),
     (["--temperature", "inf"], "--temperature inf is out of range: it must be at least 0"),
-    (["--chat", "--num_samples", 2], "--chat continues one conversation"),
+    (["--chat", "--num_samples", 2], "--chat reads one conversation's turns from stdin: drop "
+     "--num_samples"),
     (["--prompt", "a", "--prompts", "p.txt"], "give --prompt or --prompts, not both"),
     (["--prompts", "/no/such/file"], "cannot read the prompts file"),
     (["--batch_size", 0], "--batch_size 0 is out of range: it must be at least 1"),
     (["--top_k", 0], "--top_k 0 is out of range: it must be at least 1"),
     (["--prompt", "FILE:/no/such/file"], "cannot read the prompt file"),
-    (["--device", "bogus"], "is not usable here"),
+    (["--device", "bogus"], "--device 'bogus' is not a device torch knows"),
     (["--prefix_cache", "sometimes"], "invalid choice: 'sometimes'"),
     (["--chat", "--prefix_cache", "offload", "--device", "cpu"], "it needs CUDA"),
     # the range train.py's --seed allows (torch.manual_seed overflows past 2**64)
@@ -403,7 +404,8 @@ def test_cli_chat_prefix_cache_drop_says_the_same_and_holds_less(ckpt_dir, capsy
     (["--seed", -1], "--seed -1 is out of range"),
     (["--threads", 0], "--threads 0 is out of range: it must be at least 1"),
     (["--memory_limit_mb", 0], "--memory_limit_mb 0.0 is out of range: it must be above 0"),
-    (["--memory_limit_mb", "inf"], "--memory_limit_mb inf is out of range"),
+    (["--memory_limit_mb", "inf"], "--memory_limit_mb inf is out of range: it must be above 0 "
+     "and finite"),
     (["--num_samples", 0], "--num_samples 0 is out of range: it must be at least 1"),
     # the advice counts the prompt's tokens: 64 - 6 + 1 fit after "ROMEO:"
     (["--prompt", "ROMEO:", "--max_new_tokens", 100], "runs past the model's context (block_size "
@@ -689,3 +691,38 @@ def test_cli_compile_prints_what_eager_prints(ckpt_dir, tmp_path, capsys, monkey
     compiled = run_main(capsys, monkeypatch, *flags, "--compile")
     assert eager[0] == compiled[0] == 0, compiled[2]
     assert eager[1] == compiled[1]
+
+
+def test_a_tiny_temperature_samples_the_largest_logit():
+    """Temperatures far below 1 (down to the smallest float) sample the argmax: dividing the
+    logits first would make inf - inf = nan probabilities."""
+    torch.manual_seed(0)
+    logits = torch.randn(50, 10) * 10
+    for t in (1e-45, 1e-30, 1e-6):
+        assert torch.equal(sample_once(logits, temperature=t), logits.argmax(-1)), t
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", "hi"], "drop --prompt"), (["--batch_size", 4], "drop --batch_size"),
+    (["--prompts", "p.txt", "--num_samples", 2], "drop --prompts, --num_samples"),
+    (["--compile"], "drop --compile")])
+def test_cli_chat_refuses_the_flags_it_would_ignore(ckpt_dir, capsys, monkeypatch, flags, message):
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--chat", *flags,
+                              stdin="hello\n")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: --chat reads one conversation's turns from stdin: ") and \
+        message in err
+
+
+def test_cli_chat_is_refused_over_the_memory_limit_before_allocating(ckpt_dir, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr(Session, "turn", lambda *a, **k: pytest.fail("chatted anyway"))
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--chat",
+                              "--max_new_tokens", 8, "--memory_limit_mb", 0.01, stdin="hello\n")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "a conversation of up to 64 positions" in err and "over its limit of 10.0 kB" in err
+
+
+def test_cli_device_meta_is_refused(ckpt_dir, capsys, monkeypatch):
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--device", "meta")
+    assert code == 2 and "--device meta: only cpu and cuda are supported" in err
