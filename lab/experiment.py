@@ -244,39 +244,34 @@ def parse_archs(text):
     or cla1 (which shares nothing)."""
     names = []
     for entry in (e.strip() for e in text.split(",")):
-        if entry:
-            name = variant_name(entry, f"--archs {text!r}")
-            if name in names:
-                raise cfg.ConfigError(f"--archs {text!r}: {name} is listed twice; name each "
-                                      f"arch once")
-            names.append(name)
-    if not names:
-        raise cfg.ConfigError(f"--archs {text!r} names no arch; choose from {', '.join(ARCHS)}, "
-                              f"with {OPTIONS_HELP}")
+        name = variant_name(entry, f"--archs {text!r}") if entry else None
+        cfg.refuse([(name in names, f"--archs {text!r}: {name} is listed twice; name each arch "
+                                    f"once")])
+        names += [name] if name else []
+    cfg.refuse([(not names, f"--archs {text!r} names no arch; choose from {', '.join(ARCHS)}, "
+                            f"with {OPTIONS_HELP}")])
     return names
 
 
 def variant_name(entry, where):
     """The variant name of one entry of a list (where: the flag and its text, for errors)."""
     arch, *options = (part.strip() for part in entry.split(":"))
-    if arch not in ARCHS:
-        raise cfg.ConfigError(f"{where}: {arch!r} is not an arch; choose from {', '.join(ARCHS)} "
-                              f"(lower case, comma-separated), with {OPTIONS_HELP}")
+    cfg.refuse([(arch not in ARCHS, f"{where}: {arch!r} is not an arch; choose from "
+                                    f"{', '.join(ARCHS)} (lower case, comma-separated), with "
+                                    f"{OPTIONS_HELP}")])
     values = {}
     for option in options:
         match = re.fullmatch(r"(kv|cla)([1-9][0-9]*)", option)
-        if not match:
-            raise cfg.ConfigError(f"{where}: {option!r} in {entry!r} is not an option; "
-                                  f"{OPTIONS_HELP}")
-        if match[1] in values:
-            raise cfg.ConfigError(f"{where}: {entry!r} gives {match[1]} twice; give it once")
+        cfg.refuse([(not match, f"{where}: {option!r} in {entry!r} is not an option; "
+                                f"{OPTIONS_HELP}"),
+                    (match and match[1] in values, f"{where}: {entry!r} gives "
+                                                   f"{match and match[1]} twice; give it once")])
         values[match[1]] = int(match[2])
-    if "cla" in values and arch != "dec":
-        raise cfg.ConfigError(f"{where}: {entry!r}: cla (cross-layer K/V sharing) is a dec "
-                              f"option; {arch} keeps one K/V per layer: drop :cla{values['cla']}")
-    if values.get("cla") == 1:
-        raise cfg.ConfigError(f"{where}: {entry!r}: cla1 shares no layer's K/V (it is dec "
-                              f"itself); use dec, or cla2 and up")
+    cfg.refuse([("cla" in values and arch != "dec", f"{where}: {entry!r}: cla (cross-layer K/V "
+                 f"sharing) is a dec option; {arch} keeps one K/V per layer: drop "
+                 f":cla{values.get('cla')}"),
+                (values.get("cla") == 1, f"{where}: {entry!r}: cla1 shares no layer's K/V (it is "
+                                         f"dec itself); use dec, or cla2 and up")])
     return ":".join([arch] + [f"{k}{values[k]}" for k in OPTIONS if k in values])
 
 
@@ -315,8 +310,7 @@ def variant_problem(name, flags, recipe=None):
 def check_variant(name, flags, recipe=None):
     """ConfigError naming the variant if its options do not fit the model (variant_problem)."""
     problem = variant_problem(name, flags, recipe)
-    if problem:
-        raise cfg.ConfigError(f"--archs {name}: {problem[0]}; {problem[1]}")
+    cfg.refuse([(problem, f"--archs {name}: {problem and problem[0]}; {problem and problem[1]}")])
 
 
 def same_models(names, flags, recipe=None):
@@ -367,19 +361,14 @@ def parse_lrs(text):
     if text.strip() == "auto":
         return "auto"
     lrs = {}
-    for entry in (e.strip() for e in text.split(",")):
-        if not entry:
-            continue
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
         name, eq, value = (part.strip() for part in entry.partition("="))
-        if not eq:
-            raise cfg.ConfigError(f"--lr {text!r}: {entry!r} is not name=rate; give e.g. --lr "
-                                  f"dec=3e-3,bdd=2e-3, or --lr auto")
+        cfg.refuse([(not eq, f"--lr {text!r}: {entry!r} is not name=rate; give e.g. --lr "
+                             f"dec=3e-3,bdd=2e-3, or --lr auto")])
         name = variant_name(name, f"--lr {text!r}")
-        if name in lrs:
-            raise cfg.ConfigError(f"--lr {text!r}: {name} is given twice; give each once")
+        cfg.refuse([(name in lrs, f"--lr {text!r}: {name} is given twice; give each once")])
         lrs[name] = positive_rate(value, f"--lr {text!r}: {name}")
-    if not lrs:
-        raise cfg.ConfigError(f"--lr {text!r} gives no rate; {LR_HELP}")
+    cfg.refuse([(not lrs, f"--lr {text!r} gives no rate; {LR_HELP}")])
     return lrs
 
 
@@ -389,9 +378,8 @@ def positive_rate(value, where):
         rate = float(value)
     except (TypeError, ValueError):
         rate = math.nan
-    if not 0 < rate < math.inf:
-        raise cfg.ConfigError(f"{where}: {value!r} is not a learning rate; give a positive "
-                              f"number such as 2e-3")
+    cfg.refuse([(not 0 < rate < math.inf, f"{where}: {value!r} is not a learning rate; give a "
+                                          f"positive number such as 2e-3")])
     return rate
 
 
@@ -425,10 +413,9 @@ def lr_flags(name, lrs, source="--lr"):
     a tenth of it, so every rate has the same cosine shape. ConfigError if lrs has neither."""
     arch = variant_flags(name)["arch"]
     rate = lrs.get(name, lrs.get(arch))
-    if rate is None:
-        raise cfg.ConfigError(f"{source} gives no learning rate for {name}"
-                              f"{'' if name == arch else f' or its arch {arch}'}; it has "
-                              f"{', '.join(lrs) or 'none'}")
+    cfg.refuse([(rate is None, f"{source} gives no learning rate for {name}"
+                               f"{'' if name == arch else f' or its arch {arch}'}; it has "
+                               f"{', '.join(lrs) or 'none'}")])
     return {"learning_rate": rate, "min_lr": rate / 10}
 
 
