@@ -126,9 +126,9 @@ class TrainConfig:
                          "padded source (CUDA; elsewhere the dense masks, the same function; "
                          "causal attention takes SDPA's causal kernel either way)")
     seed: int = setting(1337, "random seed (rank r uses seed + r)", "[0, 1e18]")
-    threads: int = setting(None, "CPU threads torch computes with (default: torch's, "
-                           "OMP_NUM_THREADS or one per core); 1 is often far faster on a machine "
-                           "busy with other work", "[1, 1024]")
+    threads: int = setting(None, "CPU threads torch computes with (default: one per core idle "
+                           "as the run starts; a resumed run's own; OMP_NUM_THREADS if set)",
+                           "[1, 1024]")
 
     # What make_config scaled to the run's length (fit_to_length), in words; None: nothing.
     adapted: ClassVar[str] = None
@@ -270,8 +270,7 @@ def check_fields(obj):
                 (isinstance(allowed, tuple) and value is not None and value not in allowed,
                  f"--{f.name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
                 (interval and not in_interval(value, interval), f"--{f.name} {value} is out of "
-                 f"range: it must be {interval and describe_interval(interval)}"
-                 f"{' and finite' if value in (math.inf, -math.inf) else ''}")])
+                 f"range: it must be {interval and describe_interval(interval)}")])
 
 
 def allowed(name):

@@ -14,10 +14,11 @@ keeps its last whole checkpoint. Exit codes: 2 bad input, 1 nan loss, 3 unwritab
 import json
 import math
 import os
+import statistics
 import textwrap
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -202,6 +203,49 @@ def gather_ranks(model, local_loss, device, world):
             "last_losses": [t[1].item() for t in everyone]}
 
 
+# torch's own thread count (OMP_NUM_THREADS, else one per core), before any run changes it
+TORCH_THREADS = torch.get_num_threads()
+# Counts the user chose (run_threads' why); the others Training.watch_threads may lower.
+CHOSEN = ("--threads", "torch's")
+SLOWDOWN, WATCHED_STEPS = 3.0, 3  # steps 3x slower than the run's fastest: a core was taken
+
+
+def run_threads(config, resumed=None):
+    """(threads, why) a run computes with: --threads; a resumed run's own (so that it computes
+    bit for bit as the run it continues); torch's when OMP_NUM_THREADS says or off the CPU; else
+    one per core that is idle as the run starts, at most torch's. Threads that wait for a core
+    that another program keeps busy slow every step to a crawl (docs/RESULTS.md: 21x at 2
+    threads with one core busy); the thread count changes the last bits of the results."""
+    if config.threads is not None:
+        return config.threads, "--threads"
+    if resumed is not None:
+        return resumed, "the resumed run's"
+    if "OMP_NUM_THREADS" in os.environ or torch.device(config.device).type != "cpu":
+        return torch.get_num_threads(), "torch's"
+    idle = idle_cores()
+    return (TORCH_THREADS, "torch's") if idle is None else \
+        (max(1, min(round(idle), TORCH_THREADS)), f"{idle:.1f} of {TORCH_THREADS} cores idle as "
+         f"it started")
+
+
+def idle_cores(seconds=0.3):
+    """How many of the cores this process may run on were idle over the next `seconds` (Linux's
+    /proc/stat, per core); None where that cannot be read."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    def ticks():  # {core: (idle ticks, all ticks)} since boot
+        with open("/proc/stat") as f:
+            rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in f
+                    if line.startswith("cpu") and line[3].isdigit()}
+        return {c: (rows[f"cpu{c}"][3] + rows[f"cpu{c}"][4], sum(rows[f"cpu{c}"])) for c in cores}
+    try:
+        before, _, after = ticks(), time.sleep(seconds), ticks()
+    except (OSError, KeyError, ValueError):
+        return None
+    return sum((after[c][0] - before[c][0]) / max(after[c][1] - before[c][1], 1)
+               for c in cores) if cores else None
+
+
 def duration(seconds):
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
@@ -229,6 +273,10 @@ class Training:
     best_cont_loss: float = math.inf
     last_saved: int = None          # the iteration ckpt.pt holds
     wall_before: float = 0.0        # wall time of the runs this one resumes
+    threads_why: str = ""           # how the thread count was chosen (run_threads)
+    watched: bool = False           # whether watch_threads may drop to one thread
+    recent: list = field(default_factory=list)  # seconds of the last WATCHED_STEPS steps
+    fastest: float = math.inf       # the lowest median of WATCHED_STEPS steps so far
 
     def save(self):
         self.history["wall_time"] = self.wall_time()
@@ -240,6 +288,23 @@ class Training:
             "best_cont_loss": self.best_cont_loss, "history": self.history,
             "rng": cfg.rng_state(self.batches.gen)})
         self.last_saved = self.iter_num
+
+    def watch_threads(self, seconds):
+        """Drop to one thread when the last WATCHED_STEPS steps took SLOWDOWN times as long as
+        the fastest such steps of the run: its threads are waiting for a core that another
+        program took since the run started. Logged, and kept by a resumed run."""
+        if not self.watched or torch.get_num_threads() == 1:
+            return
+        self.recent = (self.recent + [seconds])[-WATCHED_STEPS:]
+        typical = statistics.median(self.recent) if len(self.recent) == WATCHED_STEPS else None
+        self.fastest = min(self.fastest, typical or math.inf)
+        if typical and typical > SLOWDOWN * self.fastest:
+            self.log(f"threads {torch.get_num_threads()} -> 1 at iter {self.iter_num}: its steps "
+                     f"took {typical / self.fastest:.0f}x as long as its fastest, as another "
+                     f"program uses a core; results now differ in their last bits from a run at "
+                     f"a fixed --threads")
+            torch.set_num_threads(1)
+            self.history["threads"], self.recent = 1, []
 
     def wall_time(self):
         """Seconds of the whole run, the time of the runs it resumes included."""
@@ -255,14 +320,18 @@ class Training:
 
 def start(config, rank, world, device, log, t_start):
     """The run at its first step: fresh; resumed (weights, optimizer, generators: rank 0's, the
-    others reseeded); or a fine-tune, fresh but for its source's weights."""
+    others reseeded; its threads); or a fine-tune, fresh but for its source's weights."""
     ckpt = cfg.starting_checkpoint(config)
+    resumed = ckpt["history"].get("threads") if config.init_from == "resume" else None
+    threads, why = run_threads(config, resumed)
+    torch.set_num_threads(threads)  # the process's setting: what follows the run uses it too
     batches = load_batches(config, rank, world, log)
     # the same seed on every rank (DDP also broadcasts rank 0's weights); rank r's dropout: + r
     model = cfg.fresh_model(config, device, seed=config.seed + rank)
     optimizer = configure_optimizer(model, config, torch.device(device).type)
-    run = Training(config, model, model, optimizer, batches, new_history(config, model), rank,
-                   world, device, log, t_start)
+    run = Training(config, model, model, optimizer, batches,
+                   {**new_history(config, model), "threads": threads}, rank, world, device, log,
+                   t_start, threads_why=why, watched=why not in CHOSEN and world == 1)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     if ckpt is not None and config.init_from != "resume":  # a fine-tune: the weights only
@@ -296,8 +365,6 @@ def train(config, log=print):
     LossNotFinite if training diverges, cli.CannotWrite if a checkpoint cannot be written."""
     t_start = time.time()
     cfg.check_folders(config)
-    if config.threads is not None:  # the process's setting: what follows the run uses it too
-        torch.set_num_threads(config.threads)
     rank, world, device = setup_distributed(config.device)
     log = log if rank == 0 else (lambda *a: None)
     try:
@@ -343,6 +410,7 @@ def loop(run):
             raise run.diverged("the training loss", lossf)
         run.iter_num += 1
         dt = time.time() - t0
+        run.watch_threads(dt)
         history["iter_losses"].append(lossf)
         history["train_tokens"] += tokens_per_iter
         history["train_time"] += dt
@@ -401,7 +469,8 @@ def log_start(run, tokens_per_iter):
                 f"the dense masks, the same function")
     run.log(f"{c.arch}: {h['non_embedding_params'] / 1e6:.2f}M non-embedding parameters "
             f"({h['params'] / 1e6:.2f}M in all), {tokens_per_iter:,} tokens per iteration, "
-            f"{run.world} process(es) on {run.device}, {torch.get_num_threads()} thread(s)")
+            f"{run.world} process(es) on {run.device}, {torch.get_num_threads()} thread(s) "
+            f"({run.threads_why})")
     if run.iter_num:
         run.log(f"resuming {cfg.checkpoint_path(c.out_dir)} at iter {run.iter_num}")
     elif "init_from" in h:

@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 
 import math
+import os
 import signal
 import warnings
 from contextlib import contextmanager
@@ -19,10 +20,15 @@ def one_thread():
     """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's waiting
     threads make them ten times slower. Session-wide, so that module fixtures (which are set up
     before any function fixture) train on one thread too."""
-    n = torch.get_num_threads()
+    n, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # train.run_threads keeps it, and so do child processes
     yield
     torch.set_num_threads(n)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
@@ -571,7 +572,8 @@ def test_threads_sets_torchs_thread_count_and_the_start_line_shows_it(corpus, tm
     finally:
         torch.set_num_threads(threads)
     first_progress = next(i for i, line in enumerate(lines) if line.startswith("iter "))
-    assert any(line.endswith("1 process(es) on cpu, 1 thread(s)") for line in lines[:first_progress])
+    assert any(line.endswith("1 process(es) on cpu, 1 thread(s) (--threads)")
+               for line in lines[:first_progress])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -666,6 +668,53 @@ def test_ddp_two_cpu_processes_stay_in_sync(corpus, tmp_path):
     model = build_model("bdd", ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     assert train.param_checksum(model).item() == ddp["param_checksums"][0]
+
+
+@pytest.mark.parametrize("idle, threads", [(1.0, 1), (1.9, 2), (0.2, 1)])
+def test_a_run_computes_with_one_thread_per_idle_core_and_resumes_with_its_own(
+        corpus, tmp_path, monkeypatch, idle, threads):
+    """With one of two cores kept busy by another program, torch's two threads trained 21x
+    slower than one (docs/RESULTS.md); a run now takes one thread per idle core, and a resumed
+    run the count it started with, so that it still ends bit for bit as one never stopped."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(train, "TORCH_THREADS", 2)
+    monkeypatch.setattr(train, "idle_cores", lambda: idle)
+    out = tmp_path / "run"
+    history = train.train(tiny(corpus, out, max_iters=2, threads=None), log=quiet)
+    assert history["threads"] == threads == torch.get_num_threads()
+    monkeypatch.setattr(train, "idle_cores", lambda: 2.0 if threads == 1 else 0.0)
+    train.main(["--init_from", "resume", "--out_dir", str(out), "--max_iters", "3"])
+    assert load(out)["history"]["threads"] == threads == torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("given", [None, 2])
+def test_a_run_whose_steps_slow_down_drops_to_one_thread_unless_told(corpus, tmp_path,
+                                                                     monkeypatch, given):
+    """A core taken by another program after the run started: its chosen threads drop to one
+    (the log says so); a count the user gave is kept."""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(train, "TORCH_THREADS", 2)
+    monkeypatch.setattr(train, "idle_cores", lambda: 2.0)
+    step, lines = train.train_step, []
+
+    def slowed_from_the_sixth(*args, **kw):
+        if len(lines) and sum("iter " in line for line in lines) >= 5:
+            time.sleep(0.5)  # the other program's share of the core
+        return step(*args, **kw)
+
+    monkeypatch.setattr(train, "train_step", slowed_from_the_sixth)
+    config = tiny(corpus, tmp_path / "run", max_iters=9, log_interval=1, eval_interval=100,
+                  threads=given)
+    history = train.train(config, log=lines.append)
+    dropped = [line for line in lines if line.startswith("threads 2 -> 1")]
+    assert (history["threads"], len(dropped)) == ((1, 1) if given is None else (2, 0)), lines
+    torch.set_num_threads(1)
+
+
+def test_idle_cores_counts_the_cores_this_process_may_use():
+    idle = train.idle_cores(0.05)
+    assert idle is None or 0 <= idle <= len(os.sched_getaffinity(0)) + 1e-9
 
 
 EXPERIMENTS = {  # an experiment's command and how it plans its runs
