@@ -114,12 +114,7 @@ def holding(folder, what="run", flag="out_dir"):
     (a read-only mount), cli.CannotWrite. Leftover temporary files are removed on entry: nobody
     else can be writing them."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise cli.CannotWrite(f"cannot write into {cli.shown(folder)} ({e.strerror}); choose "
-                              f"another --{flag}") from None
+    fd = opened(folder, flag, ".lock")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,7 +123,7 @@ def holding(folder, what="run", flag="out_dir"):
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             raise cli.BadInput(f"{folder} is in use by another {what} (process {holder}); wait "
-                               f"for it to end, or choose another --out_dir") from None
+                               f"for it to end, or choose another --{flag}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         for tmp in leftovers(folder):
@@ -136,6 +131,18 @@ def holding(folder, what="run", flag="out_dir"):
         yield folder
     finally:
         os.close(fd)  # releases the flock
+
+
+def opened(folder, flag, name=None):
+    """A file descriptor of folder/name, or of folder itself (name None), the folder created if
+    need be; cli.CannotWrite if it cannot be (a read-only mount), naming --flag."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o644) if name else \
+            os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise cli.CannotWrite(f"cannot write into {cli.shown(folder)} ({e.strerror}); make it "
+                              f"writable, or choose another --{flag}") from None
 
 
 def cut_log(path, iteration):
@@ -159,12 +166,7 @@ def waiting_for(folder, waiting, flag):
     process that finds it taken prints `waiting` and waits, so that two processes doing the same
     work there (preparing one dataset) do it one after the other, and the second finds it done."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError as e:
-        raise cli.CannotWrite(f"cannot write into {cli.shown(folder)} ({e.strerror}); make it "
-                              f"writable, or choose another --{flag}") from None
+    fd = opened(folder, flag)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -275,3 +275,26 @@ def test_help_says_each_default_once(script, monkeypatch, capsys):
     entries = capsys.readouterr().out.split("\n  -")
     assert all(entry.count("(default") <= 1 for entry in entries), \
         [entry for entry in entries if entry.count("(default") > 1]
+
+
+def test_the_gpu_check_without_a_gpu_is_one_line():
+    """bench/gpu_check.sh ended in an AssertionError traceback on a machine without CUDA."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check would run")
+    run = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and run.stdout == "" and "Traceback" not in run.stderr
+    assert "no CUDA GPU" in run.stderr and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("script", ["train.py", "compare.py", "corpus/prepare.py"])
+def test_a_data_path_too_long_for_the_file_system_is_one_line(script, tmp_path, capsys,
+                                                              monkeypatch):
+    """--data of a 300-character file name raised OSError (ENAMETOOLONG) from a path check."""
+    data = tmp_path / ("x" * 300 + ".txt")
+    with pytest.raises(SystemExit) as e:
+        call(script, ["--data", str(data), *([] if script == "corpus/prepare.py" else
+                                             ["--out_dir", str(tmp_path / "out")])], monkeypatch)
+    assert e.value.code == 2 and "a name in it is 304 bytes long" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
