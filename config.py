@@ -46,6 +46,9 @@ def setting(default, help, allowed=None):
     return field(default=default, metadata={"help": help, "allowed": allowed})
 
 
+M = ModelConfig  # the model's fields' defaults, below
+
+
 @dataclass
 class TrainConfig:
     # what to train
@@ -82,19 +85,21 @@ class TrainConfig:
     overwrite: bool = setting(False, "let a fresh run replace the run already in --out_dir")
     always_save_checkpoint: bool = setting(False, "save at every evaluation, not only when the "
                                            "continuation loss improves")
-    # model
-    n_layer: int = setting(6, "total layers (encdec and bdd: encoder + decoder)", "[2, inf)")
-    n_dec_layer: int = setting(None, "decoder layers of encdec and bdd (default: n_layer // 3, "
-                               "the paper's 2:1 split)", "[1, inf)")
-    n_head: int = setting(4, "attention heads", "[1, inf)")
-    n_kv_head: int = setting(None, "key/value heads, a divisor of n_head (grouped-query "
+    # the model's shape: model.ModelConfig's fields and defaults, with their help and range
+    n_layer: int = setting(M.n_layer, "total layers (encdec and bdd: encoder + decoder)",
+                           "[2, inf)")
+    n_dec_layer: int = setting(M.n_dec_layer, "decoder layers of encdec and bdd (default: "
+                               "n_layer // 3, the paper's 2:1 split)", "[1, inf)")
+    n_head: int = setting(M.n_head, "attention heads", "[1, inf)")
+    n_kv_head: int = setting(M.n_kv_head, "key/value heads, a divisor of n_head (grouped-query "
                              "attention; 1: multi-query; default: n_head)", "[1, inf)")
-    kv_share: int = setting(1, "dec: each group of kv_share consecutive layers attends to its "
-                            "first layer's keys and values (cross-layer attention)", "[1, inf)")
-    n_embd: int = setting(128, "width", "[2, inf)")
-    block_size: int = setting(256, "tokens per row (the context)", "[2, inf)")
-    dropout: float = setting(0.0, "dropout", "[0, 1)")
-    bias: bool = setting(False, "biases in Linear layers")
+    kv_share: int = setting(M.kv_share, "dec: each group of kv_share consecutive layers attends "
+                            "to its first layer's keys and values (cross-layer attention)",
+                            "[1, inf)")
+    n_embd: int = setting(M.n_embd, "width", "[2, inf)")
+    block_size: int = setting(M.block_size, "tokens per row (the context)", "[2, inf)")
+    dropout: float = setting(M.dropout, "dropout", "[0, 1)")
+    bias: bool = setting(M.bias, "biases in Linear layers")
     # optimisation: AdamW, linear warmup, cosine decay to min_lr at lr_decay_iters
     batch_size: int = setting(16, "rows per micro-step and process", "[1, inf)")
     gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step, on each "
@@ -159,9 +164,9 @@ PRESETS = {
 # What a resumed run keeps of the machine it runs on rather than of the checkpoint.
 MACHINE_FIELDS = ("device", "dtype", "compile", "flex", "threads", "init_from", "out_dir",
                   "overwrite", "rehash", "preset")
-# Checkpoint and run must agree on these, or the weights do not fit the model.
-SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_dec_layer", "n_head", "n_kv_head",
-                "kv_share", "n_embd", "bias")
+# Checkpoint and run must agree on these, or the weights do not fit the model: every field of
+# model.ModelConfig but dropout and flex (how it trains, not its weights).
+SHAPE_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name not in ("dropout", "flex"))
 CHECKPOINT_KEYS = ("model", "optimizer", "arch", "model_config", "tokenizer", "objective",
                    "train_config", "iter_num", "best_cont_loss", "history", "rng")
 PATH_FIELDS = ("data", "data_root", "out_dir", "init_from")  # where "" would mean this folder
@@ -421,11 +426,8 @@ def model_config(config, vocab_size=None):
     dense masks: the same function (tested), only slower on a GPU."""
     if vocab_size is None:
         vocab_size = pack.vocab_size(config.tokenizer, config.objective)
-    return ModelConfig(vocab_size=vocab_size, block_size=config.block_size,
-                       n_layer=config.n_layer, n_dec_layer=config.n_dec_layer,
-                       n_head=config.n_head, n_kv_head=config.n_kv_head,
-                       kv_share=config.kv_share, n_embd=config.n_embd, dropout=config.dropout,
-                       bias=config.bias,
+    shape = {name: getattr(config, name) for name in SHAPE_FIELDS if name != "vocab_size"}
+    return ModelConfig(**shape, vocab_size=vocab_size, dropout=config.dropout,
                        flex=config.flex and torch.device(config.device).type == "cuda")
 
 

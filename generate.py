@@ -1,13 +1,11 @@
 """
 KV-cached generation, one turn, in the spirit of gpt-fast: prefill the prompt, then decode one
-token at a time, each step feeding back the token just sampled (DESIGN.md section 3).
+token at a time, feeding back the token just sampled (DESIGN.md section 3).
 
     tokens = generate(model, idx, max_new_tokens=200, temperature=0.8, top_k=200)  # (B, G)
 
-idx (B, P) holds prompts of one length. The model talks to its cache through the interface of
-model.Cache, so the same loop serves other caches: serve/cache.py's for left-padded prompts of
-different lengths (sample.py's --prompts) and chat sessions, and StaticCache below, whose shapes
-never change, for a compiled decode step (compile=True: torch.compile; CUDA graphs on CUDA).
+The same loop runs on any cache with model.Cache's interface: serve/cache.py's for prompts of
+different lengths, and StaticCache below, of fixed shapes, for a compiled decode step.
 """
 
 import torch
@@ -81,10 +79,9 @@ class StaticKV:
 
     def __init__(self, cache, layer, block_size):
         B, nh, _, hs = layer.k.shape
-        self.cache = cache
+        self.cache, n = cache, layer.length
         self.k, self.v = (t.new_zeros(B, nh, block_size, hs) for t in (layer.k, layer.v))
-        self.k[:, :, :layer.length], self.v[:, :, :layer.length] = layer.k[:, :, :layer.length], \
-            layer.v[:, :, :layer.length]
+        self.k[:, :, :n], self.v[:, :, :n] = layer.k[:, :, :n], layer.v[:, :, :n]
 
     def update(self, k, v):
         self.k.index_copy_(2, self.cache.positions, k)
@@ -93,10 +90,9 @@ class StaticKV:
 
 
 class StaticCache(Cache):
-    """A prefilled model.Cache copied into buffers of fixed shapes (gpt-fast's static cache):
-    every layer holds block_size columns and the next position is a tensor, so a compiled decode
-    step is one graph for every step. It holds the whole context, where model.Cache grows with
-    what its rows need."""
+    """A prefilled model.Cache copied into buffers of fixed shapes (gpt-fast's): block_size
+    columns per layer and the next position a tensor, so that a compiled decode step is one graph
+    for every step. It holds the whole context, where model.Cache holds what its rows need."""
 
     def __init__(self, cache, block_size):
         super().__init__(0, cache.device)
@@ -109,8 +105,7 @@ class StaticCache(Cache):
                 torch._dynamo.mark_static_address(t)
 
     def next(self, n):
-        """One new column per row: its position (1,), and a mask (1, block_size) of the columns
-        written so far."""
+        """One new column per row: its position (1,), and the columns written so far (1, L)."""
         self.positions = self.pos.clone()
         self.pos.add_(1)
         return self.positions, self.columns <= self.positions[:, None]

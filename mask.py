@@ -1,23 +1,20 @@
 """
 Every attention mask of nanoBDD, and the block ids they are built from.
 
-A mask is a boolean tensor, True where a query may attend to a key (the convention of
-torch's scaled_dot_product_attention). Each mask is written once, as a *rule* on query and
-key indices; the same rule gives a dense tensor (for SDPA, tests and plots) or a FlexAttention
-BlockMask (on GPU, where skipping the masked tiles pays):
+A mask is a boolean tensor, True where a query may attend to a key (SDPA's convention). Each mask
+is written once, as a rule on query and key indices, which gives a dense tensor (for SDPA, tests
+and plots) or a FlexAttention BlockMask (on a GPU, where skipping the masked tiles pays):
 
-- causal: key <= query. Decoder-only layers, the BDD encoder, encoder-decoder self-attention;
-  with `past` cached keys in front when a KV cache is extended by several tokens at once.
-- encoder (bidirectional) and cross: every real (non-padding) key of the source.
-- bdd decoder: one T x 2T mask over the concatenated keys [encoder | decoder]:
+- causal: key <= query, with `past` cached keys in front when a KV cache takes several tokens;
+- encoder (bidirectional) and cross: every real (non-padding) key of the source;
+- bdd decoder: one T x 2T mask over the keys [encoder | decoder] (DESIGN.md section 2):
     left half,  key k < T:   allowed iff block(k) <  block(q)   (strictly earlier blocks)
     right half, key T + k:   allowed iff block(k) == block(q) and k <= q   (causal in the block)
-  Every row allows its own diagonal, so no row is empty. See DESIGN.md section 2.
-  For the layout of one row, or one shared by a group of rows, BlockLayout keeps the same
-  mask as its blocks, each a causal mask over [encoder states before the block | the block], so
-  that attention skips the masked half instead of computing it (model.py's fast path).
+  Every row allows its own diagonal, so no row is empty. BlockLayout keeps the same mask as its
+  blocks, each a causal mask over [encoder states before the block | the block]: model.py's
+  fast path skips the masked half instead of computing it.
 
-render() draws a mask as text, plot() as a matplotlib picture (used by the notebooks).
+render() draws a mask as text, plot() as a matplotlib picture; `python mask.py` shows one.
 """
 
 import torch
@@ -96,15 +93,13 @@ def materialize(rule, B, Tq, Tk, device=None):
     return rule(b, q, k).expand(B, Tq, Tk)
 
 
-def flex_block_mask(rule, B, Tq, Tk, device):
-    """The same rule as a FlexAttention BlockMask (masked 128x128 tiles are skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    return create_block_mask(lambda b, h, q, k: rule(b, q, k), B, None, Tq, Tk, device=device)
-
-
 def _build(rule, B, Tq, Tk, device, flex, squeeze):
-    if flex:  # a squeezed mask is one row's, shared by the batch (B=None broadcasts)
-        return flex_block_mask(rule, None if squeeze else B, Tq, Tk, device)
+    """The rule as a dense mask, or as a FlexAttention BlockMask (a squeezed mask is one row's,
+    shared by the batch: B=None broadcasts)."""
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+        return create_block_mask(lambda b, h, q, k: rule(b, q, k), None if squeeze else B, None,
+                                 Tq, Tk, device=device)
     m = materialize(rule, B, Tq, Tk, device)
     return m[0] if squeeze else m
 
@@ -120,12 +115,8 @@ def causal_mask(T, device=None, flex=False, past=0):
 
 
 def encoder_masks(valid, Td, flex=False):
-    """Encoder-decoder masks for a right-padded source: valid (B, Te) bool, True = real token.
-
-    Returns (encoder self-attention (B, Te, Te): bidirectional over the real tokens,
-             cross-attention (B, Td, Te): every real source token).
-    The decoder's own self-attention is causal.
-    """
+    """Encoder-decoder masks for a right-padded source, valid (B, Te) bool (True: a real
+    token): (encoder (B, Te, Te), cross (B, Td, Te)), each key a real token of the source."""
     assert valid.dtype == torch.bool and valid.dim() == 2, valid
     # every row needs a real source token (an all-padding row would have no key at all)
     assert not valid.shape[1] or torch.compiler.is_compiling() or bool(valid.any(1).all())
@@ -137,11 +128,9 @@ def encoder_masks(valid, Td, flex=False):
 
 class BlockLayout:
     """The doubly-causal mask of one block layout (of a row, or shared by several), kept as its
-    blocks. Block (s, e) sees the encoder states at positions < s and its own stream causally: over
-    the keys [encoder[:s] | stream[s:e]] that is a causal mask with s keys in front, the mask a
-    KV-cached prefill uses. model.attention() runs each block's queries against only those keys,
-    so the masked work of the dense T x 2T mask is never done; the result is the same function.
-    memory_len, the last block's start, is all of the encoder that any block sees."""
+    blocks: block (s, e) sees the keys [encoder[:s] | stream[s:e]] under a causal mask with s keys
+    in front, the mask of a KV-cached prefill. memory_len, the last block's start, is all of the
+    encoder that any block sees."""
 
     def __init__(self, ids):
         check_block_ids(ids)
@@ -170,8 +159,7 @@ def bdd_mask(ids, flex=False):
 
 
 def render(mask, split=None, on="#", off="."):
-    """A (Tq, Tk) mask as text, one line per query; `split` draws a '|' before that key column
-    (e.g. split=T for the BDD decoder's [encoder | decoder] halves)."""
+    """A (Tq, Tk) mask as text, a line per query; `split`: a '|' before that key column."""
     assert mask.dim() == 2, f"render takes one (Tq, Tk) mask, not {mask.shape}"
     lines = []
     for row in mask.tolist():

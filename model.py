@@ -1,28 +1,19 @@
 """
-The three language models of nanoBDD (DESIGN.md sections 2 and 3), in one file read top to bottom:
+The three language models of nanoBDD (DESIGN.md sections 2 and 3), read top to bottom:
 
-- dec:    decoder-only: n_layer causal layers.
-- bdd:    block-based double decoder: n_enc *causal* encoder layers over the whole row, and n_dec
-          decoder layers whose queries come from the decoder stream and whose keys and values
-          come, through the layer's one K/V projection and in one softmax, from the encoder's
-          final states in strictly earlier blocks and from the decoder stream causally inside its
-          own block: the doubly-causal block mask (mask.py draws it).
-- encdec: encoder-decoder (T5-like): n_enc bidirectional encoder layers; n_dec decoder layers with
-          causal self-attention, cross-attention to the encoder output, and an MLP.
+- dec:    decoder-only, n_layer causal layers;
+- bdd:    block-based double decoder: n_enc causal encoder layers over the whole row, and n_dec
+          decoder layers that attend, in one softmax through their own K/V projection, to the
+          encoder's final states in strictly earlier blocks and to their own stream causally in
+          their block (the doubly-causal block mask, mask.py);
+- encdec: encoder-decoder (T5-like): a bidirectional encoder; decoder layers with causal
+          self-attention, cross-attention to the encoder output, and an MLP.
 
-All three: a token embedding tied to the LM head, rotary position embeddings (RoPE), pre-norm
-blocks with RMSNorm, a 4x GELU MLP. n_layer is the total depth; encdec and bdd split it into
-n_enc = n_layer - n_dec_layer encoder and n_dec_layer decoder layers. Options (the memory
-frontier's baselines): n_kv_head < n_head K/V heads in every attention (GQA, MQA at 1), and
-kv_share = k, each group of k consecutive dec layers attending to its first layer's K/V
-(cross-layer attention).
-
-Training: model(batch) -> (logits, loss). Inference: prefill(idx, cache) feeds a prompt and
-decode(idx, cache) one token per row, each returning the next-token logits (B, vocab). The model
-talks to its cache through one small interface (Cache below): next(n) gives the positions of n new
-columns and the mask of their queries, and each layer's update(k, v) appends that layer's keys and
-values and returns everything it may attend to. Padded batches, multi-turn sessions, cache
-policies and paged memory are serve/'s caches, which answer the same interface.
+All three: tied embeddings, RoPE, pre-norm RMSNorm blocks, a 4x GELU MLP; n_layer is the total
+depth. Options (the memory frontier's baselines): n_kv_head K/V heads (GQA, MQA at 1) and
+kv_share (dec: cross-layer attention). Training: model(batch) -> (logits, loss). Inference:
+prefill(idx, cache), then decode(idx, cache), each returning the next-token logits (B, vocab),
+through one small cache interface (Cache below); serve/'s caches answer it too.
 """
 
 import functools
@@ -144,9 +135,12 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         normed, weight, r = ctx.saved_tensors
-        g = grad * weight  # the gradient at normed; normed = x * r has the Jacobian below
-        grad_x = (g - normed * (g * normed).mean(-1, keepdim=True)).mul_(r)
-        return grad_x, (grad * normed).flatten(0, -2).sum(0), None
+        grad_normed = grad * normed
+        # normed = x * r, r = 1/rms(x): the gradient at x is r * (g - normed * mean(g * normed)),
+        # g = grad * weight; mean(g * normed) is one matrix-vector product with the weight
+        mean = (grad_normed @ weight).unsqueeze(-1) / normed.shape[-1]
+        grad_x = torch.addcmul(grad * weight, normed, mean, value=-1).mul_(r)
+        return grad_x, grad_normed.flatten(0, -2).sum(0), None
 
 
 class Rotary(nn.Module):
@@ -167,12 +161,32 @@ class Rotary(nn.Module):
 
 
 def rotate(x, rope):
-    """RoPE on x (B, nh, T, hs): each pair (x[i], x[i + hs/2]) turned by its position's angle."""
+    """RoPE on x (B, nh, T, hs): each pair (x[i], x[i + hs/2]) turned by its position's angle.
+    For training, an autograd function whose backward turns the gradient back by the same angle
+    (the fast path: fewer passes than autograd's; the same function)."""
     if rope is None:
         return x
     cos, sin = (t.to(x.dtype) for t in rope)
+    return Rotate.apply(x, cos, sin) if torch.is_grad_enabled() else turned(x, cos, sin)
+
+
+def turned(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([torch.addcmul(x1 * cos, x2, sin, value=-1),
+                      torch.addcmul(x1 * sin, x2, cos)], dim=-1)
+
+
+class Rotate(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return turned(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):  # a rotation's transpose is the rotation back
+        cos, sin = ctx.saved_tensors
+        return turned(grad, cos, -sin), None, None
 
 
 class Attention(nn.Module):
@@ -240,8 +254,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm self-attention and MLP: a dec layer, a bdd encoder or decoder layer, an encdec
-    encoder layer. Returns the new stream and the K/V it attended to."""
+    """Pre-norm self-attention and MLP (every layer but encdec's decoder's). Returns the new
+    stream and the K/V it attended to."""
 
     def __init__(self, config, project_kv=True):
         super().__init__()
@@ -255,9 +269,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), kv
 
     def self_attention(self, x, rope, mask, cache=None, kv=None):
-        """cache: this layer's KV cache (or bdd training's MemoryKV), which the layer's K/V are
-        appended to, and all of which is attended to; kv: the K/V of its cross-layer-attention
-        group's first layer, attended to instead of projecting its own."""
+        """cache: this layer's KV cache (or bdd training's MemoryKV): its K/V are appended, all
+        attended to; kv: its cross-layer-attention group's K/V, attended to instead."""
         q, own = self.attn.project(self.ln_1(x), rope)
         if kv is None:
             kv = own if cache is None else cache.update(*own)
@@ -265,9 +278,8 @@ class Block(nn.Module):
 
 
 class CrossBlock(Block):
-    """encdec's decoder layer: causal self-attention, cross-attention to the encoder output (its
-    K/V projected once per source, without RoPE across the two streams, as in T5), MLP. The
-    cross-attention is the 4 d^2 parameters per layer that dec and bdd do not have."""
+    """encdec's decoder layer: causal self-attention, cross-attention to the encoder output
+    (without RoPE across the two streams, as in T5: 4 d^2 parameters dec and bdd lack), MLP."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -276,8 +288,7 @@ class CrossBlock(Block):
 
     def forward(self, x, rope, mask, source_kv, source_mask, cache=None):
         """source_kv: (k, v) of the source; source_mask: the source keys each query may see
-        (None: all). A query with no source key (an empty source, or one all padding) gets the
-        output projection of zeros, as attention over no key is zeros."""
+        (None: all). Attention over no key (an empty source) is zeros."""
         x, _ = self.self_attention(x, rope, mask, cache)
         x = x + self.cross(self.cross.queries(self.ln_cross(x), None), *source_kv, source_mask)
         return x + self.mlp(self.ln_2(x))
@@ -289,8 +300,7 @@ class CrossBlock(Block):
 
 class KVCache:
     """One layer's keys and values, (B, nh_kv, capacity, hs) buffers filled up to `length`
-    columns. They grow CHUNK columns at a time as they fill (the filled ones copied over), so
-    fewer than CHUNK columns are ever empty: a cache holds what its rows need, not the context."""
+    columns, grown CHUNK columns at a time: a cache holds what its rows need, not the context."""
 
     def __init__(self):
         self.k = self.v = None
@@ -307,8 +317,7 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def grown(self, buffer, like, end):
-        """A buffer of enough CHUNKs for `end` columns, holding the filled ones of `buffer` (the
-        others are written before they are read: no need to zero them)."""
+        """A buffer of enough CHUNKs for `end` columns, holding the filled ones of `buffer`."""
         B, nh, _, hs = like.shape
         new = like.new_empty(B, nh, math.ceil(end / CHUNK) * CHUNK, hs)
         if self.length:
@@ -410,15 +419,6 @@ class LM(nn.Module):
 
     def new_cache(self):
         return Cache(len(self.cached_layers()), self.wte.weight.device)
-
-    def run(self, blocks, x, cache):
-        """The stream x (B, n, C) of n new columns through blocks, each appending its K/V to its
-        layer of the cache and attending to all of it."""
-        positions, mask = cache.next(x.shape[1])
-        rope = self.rotary(positions)
-        for block, layer in zip(blocks, cache.layers):
-            x, _ = block(x, rope, mask, layer)
-        return x
 
 
 class DecoderOnly(LM):
@@ -531,7 +531,11 @@ class BlockDoubleDecoder(LM):
 
     def decode(self, idx, cache):
         """New tokens idx (B, n) of the current block: the logits after the last."""
-        return self.next_logits(self.run(self.decoder, self.embed(idx), cache))
+        positions, mask = cache.next(idx.shape[1])
+        rope, h = self.rotary(positions), self.embed(idx)
+        for block, layer in zip(self.decoder, cache.layers):
+            h, _ = block(h, rope, mask, layer)
+        return self.next_logits(h)
 
 
 class EncoderDecoder(LM):
