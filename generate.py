@@ -46,8 +46,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
 def decode_steps(decode, logits, cache, max_new_tokens, sampling, stop_tokens=(),
                  before_step=None):
     """Sample a token per row from logits (B, vocab), feed it with decode(idx (B, 1), cache), and
-    so on, max_new_tokens tokens (B, G), fewer when every row has written a stop token.
-    before_step(stopped (B,) bool): called before a step once some row has stopped."""
+    so on: (B, G) tokens, G < max_new_tokens once every row has written a stop token.
+    before_step(stopped (B,) bool) is called before each step once some row has stopped."""
     stops = torch.tensor(stop_tokens, dtype=torch.long, device=logits.device)
     stopped = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     out = []
@@ -61,12 +61,6 @@ def decode_steps(decode, logits, cache, max_new_tokens, sampling, stop_tokens=()
             before_step(stopped)
         logits = decode(out[-1][:, None], cache)
     return torch.stack(out, dim=1)
-
-
-def lengths(tokens, stop_tokens):
-    """Each row's new tokens up to and including its first stop token: a list of B ints."""
-    hit = torch.isin(tokens, torch.tensor(stop_tokens, dtype=torch.long, device=tokens.device))
-    return torch.where(hit.any(1), hit.int().argmax(1) + 1, tokens.shape[1]).tolist()
 
 
 # -----------------------------------------------------------------------------

@@ -52,8 +52,7 @@ def block_ids(T, boundaries):
     return ids if batched else ids[0]
 
 
-def check_block_ids(ids):
-    """Block ids must be integers of shape (T,) or (B, T), non-decreasing along the row."""
+def check_block_ids(ids):  # integers, (T,) or (B, T), non-decreasing along the row
     assert not ids.is_floating_point() and ids.dtype != torch.bool and ids.dim() in (1, 2), ids
     if not torch.compiler.is_compiling():  # a data-dependent check would break the graph
         assert ids.shape[-1] < 2 or bool((ids[..., 1:] >= ids[..., :-1]).all()), ids
@@ -127,21 +126,23 @@ def encoder_masks(valid, Td, flex=False):
 
 
 class BlockLayout:
-    """The doubly-causal mask of one block layout (of a row, or shared by several), kept as its
-    blocks: block (s, e) sees the keys [encoder[:s] | stream[s:e]] under a causal mask with s keys
-    in front, the mask of a KV-cached prefill. memory_len, the last block's start, is all of the
-    encoder that any block sees."""
+    """The doubly-causal mask of G block layouts, ids (G, T) (or one, (T,)), each shared by an
+    equal group of consecutive rows, kept as blocks: block (s, e) sees the keys
+    [encoder[:s] | stream[s:e]] under a causal mask with s keys in front, the mask of a KV-cached
+    prefill. memory_lens: where each layout's last block starts, all of the encoder it reads."""
 
     def __init__(self, ids):
         check_block_ids(ids)
-        assert ids.dim() == 1, f"a BlockLayout takes one layout's ids, (T,), not {ids.shape}"
-        T = ids.shape[0]
+        self.layouts = [self.blocks(row) for row in ids.view(-1, ids.shape[-1])]
+        self.memory_lens = [spans[-1][0] for spans, _ in self.layouts]
+
+    def blocks(self, ids):
+        """([(s, e)] of every block of one layout's ids (T,), and the mask of each)."""
         starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).view(-1) + 1).tolist()
-        self.spans = list(zip(starts, starts[1:] + [T]))  # [(s, e)] of every block
+        spans = list(zip(starts, starts[1:] + [ids.shape[0]]))
         # the first block sees no memory: SDPA's causal kernel needs no mask tensor for it
-        self.masks = ["causal" if s == 0 else causal_mask(e - s, ids.device, past=s)
-                      for s, e in self.spans]
-        self.memory_len = starts[-1]
+        return spans, ["causal" if s == 0 else causal_mask(e - s, ids.device, past=s)
+                       for s, e in spans]
 
 
 def bdd_mask(ids, flex=False):

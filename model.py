@@ -83,16 +83,20 @@ def attention(q, k, v, mask, dropout_p=0.0):
 def blockwise_attention(q, k, v, layout, dropout_p):
     """The fast path of bdd's doubly-causal mask, the same function as the dense T x 2T mask
     (tests/test_model.py checks values and gradients). The keys are [memory (Tm) | stream (T)];
-    block (s, e) sees memory[:s] and its own stream causally, so its queries run against exactly
-    [memory[:s] | stream[s:e]] under a causal mask with s keys in front (the mask of a KV-cached
+    block (s, e) sees memory[:s] and its own stream causally, so the queries of each layout's
+    rows run block by block against exactly [memory[:s] | stream[s:e]] (the mask of a KV-cached
     prefill), and the masked work of the dense mask is never done: at most one T x T attention."""
-    Tm = k.shape[2] - q.shape[2]
+    Tm, rows = k.shape[2] - q.shape[2], q.shape[0] // len(layout.layouts)
     out = []
-    for (s, e), block_mask in zip(layout.spans, layout.masks):
-        ks = torch.cat([k[:, :, :s], k[:, :, Tm + s:Tm + e]], dim=2)  # (B, nh_kv, e, hs)
-        vs = torch.cat([v[:, :, :s], v[:, :, Tm + s:Tm + e]], dim=2)
-        out.append(attention(q[:, :, s:e], ks, vs, block_mask, dropout_p))
-    return torch.cat(out, dim=2)
+    for qg, kg, vg, (spans, masks) in zip(q.split(rows), k.split(rows), v.split(rows),
+                                          layout.layouts):
+        blocks = []
+        for (s, e), block_mask in zip(spans, masks):
+            ks = torch.cat([kg[:, :, :s], kg[:, :, Tm + s:Tm + e]], dim=2)  # (rows, nh_kv, e, hs)
+            vs = torch.cat([vg[:, :, :s], vg[:, :, Tm + s:Tm + e]], dim=2)
+            blocks.append(attention(qg[:, :, s:e], ks, vs, block_mask, dropout_p))
+        out.append(torch.cat(blocks, dim=2))  # (rows, nh, T, hs)
+    return torch.cat(out)
 
 
 def flex_attention(q, k, v, block_mask, gqa):
@@ -154,8 +158,7 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, positions):
-        """cos, sin of positions (T,): each (T, hs/2); of per-row positions (B, T) (a padded
-        batch): each (B, 1, T, hs/2)."""
+        """cos, sin of positions (T,): (T, hs/2) each; of per-row ones (B, T): (B, 1, T, hs/2)."""
         cos, sin = self.cos[positions], self.sin[positions]
         return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
 
@@ -172,8 +175,7 @@ def rotate(x, rope):
 
 def turned(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([torch.addcmul(x1 * cos, x2, sin, value=-1),
-                      torch.addcmul(x1 * sin, x2, cos)], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Rotate(torch.autograd.Function):
@@ -190,11 +192,10 @@ class Rotate(torch.autograd.Function):
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose one input projection c_attn makes the queries, keys and values
-    of its input in one matrix product; its K/V rows alone project a second source (bdd: the
-    encoder's states; encdec: the encoder output). n_kv_head K/V heads (GQA). project_kv=False:
-    a cross-layer-attention follower, with query rows only, which attends to the K/V of its
-    group's first layer."""
+    """Multi-head attention whose one input projection c_attn makes queries, keys and values in
+    one matrix product; its K/V rows alone project a second source (bdd: the encoder's states;
+    encdec: the encoder output). n_kv_head K/V heads (GQA). project_kv=False: a cross-layer
+    attention follower (query rows only)."""
 
     def __init__(self, config, project_kv=True):
         super().__init__()
@@ -326,10 +327,9 @@ class KVCache:
 
 
 class Cache:
-    """What a model keeps between prefill and decode for one batch of rows: a KVCache for each
-    layer that runs at decode time (dec: each K/V-projecting layer; bdd: the n_dec decoder
-    layers, each holding the encoder states' K/V, then the block's own; encdec: the decoder's
-    self K/V, and in `cross` each decoder layer's K/V of the source), and the next position."""
+    """What a model keeps between prefill and decode for a batch of rows of one length: a KVCache
+    per layer that runs at decode time (bdd: each decoder layer's [encoder states | block]; encdec:
+    the decoder's own, and its source's K/V in `cross`), and the next position."""
 
     def __init__(self, n_layers, device):
         self.layers = [KVCache() for _ in range(n_layers)]
@@ -346,8 +346,7 @@ class Cache:
         return positions, mask
 
     def source(self, n):
-        """encdec: positions (n,) of a source of n columns, and the mask of its bidirectional
-        encoder (None: every column sees every other)."""
+        """encdec: positions (n,) of a source of n columns; its encoder's mask (None: all)."""
         return torch.arange(n, device=self.device), None
 
     def tensors(self):
@@ -357,9 +356,8 @@ class Cache:
 
 
 class MemoryKV:
-    """bdd training: a decoder layer's K/V of the encoder states, placed before the stream's own
-    as the layer's KV cache holds them at inference (the encoder states' part, then the block):
-    the keys [memory (Tm) | stream (T)] that the doubly-causal mask is laid out over."""
+    """bdd training: a decoder layer's K/V of the encoder states before the stream's own, as its
+    KV cache holds them at inference: the keys [memory | stream] of the doubly-causal mask."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v
@@ -373,8 +371,7 @@ class MemoryKV:
 
 
 class LM(nn.Module):
-    """What the three share: the tied embedding and LM head, RoPE tables, the final norm, the
-    loss, the GPT-2 init, the parameter count."""
+    """What the three share: tied embedding and head, RoPE tables, final norm, loss, init."""
 
     def __init__(self, config):
         super().__init__()
@@ -473,33 +470,41 @@ class BlockDoubleDecoder(LM):
         x = batch["x"]
         B, T = x.shape
         layouts = batch["block_ids"].to(x.device).view(-1, T)  # (G, T)
-        G = layouts.shape[0]
-        assert B % G == 0, f"{G} block layouts do not split {B} rows into equal groups"
+        assert B % len(layouts) == 0, f"{len(layouts)} block layouts do not split {B} rows evenly"
         if self.config.flex or torch.compiler.is_compiling():
             # The reference path: the dense T x 2T doubly-causal mask of each row, which
             # FlexAttention turns into a tile-skipping block mask on CUDA (and which has the fixed
             # shapes a compiled graph needs).
-            h = self.stream(x, bdd_mask(layouts.repeat_interleave(B // G, dim=0), self.config.flex))
+            per_row = layouts.repeat_interleave(B // len(layouts), dim=0)
+            h = self.stream(x, bdd_mask(per_row, self.config.flex))
         else:
-            # The fast path, the same function (tests/test_model.py): each group of rows that
-            # shares a layout runs block by block against only the keys each block may see, and
-            # its encoder stops at the last block's start, as no block reads the states after it.
-            h = torch.cat([self.stream(rows, BlockLayout(layout))
-                           for rows, layout in zip(x.split(B // G), layouts)])
+            # The fast path, the same function (tests/test_model.py): each layout's rows run
+            # block by block against only the keys each block may see, and their encoder stops
+            # where their last block starts, as no block reads the states after it.
+            h = self.stream(x, BlockLayout(layouts))
         return self.head(h, batch.get("y"))
 
     def stream(self, x, dec_mask):
-        """The decoder stream's final states (B, T, C) of rows x (B, T): the encoder over the
-        positions any block reads, then each decoder layer over [encoder states | stream]."""
-        T = x.shape[1]
-        Tm = dec_mask.memory_len if isinstance(dec_mask, BlockLayout) else T
-        rope = self.rotary(torch.arange(T, device=x.device))
-        memory_rope = tuple(t[:Tm] for t in rope)
-        memory = self.encode(x[:, :Tm], memory_rope, "causal")  # (B, Tm, C)
+        """The decoder stream's final states (B, T, C) of rows x (B, T): the encoder, then each
+        decoder layer over [encoder states | stream]."""
+        rope = self.rotary(torch.arange(x.shape[1], device=x.device))
+        memory = self.memory(x, dec_mask, rope)  # (B, Tm, C)
+        memory_rope = tuple(t[:memory.shape[1]] for t in rope)
         h = self.embed(x)  # (B, T, C)
         for block in self.decoder:
             h, _ = block(h, rope, dec_mask, MemoryKV(*block.attn.keys_values(memory, memory_rope)))
         return h
+
+    def memory(self, x, dec_mask, rope):
+        """The encoder states the decoder reads: all T (the dense mask), or (the fast path) each
+        layout's rows up to where its last block starts, as no block reads the states after it
+        (zeros up to the latest such start)."""
+        if not isinstance(dec_mask, BlockLayout):
+            return self.encode(x, rope, "causal")
+        ends = dec_mask.memory_lens
+        parts = [self.encode(rows[:, :n], tuple(t[:n] for t in rope), "causal")
+                 for rows, n in zip(x.split(x.shape[0] // len(ends)), ends)]
+        return torch.cat([F.pad(p, (0, 0, 0, max(ends) - p.shape[1])) for p in parts])
 
     def encode(self, idx, rope, mask, caches=None):
         """The causal encoder's final states (B, n, C) of idx (B, n) at RoPE rope under mask.

@@ -14,7 +14,9 @@ How close nanoBDD's code is to lean references at the same shape (the CPU compar
     python bench/reference.py                      # 1 and 2 threads, batch 1 and 64
     python bench/reference.py --threads 1 --rounds 5 --skip_compile
 
-Ratios are of medians measured in the same run; absolute times depend on the machine and its load.
+Each ratio is the median over rounds of the two times measured side by side in that round (paired,
+so that a machine whose speed drifts from round to round still compares like with like); the times
+printed are medians. Absolute times depend on the machine and its load.
 """
 
 import argparse
@@ -98,7 +100,16 @@ def train_steps(rounds):
             optimizers[name].zero_grad(set_to_none=True)
             if r:
                 times[name].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def medians(times):
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+def ratio(times, a, b):
+    """The median over rounds of a's time over b's in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 # -----------------------------------------------------------------------------
@@ -192,35 +203,36 @@ def decode_times(arch, batch, context, steps, rounds, compile_too):
                 assert torch.equal(tokens, reference), f"{name} gave other tokens than eager"
                 if r:
                     times[name].append(1000 * seconds / (steps - 1))
-    return {n: statistics.median(t) for n, t in times.items()}, compile_seconds
+    return times, compile_seconds
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--batches", default="1,64", help="decode batch sizes")
     p.add_argument("--skip_compile", action="store_true")
     args = p.parse_args()
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
-        t = train_steps(args.rounds)
+        times = train_steps(args.rounds)
         print(f"[{threads} thread(s)] training step ms: " + ", ".join(
-            f"{n} {v:.1f}" for n, v in t.items()) + f" | dec/ref {t['dec'] / t['nanoGPT-style']:.3f}"
-            f", bdd/ref {t['bdd'] / t['nanoGPT-style']:.3f}, bdd tokens/s over dec's "
-            f"{t['dec'] / t['bdd']:.3f}", flush=True)
+            f"{n} {v:.1f}" for n, v in medians(times).items()) +
+            f" | dec/ref {ratio(times, 'dec', 'nanoGPT-style'):.3f}, bdd/ref "
+            f"{ratio(times, 'bdd', 'nanoGPT-style'):.3f}, bdd tokens/s over dec's "
+            f"{ratio(times, 'dec', 'bdd'):.3f}", flush=True)
         for batch in map(int, args.batches.split(",")):
             for arch in ("dec", "bdd"):
-                ms, compile_s = decode_times(arch, batch, 72, 64, max(3, args.rounds // 2),
-                                             not args.skip_compile and batch == 1)
-                line = (f"[{threads} thread(s)] {arch} decode batch {batch}, context 8 to 72, ms per "
-                        f"token: " + ", ".join(f"{n} {v:.3f}" for n, v in ms.items()) +
-                        f" | eager/lean {ms['eager'] / ms['lean']:.3f}")
-                if "compiled" in ms:
-                    line += (f", eager/compiled {ms['eager'] / ms['compiled']:.2f}x (compile "
+                times, compile_s = decode_times(arch, batch, 72, 64, max(3, args.rounds // 2),
+                                                not args.skip_compile and batch == 1)
+                line = (f"[{threads} thread(s)] {arch} decode batch {batch}, context 8 to 72, ms "
+                        f"per token: " + ", ".join(f"{n} {v:.3f}" for n, v in
+                                                   medians(times).items()) +
+                        f" | eager/lean {ratio(times, 'eager', 'lean'):.3f}")
+                if "compiled" in times:
+                    line += (f", eager/compiled {ratio(times, 'eager', 'compiled'):.2f}x (compile "
                              f"and first steps {compile_s:.1f} s)")
                 print(line, flush=True)
-
 
 if __name__ == "__main__":
     main()

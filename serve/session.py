@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from generate import decode_steps, lengths
+from generate import decode_steps
 from model import BlockDoubleDecoder, EncoderDecoder
 from serve.cache import PREFIX_POLICIES, SessionCache, left_pad
 
@@ -202,3 +202,9 @@ class Session:
         last = tokens.gather(1, (ends - 1)[:, None])
         after = torch.arange(tokens.shape[1], device=tokens.device) >= ends[:, None]
         return torch.where(after, last, tokens), n
+
+
+def lengths(tokens, stop_tokens):
+    """Each row's new tokens up to and including its first stop token: a list of B ints."""
+    hit = torch.isin(tokens, torch.tensor(stop_tokens, dtype=torch.long, device=tokens.device))
+    return torch.where(hit.any(1), hit.int().argmax(1) + 1, tokens.shape[1]).tolist()

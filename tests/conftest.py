@@ -80,9 +80,9 @@ def leaky_masks(monkeypatch):
         return torch.ones_like(bdd_mask(ids, flex))
 
     class LeakyLayout(mask.BlockLayout):
-        def __init__(self, ids):
-            super().__init__(ids)
-            self.masks = [torch.ones(e - s, e, dtype=torch.bool) for s, e in self.spans]
+        def blocks(self, ids):
+            spans, _ = super().blocks(ids)
+            return spans, [torch.ones(e - s, e, dtype=torch.bool) for s, e in spans]
     for module in (mask, model):
         monkeypatch.setattr(module, "bdd_mask", leaky_bdd_mask)
     monkeypatch.setattr(model, "BlockLayout", LeakyLayout)

@@ -136,7 +136,7 @@ def test_the_dense_path_gives_each_group_of_rows_its_own_layout(path, sharp, mon
 
 def test_block_ids_must_fit_the_rows():
     model = build_model("bdd", tiny())
-    with pytest.raises(AssertionError, match="do not split 4 rows"):
+    with pytest.raises(AssertionError, match="do not split 4 rows evenly"):
         model({"x": torch.zeros(4, 8, dtype=torch.long), "block_ids": torch.zeros(3, 8).long()})
 
 

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from generate import generate, lengths
+from generate import generate
 from model import ARCHS, ModelConfig, build_model
 from serve import memory
 from serve.cache import padded_batch
-from serve.session import Session
+from serve.session import Session, lengths
 
 V = 41
 SPAN = V - 5  # span models: the last ids play the sentinels, eot just before them
