@@ -364,10 +364,14 @@ def chat(session, enc, text_of, args, sampling, ctx):
                      f"{max(0, session.room())} positions are left in the context (block_size "
                      f"{session.model.config.block_size}); it and the lines after it were not "
                      f"answered: shorten it, or pass --truncate to cut the conversation")])
+        reply = min(args.max_new_tokens, session.room() - len(ids) + 1)
         with ctx:
-            gen = session.turn([ids], min(args.max_new_tokens, session.room() - len(ids) + 1),
-                               stop_tokens=(enc.eot_token,), **sampling)
+            gen = session.turn([ids], reply, stop_tokens=(enc.eot_token,), **sampling)
         print(text_of(gen.tokens[0], gen.lengths[0]), flush=True)
+        if reply < args.max_new_tokens:
+            print(f"note: turn {n_turn}'s reply was cut to {reply} tokens, the room left in the "
+                  f"context (block_size {session.model.config.block_size}); --truncate keeps the "
+                  f"conversation's last tokens instead", file=sys.stderr)
         if args.stats:
             decoded, seconds = gen.lengths[0] - 1, gen.decode_seconds
             rate = decoded / seconds if decoded and seconds > 0 else float("nan")

@@ -726,3 +726,13 @@ def test_cli_chat_is_refused_over_the_memory_limit_before_allocating(ckpt_dir, c
 def test_cli_device_meta_is_refused(ckpt_dir, capsys, monkeypatch):
     code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--device", "meta")
     assert code == 2 and "--device meta: only cpu and cuda are supported" in err
+
+
+def test_cli_chat_says_when_a_reply_is_cut_to_the_room_left(ckpt_dir, capsys, monkeypatch):
+    """block_size 64: the first reply of 40 tokens leaves 64 - 6 - 40 + 1 positions; the second
+    turn's reply gets what is left of its 40 and a line says so."""
+    code, out, err = run_main(capsys, monkeypatch, "--out_dir", ckpt_dir, "--chat",
+                              "--max_new_tokens", 40, "--temperature", 0, stdin="hello\nyou\n")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: turn 2's reply was cut to ")
