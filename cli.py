@@ -15,14 +15,19 @@ input, 2), and a reader that stopped reading (`python mask.py | head`: quiet, li
 tool). Nothing else is caught: any other exception is a bug, and its traceback is what a bug
 report needs.
 
+Flags are made from a dataclass of settings (TrainConfig, sample.py's SampleConfig, ...): each
+field's default, --help and allowed range in one place (setting, add_flags).
+
 It is the bottom row of the imports: it imports nothing of the project.
 """
 
 import argparse
 import errno
+import math
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import field, fields
 
 
 class Stop(Exception):
@@ -86,3 +91,78 @@ def shown(path, keep=60):
     """A path as an error line shows it: a long one cut in the middle."""
     path = str(path)
     return path if len(path) <= keep else f"{path[:keep // 2]}...{path[-keep // 2:]}"
+
+
+# -----------------------------------------------------------------------------
+# flags made from a dataclass of settings
+
+
+def setting(default, help, allowed=None):
+    """A field of settings: its default, its --help, and what it allows (an interval like
+    "[0, 1)", where "[" and "]" include the bound; or a tuple of choices; None: anything)."""
+    return field(default=default, metadata={"help": help, "allowed": allowed})
+
+
+def add_flags(parser, settings, per_run=None, skip=(), notes=None):
+    """One flag per field of settings, its help and range from the field's metadata. Unset flags
+    stay out of the namespace (SUPPRESS), so that a flag given with its default value can be
+    told from one not given. per_run: {field: what to use instead}, fields an experiment sets
+    for each of its runs: giving one is refused with that advice. skip: fields the caller
+    defines a flag of its own for. notes: {field: more words for its help}."""
+    per_run, notes = per_run or {}, notes or {}
+    for f in fields(settings):
+        allowed = f.metadata["allowed"]
+        if f.name in skip:
+            continue
+        if f.name in per_run:
+            parser.add_argument(f"--{f.name}", action=Refused, advice=per_run[f.name],
+                                help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+            continue
+        said = ([] if "default" in f.metadata["help"] else [f"default {f.default}"]) + \
+            ([notes[f.name]] if f.name in notes else []) + \
+            ([f"allowed {allowed}"] if isinstance(allowed, str) else [])
+        kw = dict(help=f.metadata["help"] + (" (" + ", ".join(said) + ")" if said else ""),
+                  default=argparse.SUPPRESS)
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=f.type,
+                                choices=allowed if isinstance(allowed, tuple) else None, **kw)
+    return parser
+
+
+class Refused(argparse.Action):
+    """A flag an experiment sets per run: giving it is an error that says what to use."""
+
+    def __init__(self, option_strings, dest, advice, **kw):
+        super().__init__(option_strings, dest, nargs="?", **kw)
+        self.advice = advice
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is set per run here; {self.advice}")
+
+
+def given_flags(args, settings):
+    """The fields of settings in a parsed namespace: the flags given."""
+    names = {f.name for f in fields(settings)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def interval_bounds(interval):
+    """"[0, 1)" -> (0.0, True, 1.0, False): lowest, whether included, highest, whether included."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return lo, interval[0] == "[", hi, interval[-1] == "]"
+
+
+def in_interval(value, interval):
+    lo, lo_in, hi, hi_in = interval_bounds(interval)
+    return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
+
+
+def describe_interval(interval):
+    """"[0, 1)" -> "at least 0 and below 1"; "(0, inf)" -> "above 0 and finite"."""
+    lo, lo_in, hi, hi_in = interval_bounds(interval)
+    text = f"{'at least' if lo_in else 'above'} {lo:g}"
+    if hi == math.inf:
+        return text if hi_in else f"{text} and finite"
+    return f"{text} and {'at most' if hi_in else 'below'} {hi:g}"

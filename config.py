@@ -14,11 +14,10 @@ This is the boundary where input is validated, once: everything below (model, pa
 trusts the values it gets. A bad value raises ConfigError (cli.BadInput: one line, exit 2).
 """
 
-import argparse
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,6 +25,7 @@ import torch
 
 import cli
 import files
+from cli import setting
 import pack
 from corpus.download import DATA, DataError
 from corpus.tokenizers import TOKENIZERS, check_tokenizer
@@ -38,12 +38,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ConfigError(cli.BadInput):
     """A bad setting, device, folder or checkpoint; the message says what is wrong and what to do."""
-
-
-def setting(default, help, allowed=None):
-    """A TrainConfig field: its default, its --help, and what it allows (an interval like
-    "[0, 1)", where "[" and "]" include the bound; or a tuple of choices; None: anything)."""
-    return field(default=default, metadata={"help": help, "allowed": allowed})
 
 
 M = ModelConfig  # the model's fields' defaults, below
@@ -226,26 +220,6 @@ AGREE = [
 ]
 
 
-def interval_bounds(interval):
-    """"[0, 1)" -> (0.0, True, 1.0, False): lowest, whether included, highest, whether included."""
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    return lo, interval[0] == "[", hi, interval[-1] == "]"
-
-
-def in_interval(value, interval):
-    lo, lo_in, hi, hi_in = interval_bounds(interval)
-    return (lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)
-
-
-def describe_interval(interval):
-    """"[0, 1)" -> "at least 0 and below 1"; "(0, inf)" -> "above 0 and finite"."""
-    lo, lo_in, hi, hi_in = interval_bounds(interval)
-    text = f"{'at least' if lo_in else 'above'} {lo:g}"
-    if hi == math.inf:
-        return text if hi_in else f"{text} and finite"
-    return f"{text} and {'at most' if hi_in else 'below'} {hi:g}"
-
-
 def check(config):
     """Raise ConfigError for the first setting that cannot work: each field against what it
     allows, the fields against each other (AGREE), then the device."""
@@ -274,8 +248,8 @@ def check_fields(obj):
                 (too_long, f"--{f.name} {cli.shown(value)}: {too_long}; give a shorter path"),
                 (isinstance(allowed, tuple) and value is not None and value not in allowed,
                  f"--{f.name} {value!r} is unknown; choose one of {', '.join(allowed or ())}"),
-                (interval and not in_interval(value, interval), f"--{f.name} {value} is out of "
-                 f"range: it must be {interval and describe_interval(interval)}")])
+                (interval and not cli.in_interval(value, interval), f"--{f.name} {value} is out of "
+                 f"range: it must be {interval and cli.describe_interval(interval)}")])
 
 
 def allowed(name):
@@ -369,52 +343,15 @@ def default_out_dir(flags):
     return os.path.join("out", flags.get("arch", TrainConfig.arch))
 
 
-def add_flags(parser, per_run=None, skip=(), settings=None):
-    """One flag per field of settings (a dataclass of setting() fields; default TrainConfig),
-    its help and range from the field's metadata. Unset flags stay out of the namespace
-    (SUPPRESS), so make_config can tell them from flags given with their default value.
-    per_run: {field: what to use instead}, fields an experiment sets for each of its runs;
-    giving one of them is refused with that advice. skip: fields left to the caller, who
-    defines a flag of the same name."""
-    per_run = per_run or {}
-    for f in fields(settings or TrainConfig):
-        allowed = f.metadata["allowed"]
-        if f.name in skip:  # the caller's own flag of that name
-            continue
-        if f.name in per_run:
-            parser.add_argument(f"--{f.name}", action=Refused, advice=per_run[f.name],
-                                help=argparse.SUPPRESS, default=argparse.SUPPRESS)
-            continue
-        # the default, unless the help says it in words; the gpu preset's; the range
-        notes = [] if "default" in f.metadata["help"] else [f"default {f.default}"]
-        notes += [f"gpu preset {PRESETS['gpu'][f.name]}"] if f.name in PRESETS["gpu"] and \
-            settings is None else []
-        notes += [f"allowed {allowed}"] if isinstance(allowed, str) else []
-        kw = dict(help=f.metadata["help"] + (" (" + ", ".join(notes) + ")" if notes else ""),
-                  default=argparse.SUPPRESS)
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type,
-                                choices=allowed if isinstance(allowed, tuple) else None, **kw)
-    return parser
+def add_flags(parser, per_run=None, skip=()):
+    """train.py's flags, one per TrainConfig field (cli.add_flags), the gpu preset's values in
+    their help."""
+    gpu = {name: f"gpu preset {value}" for name, value in PRESETS["gpu"].items()}
+    return cli.add_flags(parser, TrainConfig, per_run, skip, notes=gpu)
 
 
-class Refused(argparse.Action):
-    """A flag an experiment sets per run: giving it is an error that says what to use."""
-
-    def __init__(self, option_strings, dest, advice, **kw):
-        super().__init__(option_strings, dest, nargs="?", **kw)
-        self.advice = advice
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is set per run here; {self.advice}")
-
-
-def given_flags(args, settings=None):
-    """The fields of settings (default TrainConfig) in a parsed namespace: the flags given."""
-    names = {f.name for f in fields(settings or TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names}
+def given_flags(args):
+    return cli.given_flags(args, TrainConfig)
 
 
 # -----------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from corpus.download import DataError
 from corpus.prepare import load_meta
 from corpus.tokenizers import get_tokenizer
 from mask import block_ids
+from model import ARCHS
 
-ARCHS = ("dec", "bdd", "encdec")
 # encdec pretraining objectives; dec and bdd always predict every next token
 OBJECTIVES = ("prefix_lm", "span")
 # bdd block boundary strategies (module docstring)

@@ -162,40 +162,40 @@ def in_words(nbytes):
 class SampleConfig:
     """Every flag of sample.py, its help and what it allows as metadata (config.setting, as in
     TrainConfig): the parser is made from it, and a SampleConfig checks itself when it is made."""
-    out_dir: str = cfg.setting("out/bdd", "folder with ckpt.pt from train.py")
-    prompt: str = cfg.setting(None, "prompt text, or FILE:path to read it (default: a newline)")
-    prompts: str = cfg.setting(None, "a file of prompts, one per line (empty lines refused), "
+    out_dir: str = cli.setting("out/bdd", "folder with ckpt.pt from train.py")
+    prompt: str = cli.setting(None, "prompt text, or FILE:path to read it (default: a newline)")
+    prompts: str = cli.setting(None, "a file of prompts, one per line (empty lines refused), "
                                "generated in batches of --batch_size, printed in input order")
-    batch_size: int = cfg.setting(None, "prompts per batch with --prompts (default 8)",
+    batch_size: int = cli.setting(None, "prompts per batch with --prompts (default 8)",
                                   "[1, inf)")
-    num_samples: int = cfg.setting(1, "continuations per prompt, each a row of the batch",
+    num_samples: int = cli.setting(1, "continuations per prompt, each a row of the batch",
                                    "[1, inf)")
-    max_new_tokens: int = cfg.setting(200, "tokens generated per prompt (or chat turn)",
+    max_new_tokens: int = cli.setting(200, "tokens generated per prompt (or chat turn)",
                                       "[1, inf)")
-    temperature: float = cfg.setting(0.8, "sampling temperature (0: greedy)", "[0, inf)")
-    top_k: int = cfg.setting(200, "sample among the k likeliest tokens", "[1, inf)")
-    seed: int = cfg.setting(1, "random seed of the sampling", cfg.allowed("seed"))
-    threads: int = cfg.setting(None, "torch's CPU threads (default: torch's own)",
+    temperature: float = cli.setting(0.8, "sampling temperature (0: greedy)", "[0, inf)")
+    top_k: int = cli.setting(200, "sample among the k likeliest tokens", "[1, inf)")
+    seed: int = cli.setting(1, "random seed of the sampling", cfg.allowed("seed"))
+    threads: int = cli.setting(None, "torch's CPU threads (default: torch's own)",
                                cfg.allowed("threads"))
-    memory_limit_mb: float = cfg.setting(None, "refuse a request whose estimated memory (KV "
+    memory_limit_mb: float = cli.setting(None, "refuse a request whose estimated memory (KV "
                                          "cache, logits, prefill) is larger (default: half the "
                                          "memory available on the CPU, 80%% of the free GPU "
                                          "memory)", "(0, inf)")
-    device: str = cfg.setting(None, "cpu, cuda or cuda:N (default: cuda if available)")
-    dtype: str = cfg.setting(None, "autocast dtype (default: bfloat16 on CUDA, else float32)",
+    device: str = cli.setting(None, "cpu, cuda or cuda:N (default: cuda if available)")
+    dtype: str = cli.setting(None, "autocast dtype (default: bfloat16 on CUDA, else float32)",
                              tuple(cfg.DTYPES))
-    stats: bool = cfg.setting(False, "print token counts, speed, cache bytes and FLOPs per "
+    stats: bool = cli.setting(False, "print token counts, speed, cache bytes and FLOPs per "
                               "decoded token")
-    chat: bool = cfg.setting(False, "multi-turn: one user turn per stdin line")
-    prefix_cache: str = cfg.setting("keep", "--chat with bdd: between turns keep the encoder's "
+    chat: bool = cli.setting(False, "multi-turn: one user turn per stdin line")
+    prefix_cache: str = cli.setting("keep", "--chat with bdd: between turns keep the encoder's "
                                     "cache (the next turn encodes only its new tokens), drop it "
                                     "(less memory; the next turn re-encodes the history) or "
                                     "offload it to host memory (CUDA). One-turn generation "
                                     "always frees it", PREFIX_POLICIES)
-    compile: bool = cfg.setting(False, "compile the decode step (torch.compile; CUDA graphs on "
+    compile: bool = cli.setting(False, "compile the decode step (torch.compile; CUDA graphs on "
                                 "CUDA) on a static cache (batches of prompts of one length; "
                                 "others run eagerly)")
-    truncate: bool = cfg.setting(False, "left-truncate a prompt (or chat turn) that does not fit "
+    truncate: bool = cli.setting(False, "left-truncate a prompt (or chat turn) that does not fit "
                                  "instead of refusing it")
 
     def __post_init__(self):
@@ -221,9 +221,9 @@ class SampleConfig:
 
 
 def parse_args(argv):
-    p = cfg.add_flags(cli.Parser(description=__doc__.split("\n\n")[0].strip()),
-                      settings=SampleConfig)
-    return SampleConfig(**cfg.given_flags(p.parse_args(argv), SampleConfig))
+    p = cli.add_flags(cli.Parser(description=__doc__.split("\n\n")[0].strip()),
+                      SampleConfig)
+    return SampleConfig(**cli.given_flags(p.parse_args(argv), SampleConfig))
 
 
 def open_model(args):

@@ -422,21 +422,21 @@ class ProbeConfig:
     """lab/probe.py's own flags (--copy aside), their help and what they allow (config.setting, as in
     TrainConfig): the parser is made from them, and a ProbeConfig checks itself when it is made,
     turning the comma-separated lists into sorted lists of ints."""
-    mqar: bool = cfg.setting(False, "train and score multi-query associative recall")
-    archs: str = cfg.setting(",".join(ARCHS), "MQAR: the archs to train")
-    variants: bool = cfg.setting(False, "MQAR: also " + ", ".join(
+    mqar: bool = cli.setting(False, "train and score multi-query associative recall")
+    archs: str = cli.setting(",".join(ARCHS), "MQAR: the archs to train")
+    variants: bool = cli.setting(False, "MQAR: also " + ", ".join(
         f"{a} with {' '.join(f'{k} {v}' for k, v in o.items())}" for a, o in VARIANTS.values()))
-    pairs: str = cfg.setting(",".join(map(str, PAIRS)), "MQAR: key-value pair counts, "
+    pairs: str = cli.setting(",".join(map(str, PAIRS)), "MQAR: key-value pair counts, "
                              "comma-separated (each trained in an even mix, scored apart)")
-    lengths: str = cfg.setting(",".join(map(str, LENGTHS)), "MQAR: row lengths, comma-separated "
+    lengths: str = cli.setting(",".join(map(str, LENGTHS)), "MQAR: row lengths, comma-separated "
                                "(tokens in; one model per arch and length)")
-    vocab: int = cfg.setting(VOCAB, "MQAR: byte ids used; keys are the lower half, values and "
+    vocab: int = cli.setting(VOCAB, "MQAR: byte ids used; keys are the lower half, values and "
                              "filler the upper half", "[4, 256]")
-    eval_rows: int = cfg.setting(EVAL_ROWS, "MQAR: held-out rows per pair count and length",
+    eval_rows: int = cli.setting(EVAL_ROWS, "MQAR: held-out rows per pair count and length",
                                  "[1, inf)")
-    copy_lengths: str = cfg.setting(None, "copy: string lengths n, comma-separated (unset: 8, "
+    copy_lengths: str = cli.setting(None, "copy: string lengths n, comma-separated (unset: 8, "
                                     "16, ... up to half a checkpoint's block_size)")
-    copy_samples: int = cfg.setting(COPY_SAMPLES, "copy: strings per n", "[1, inf)")
+    copy_samples: int = cli.setting(COPY_SAMPLES, "copy: strings per n", "[1, inf)")
 
     def __post_init__(self):
         cfg.check_fields(self)
@@ -466,10 +466,10 @@ def parse(argv):
                            "block_size": "use --lengths", "tokenizer": "the task is byte ids"})
     p.add_argument("--copy", nargs="+", metavar="RUN_DIR", default=[], help="run folders (each "
                    "holding a ckpt.pt) to give the copy probe")
-    args = ex.parse_args(cfg.add_flags(p, settings=ProbeConfig), argv)
+    args = ex.parse_args(cli.add_flags(p, ProbeConfig), argv)
     flags = cfg.given_flags(args)
     training = next((k for k in flags if k not in ("device", "out_dir", "threads")), None)
-    probe = ProbeConfig(**cfg.given_flags(args, ProbeConfig))
+    probe = ProbeConfig(**cli.given_flags(args, ProbeConfig))
     cfg.refuse([(not (probe.mqar or args.copy),
                  "nothing to probe: give --mqar, --copy RUN_DIR ..., or both"),
                 (training and not probe.mqar, f"--{training} is a training flag, for "

@@ -61,31 +61,31 @@ ANSWER = 32     # shared prefix: tokens generated per request
 @dataclass
 class BenchConfig:
     """lab/serve_bench.py's flags, their help and what they allow (config.setting)."""
-    archs: str = cfg.setting(ARCHS, f"comma-separated variants: arch[:option]..., "
+    archs: str = cli.setting(ARCHS, f"comma-separated variants: arch[:option]..., "
                              f"{ex.OPTIONS_HELP}")
-    checkpoints: str = cfg.setting(None, "a folder with a trained run per variant "
+    checkpoints: str = cli.setting(None, "a folder with a trained run per variant "
                                    "(<dir>/<variant>/ckpt.pt, e.g. dec-kv1); fresh models if unset")
-    budget_mb: float = cfg.setting(8.0, "the page pool of every variant, MB", "(0, inf)")
-    rates: str = cfg.setting("1,2,4,8,16,inf", "single turn: arrival rates (requests/s), "
+    budget_mb: float = cli.setting(8.0, "the page pool of every variant, MB", "(0, inf)")
+    rates: str = cli.setting("1,2,4,8,16,inf", "single turn: arrival rates (requests/s), "
                              "comma-separated; inf sends --saturate requests at once")
-    requests: int = cfg.setting(48, "single turn: requests per finite rate", "[1, inf)")
-    saturate: int = cfg.setting(192, "single turn: requests sent at once at rate inf (enough to "
+    requests: int = cli.setting(48, "single turn: requests per finite rate", "[1, inf)")
+    saturate: int = cli.setting(192, "single turn: requests sent at once at rate inf (enough to "
                                 "fill every variant's pool)", "[1, inf)")
-    light: int = cfg.setting(8, "multi-turn: conversations at light load, starting "
+    light: int = cli.setting(8, "multi-turn: conversations at light load, starting "
                              "--light_gap s apart on average", "[1, inf)")
-    light_gap: float = cfg.setting(4.0, "multi-turn: mean time between the starts of light "
+    light_gap: float = cli.setting(4.0, "multi-turn: mean time between the starts of light "
                                    "load's conversations, s", "[0, inf)")
-    busy: int = cfg.setting(64, "multi-turn: conversations at busy load, all starting in the "
+    busy: int = cli.setting(64, "multi-turn: conversations at busy load, all starting in the "
                             "first think time", "[1, inf)")
-    think: float = cfg.setting(1.0, "multi-turn: mean think time between turns, s", "[0, inf)")
-    shared: int = cfg.setting(48, "shared prefix: requests", "[1, inf)")
-    preambles: int = cfg.setting(4, "shared prefix: distinct preambles", "[1, inf)")
-    shared_rate: float = cfg.setting(2.0, "shared prefix: arrival rate, requests/s", "(0, inf)")
-    seed: int = cfg.setting(0, "the traces' randomness", "[0, inf)")
-    threads: int = cfg.setting(None, "torch CPU threads (unset: torch's default)", "[1, inf)")
-    quick: bool = cfg.setting(False, "a smoke run: " + ", ".join(
+    think: float = cli.setting(1.0, "multi-turn: mean think time between turns, s", "[0, inf)")
+    shared: int = cli.setting(48, "shared prefix: requests", "[1, inf)")
+    preambles: int = cli.setting(4, "shared prefix: distinct preambles", "[1, inf)")
+    shared_rate: float = cli.setting(2.0, "shared prefix: arrival rate, requests/s", "(0, inf)")
+    seed: int = cli.setting(0, "the traces' randomness", "[0, inf)")
+    threads: int = cli.setting(None, "torch CPU threads (unset: torch's default)", "[1, inf)")
+    quick: bool = cli.setting(False, "a smoke run: " + ", ".join(
         f"--{k} {v}" for k, v in QUICK.items()) + " (unless given)")
-    out_dir: str = cfg.setting(os.path.join("out", "serve_bench"), "where the JSON and the "
+    out_dir: str = cli.setting(os.path.join("out", "serve_bench"), "where the JSON and the "
                                "figure go")
 
     def __post_init__(self):
@@ -459,7 +459,7 @@ def plot(doc, path):
 def parse(argv):
     p = cli.Parser(description="Replay request traces against the serving engine, every variant "
                    "at the same memory budget.", allow_abbrev=False)
-    given = cfg.given_flags(cfg.add_flags(p, settings=BenchConfig).parse_args(argv), BenchConfig)
+    given = cli.given_flags(cli.add_flags(p, BenchConfig).parse_args(argv), BenchConfig)
     return BenchConfig(**{**(QUICK if given.get("quick") else {}), **given})
 
 

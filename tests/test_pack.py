@@ -8,6 +8,7 @@ import pack
 from test_corpus import stream, write_corpus
 from corpus.download import DataError
 from corpus.prepare import prepare
+from model import ARCHS
 
 T = 64  # block size of the batch tests
 CONFIGS = [("dec", "prefix_lm"), ("bdd", "prefix_lm"), ("encdec", "prefix_lm"), ("encdec", "span")]
@@ -157,7 +158,7 @@ def test_supervision_stats(prepared, arch, objective, supervised, padding):
 def test_continuation_batches_score_the_same_targets(prepared):
     w = pack.Batches(prepared, "dec", T, 8).eval_windows("val", 8)  # (8, T+1)
     for s in (T // 2, 10):
-        batches = {arch: pack.continuation_batch(arch, w, s=s) for arch in pack.ARCHS}
+        batches = {arch: pack.continuation_batch(arch, w, s=s) for arch in ARCHS}
         for arch, batch in batches.items():
             y = batch["y"]
             targets = [row[row != -1].tolist() for row in y]
