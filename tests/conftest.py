@@ -2,6 +2,7 @@
 
 import math
 import os
+import random
 import signal
 import warnings
 from contextlib import contextmanager
@@ -39,6 +40,20 @@ def shakespeare():
         return prepare()
     except DownloadError as e:
         pytest.skip(f"default corpus not available offline: {e}")
+
+
+SALAD_WORDS = ("the king queen lord lady speaks and to of my thy good night sweet love death is "
+               "not with what shall come here now").split()
+
+
+def word_salad(folder):
+    """folder with tiny.txt: about 15 KB of word salad from a small vocabulary, easy to learn
+    fast (the training tests' corpus)."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(SALAD_WORDS) for _ in range(rng.randint(4, 9))) + "."
+             for _ in range(400)]
+    (folder / "tiny.txt").write_text("\n".join(lines) + "\n")
+    return folder
 
 
 @pytest.fixture

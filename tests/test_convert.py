@@ -6,11 +6,11 @@ converted weights and the parent's data order, trains, resumes and samples like 
 records its parent; a conversion that cannot be is one line, exit 2. Tiny float64 models with
 sharp attention (conftest.sharpen) and a tiny corpus written here."""
 
-import random
 from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import word_salad
 
 import config as cfg
 from lab import convert
@@ -19,7 +19,6 @@ import train
 from model import ModelConfig, build_model
 
 SHAPE = dict(vocab_size=64, block_size=16, n_layer=6, n_head=4, n_embd=32)
-WORDS = "the king queen lord lady speaks and to of my thy good night sweet love death".split()
 
 
 def parent_model(sharp, **shape):
@@ -166,13 +165,7 @@ def test_the_bdd_encoder_gives_the_parents_lower_layer_states(sharp, decoder_ini
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """About 15 KB of word salad from a small vocabulary."""
-    folder = tmp_path_factory.mktemp("convert")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "."
-             for _ in range(400)]
-    (folder / "tiny.txt").write_text("\n".join(lines) + "\n")
-    return folder
+    return word_salad(tmp_path_factory.mktemp("convert"))
 
 
 def tiny(corpus, out_dir, **kw):

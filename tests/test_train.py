@@ -5,7 +5,6 @@ two ranks in sync. Tiny models on a tiny corpus written here."""
 import errno
 import json
 import os
-import random
 import re
 import resource
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import default_sigint, user_visible_warnings
+from conftest import default_sigint, user_visible_warnings, word_salad
 
 import config as cfg
 import files
@@ -28,19 +27,11 @@ import train
 from model import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the king queen lord lady speaks and to of my thy good night sweet love death is "
-         "not with what shall come here now").split()
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """About 15 KB of word salad from a small vocabulary: easy to learn fast."""
-    folder = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "."
-             for _ in range(400)]
-    (folder / "tiny.txt").write_text("\n".join(lines) + "\n")
-    return folder
+    return word_salad(tmp_path_factory.mktemp("train"))
 
 
 def tiny(corpus, out_dir, **kw):
