@@ -321,8 +321,7 @@ def main(argv=None):
                             "speeches": sum(len(s.starts) for s in scenes)},
                    "runs": rows, "points": summarize(scratch),
                    "fine_tune": fine_tune_section(rows, args, runs)}
-            written = ex.write_results(doc, os.path.join(args.out_dir, "ablation.json"),
-                                       os.path.join(args.out_dir, "ablation.png"), plot, started)
+            written = ex.write_results(doc, args.out_dir, "ablation", plot, started)
     print(table(doc))
     print(written)
 

@@ -423,10 +423,11 @@ def lr_flags(name, lrs, source="--lr"):
 # reports: JSON, figures, tables
 
 
-def write_results(doc, json_path, figure_path, plot, started):
-    """Stamp doc's wall_time (seconds since started), write it to json_path and plot(doc,
-    figure_path), each whole; returns the line that says so."""
+def write_results(doc, out_dir, name, plot, started):
+    """Stamp doc's wall_time (seconds since started), write it to out_dir/<name>.json and
+    plot(doc, out_dir/<name>.png), each whole; returns the line that says so."""
     doc["wall_time"] = time.time() - started
+    json_path, figure_path = (os.path.join(out_dir, name + ext) for ext in (".json", ".png"))
     write_json(doc, json_path)
     plot(doc, figure_path)
     return f"wrote {json_path} and {figure_path} in {train.duration(doc['wall_time'])}"

@@ -384,8 +384,7 @@ def frontier(args, flags):
                "seeds": sorted({r.config.seed for r in runs}),
                "learning_rates": {"source": source, "rates": lrs}, "serving": serving,
                "runs": rows, "variants": summarize(rows, args.archs, serving)}
-        written = ex.write_results(doc, os.path.join(args.out_dir, "frontier.json"),
-                                   os.path.join(args.out_dir, "frontier.png"), plot, started)
+        written = ex.write_results(doc, args.out_dir, "frontier", plot, started)
     print(table(doc))
     print(written)
 

@@ -493,8 +493,7 @@ def main(argv=None):
         with files.holding(args.out_dir, "experiment"):
             doc = run(args)
             print(tables(doc))
-            print(ex.write_results(doc, os.path.join(args.out_dir, "serve_bench.json"),
-                                   os.path.join(args.out_dir, "serve_bench.png"), plot, started))
+            print(ex.write_results(doc, args.out_dir, "serve_bench", plot, started))
 
 
 if __name__ == "__main__":

@@ -496,8 +496,7 @@ def main(argv=None):
             done = ex.execute(runs, head_start=head_start(runs))
             rows = [score(d, scenes) for d in done]
             doc = document(args, runs, rows, kv_bytes(runs), started)
-            written = ex.write_results(doc, os.path.join(args.out_dir, "uptrain.json"),
-                                       os.path.join(args.out_dir, "uptrain.png"), plot, started)
+            written = ex.write_results(doc, args.out_dir, "uptrain", plot, started)
     print(table(doc))
     print(written)
 
