@@ -492,9 +492,15 @@ def check_resumable(ckpt, config, path):
     the iteration its checkpoint has reached."""
     check_fits(ckpt, config, path, "drop those flags to resume it, or train this shape in "
                "another --out_dir", f"use --arch {ckpt['arch']}, or another --out_dir")
+    converted_with = ckpt["train_config"].get("decoder_init")
     refuse([(ckpt["iter_num"] > config.max_iters,
              f"{path} is at iteration {ckpt['iter_num']}, past --max_iters {config.max_iters}; "
-             f"resume with --max_iters {ckpt['iter_num']} or more (or leave it out)")])
+             f"resume with --max_iters {ckpt['iter_num']} or more (or leave it out)"),
+            (config.decoder_init != converted_with,
+             f"--decoder_init {config.decoder_init}: {path} was "
+             + (f"converted with --decoder_init {converted_with}" if converted_with else
+                "not converted from a dec run") + "; a resumed run keeps its weights: drop "
+             "--decoder_init")])
 
 
 def check_fits(ckpt, config, path, advice, arch_advice, fields=SHAPE_FIELDS):

@@ -63,12 +63,20 @@ class Done:
 DIVERGED = "diverged.json"  # in a run's folder: the run's settings and how it diverged
 
 
-def use_threads(runs):
-    """The process's torch threads: the runs' --threads, set before anything is measured or
-    trained (train() sets it too, but an experiment counts FLOPs and measures before)."""
-    threads = runs[0].config.threads if runs else None
-    if threads is not None:
-        torch.set_num_threads(threads)
+def use_threads(runs, log=print):
+    """One torch thread count for every run of an experiment, so that their timings compare
+    like with like and their results repeat: the runs' --threads, else train.run_threads' choice
+    as the experiment starts, written into every new run's config (a run given its count keeps
+    it to the end; a resumed run keeps the count it started with). Set before anything is measured or trained: an experiment counts FLOPs and
+    measures before its runs, and after them."""
+    if not runs:
+        return
+    threads, why = train.run_threads(runs[0].config)
+    for run in runs:
+        run.config.threads = threads
+    torch.set_num_threads(threads)
+    if why != "--threads":
+        log(f"== {threads} thread(s) for every run ({why}); --threads N chooses ==")
 
 
 def make_run(name, flags, out_root, recipe=None, **labels):

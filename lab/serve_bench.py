@@ -3,7 +3,7 @@ The serving benchmark: request traces replayed against serve/engine.py for every
 variant at the same memory budget, as `vllm bench serve` and `sglang.bench_serving` replay theirs.
 
     python -m lab.serve_bench                             # the six variants, fresh models
-    python -m lab.serve_bench --checkpoints out/frontier  # trained: <dir>/<variant>/ckpt.pt
+    python -m lab.serve_bench --checkpoints out/frontier  # trained: <dir>/<variant>[_s<seed>]
     python -m lab.serve_bench --quick                     # a smoke run: fewer rates, requests
 
 Three workloads, each from the corpus's own held-out dialogue scenes (lab/measure.dialogue_scenes):
@@ -31,6 +31,7 @@ measured. Written to --out_dir: serve_bench.json and serve_bench.png (throughput
 latency), the tables printed.
 """
 
+import glob
 import heapq
 import math
 import os
@@ -64,7 +65,8 @@ class BenchConfig:
     archs: str = cli.setting(ARCHS, f"comma-separated variants: arch[:option]..., "
                              f"{ex.OPTIONS_HELP}")
     checkpoints: str = cli.setting(None, "a folder with a trained run per variant "
-                                   "(<dir>/<variant>/ckpt.pt, e.g. dec-kv1); fresh models if unset")
+                                   "(<dir>/<variant>, e.g. dec-kv1, or the lowest seed's "
+                                   "<dir>/<variant>_s<seed>); fresh models if unset")
     budget_mb: float = cli.setting(8.0, "the page pool of every variant, MB", "(0, inf)")
     rates: str = cli.setting("1,2,4,8,16,inf", "single turn: arrival rates (requests/s), "
                              "comma-separated; inf sends --saturate requests at once")
@@ -109,6 +111,15 @@ def parse_rates(text):
 # models and traces
 
 
+def run_folder(root, name):
+    """The variant's run under root: <root>/<variant>, else the run of its lowest seed,
+    <root>/<variant>_s<seed> (as lab/frontier.py names its runs)."""
+    folder = os.path.join(root, ex.variant_folder(name))
+    seeds = [int(s) for s in (f.rpartition("_s")[2] for f in glob.glob(glob.escape(folder) + "_s*"))
+             if s.isdigit()]
+    return folder if os.path.isdir(folder) or not seeds else f"{folder}_s{min(seeds)}"
+
+
 def load_models(args):
     """({variant: model}, their tokenizer): each trained run of --checkpoints, or a fresh model
     of the cpu preset (timing and memory do not depend on weights). ConfigError for a missing
@@ -116,8 +127,7 @@ def load_models(args):
     models, tokenizers = {}, set()
     for name in args.archs:
         if args.checkpoints:
-            models[name], ckpt = cfg.load_model(os.path.join(args.checkpoints,
-                                                             ex.variant_folder(name)))
+            models[name], ckpt = cfg.load_model(run_folder(args.checkpoints, name))
             tokenizers.add(ckpt["tokenizer"])
         else:
             config = cfg.make_config(device="cpu", **ex.variant_flags(name))
@@ -460,7 +470,9 @@ def parse(argv):
     p = cli.Parser(description="Replay request traces against the serving engine, every variant "
                    "at the same memory budget.", allow_abbrev=False)
     given = cli.given_flags(cli.add_flags(p, BenchConfig).parse_args(argv), BenchConfig)
-    return BenchConfig(**{**(QUICK if given.get("quick") else {}), **given})
+    config = BenchConfig(**{**(QUICK if given.get("quick") else {}), **given})
+    files.usable_folder(config.out_dir, "out_dir")
+    return config
 
 
 def run(args, log=print):

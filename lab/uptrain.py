@@ -405,7 +405,7 @@ def parse(argv):
                    f"scenes of bdd's chat loss (default {CHAT_SCENES}; 0: none)")
     p.add_argument("--frontier", default=FRONTIER, help="a frontier.json whose from-scratch "
                    f"losses the table shows beside (default {FRONTIER}; skipped if absent)")
-    args = p.parse_args(argv)
+    args = ex.parse_args(p, argv)
     flags = cfg.given_flags(args)
     check_args(args, flags)
     return args, flags

@@ -55,3 +55,21 @@ def test_bad_benchmark_flags_are_one_line_exit_2(argv, message, tmp_path, tiny_m
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit) as e:
+        serve_bench.main([*TINY_BENCH, "--out_dir", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "is a file, not a folder" in err, err
+
+
+def test_checkpoints_of_an_experiment_are_its_runs_of_the_lowest_seed(tmp_path):
+    """`--checkpoints out/frontier` finds the frontier's runs, which it names <variant>_s<seed>;
+    a folder named for the variant itself comes first."""
+    for run in ("dec-kv1_s1338", "dec-kv1_s1337", "dec-kv1_s99x", "bdd_s7", "bdd"):
+        (tmp_path / run).mkdir()
+    assert serve_bench.run_folder(str(tmp_path), "dec:kv1") == str(tmp_path / "dec-kv1_s1337")
+    assert serve_bench.run_folder(str(tmp_path), "bdd") == str(tmp_path / "bdd")
+    assert serve_bench.run_folder(str(tmp_path), "encdec") == str(tmp_path / "encdec")

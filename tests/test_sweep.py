@@ -272,3 +272,26 @@ def test_bad_input_exits_2_with_one_line(tiny, sizes, argv, message, capsys):
         sweep.main([*flags, *argv, "--out_dir", str(folder / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_every_run_of_an_experiment_trains_with_the_count_chosen_as_it_starts(tmp_path,
+                                                                                monkeypatch):
+    """Without --threads, train.py picks a count per run from the cores idle as it starts; an
+    experiment picks once, so that its runs' timings and last bits compare like with like."""
+    from lab import experiment as ex
+    import train
+    idle = iter([2.0, 1.0, 1.0])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(train, "TORCH_THREADS", 2)
+    monkeypatch.setattr(train, "idle_cores", lambda: next(idle))
+    runs = [ex.make_run(arch, {"arch": arch, "max_iters": 2}, str(tmp_path))
+            for arch in ("dec", "encdec", "bdd")]
+    lines, before = [], torch.get_num_threads()
+    try:
+        ex.use_threads(runs, log=lines.append)
+        assert [run.config.threads for run in runs] == [2, 2, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert lines == ["== 2 thread(s) for every run (2.0 of 2 cores idle as it started); "
+                     "--threads N chooses =="]
+    assert train.run_threads(runs[2].config) == (2, "--threads")  # not asked again per run

@@ -331,6 +331,10 @@ BAD = [  # (flags, what the error line must say)
     (["--init_from", "resume", "--out_dir", "{trained}", "--arch", "dec"], "holds a bdd model"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--n_embd", "64"],
      "n_embd 32 (this run: 64)"),
+    (["--init_from", "resume", "--out_dir", "{trained}", "--decoder_init", "bottom",
+      "--max_iters", "4"],
+     "ckpt.pt was not converted from a dec run; a resumed run keeps its weights: drop "
+     "--decoder_init"),
     (["--init_from", "resume", "--out_dir", "{trained}", "--max_iters", "3"],
      "ckpt.pt is at iteration 4, past --max_iters 3; resume with --max_iters 4 or more"),
     # a fresh run into a folder holding another run

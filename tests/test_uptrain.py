@@ -127,3 +127,13 @@ def test_bad_input_is_one_line_exit_2_nothing_trained(data, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err and not (tmp_path / "out").exists(), err
+
+
+def test_an_out_dir_that_is_a_file_is_refused_nothing_trained(data, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit) as e:
+        uptrain.main([*TINY, *data[1], "--out_dir", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "is a file, not a folder" in err, err
