@@ -33,10 +33,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, generator=
     has written one of stop_tokens (a row that stopped goes on decoding: its later tokens are not
     its answer). cache: a new cache to fill (default model.new_cache()), for a caller that reads
     it after, or one of serve/'s. compile: the decode steps run compiled, on a StaticCache."""
-    cache = cache or model.new_cache()
+    cache = model.new_cache() if cache is None else cache
     assert not compile or type(cache) is Cache, "compiled decoding takes prompts of one length"
-    logits = model.prefill(idx, cache)
-    decode = model.decode
+    logits, decode = model.prefill(idx, cache), model.decode
     if compile:
         cache, decode = StaticCache(cache, model.config.block_size), compiled_decode(model)
     sampling = dict(temperature=temperature, top_k=top_k, generator=generator)
@@ -49,15 +48,15 @@ def decode_steps(decode, logits, cache, max_new_tokens, sampling, stop_tokens=()
     so on: (B, G) tokens, G < max_new_tokens once every row has written a stop token.
     before_step(stopped (B,) bool) is called before each step once some row has stopped."""
     stops = torch.tensor(stop_tokens, dtype=torch.long, device=logits.device)
-    stopped = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    out = []
+    stopped, out = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), []
     for i in range(max_new_tokens):
         out.append(sample_next(logits, **sampling))  # (B,)
         if stop_tokens:
             stopped |= torch.isin(out[-1], stops)
-        if i == max_new_tokens - 1 or (stop_tokens and bool(stopped.all())):
+        n_stopped = int(stopped.sum()) if stop_tokens else 0  # one host sync a step
+        if i == max_new_tokens - 1 or n_stopped == len(stopped):
             break
-        if before_step is not None and stop_tokens and bool(stopped.any()):
+        if before_step is not None and n_stopped:
             before_step(stopped)
         logits = decode(out[-1][:, None], cache)
     return torch.stack(out, dim=1)
@@ -100,6 +99,7 @@ class StaticCache(Cache):
 
     def next(self, n):
         """One new column per row: its position (1,), and the columns written so far (1, L)."""
+        assert n == 1, "a static cache decodes one column at a time"
         self.positions = self.pos.clone()
         self.pos.add_(1)
         return self.positions, self.columns <= self.positions[:, None]

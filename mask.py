@@ -1,5 +1,5 @@
 """
-Every attention mask of nanoBDD, and the block ids they are built from.
+The attention masks of nanoBDD's models (serve/ pads them), and the block ids they are built from.
 
 A mask is a boolean tensor, True where a query may attend to a key (SDPA's convention). Each mask
 is written once, as a rule on query and key indices, which gives a dense tensor (for SDPA, tests

@@ -202,7 +202,7 @@ class Engine:
         return self.scheduler.postprocess(batch, tokens, prefill, self.clock())
 
     def decode(self, batch, cache_of):  # each request's last token, fed
-        last = torch.tensor([[r.tokens[-1]] for r in batch], device=self.pool.k.device)
+        last = torch.tensor([[r.output[-1]] for r in batch], device=self.pool.k.device)
         return self.model.decode(last, self.rules.decode_cache(batch, cache_of))
 
     def cache_of(self, batch, group, source=None):

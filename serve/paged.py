@@ -36,9 +36,8 @@ class PagedCache:
         self.pool, self.size, self.device = pool, pool.page_size, pool.k.device
         self.lengths = torch.tensor(lengths, dtype=torch.long)
         width = max(1, max(len(t) for t in tables))
-        pages = [[[b.pages[i] for b in t] + [0] * (width - len(t)) for t in tables]
-                 for i in range(n_layers)]
-        self.pages = torch.tensor(pages, dtype=torch.long).view(n_layers, len(tables), width)
+        pages = [[b.pages for b in t] + [[0] * n_layers] * (width - len(t)) for t in tables]
+        self.pages = torch.tensor(pages, dtype=torch.long).permute(2, 0, 1)  # (layers, B, width)
         self.layers = [PagedKV(self, i) for i in range(n_layers)]
         self.counts, self.source_cache = None, source
         self.cross_mask = None if source is None else source.held_mask()

@@ -82,10 +82,11 @@ class Scheduler:
         batch, width, self.blocked = [], 0, False
         while self.waiting and len(self.running) < self.max_seqs:
             req = self.waiting[0]
-            new = len(req.tokens) - self.hit_blocks(req) * self.size
+            hits = self.hit_blocks(req)
+            new = len(req.tokens) - hits * self.size
             if (len(batch) + 1) * max(width, new) > self.max_batch_tokens and batch:
                 break
-            if not self.admit(req):
+            if not self.admit(req, hits):
                 self.blocked = True
                 break
             self.waiting.popleft()
@@ -108,10 +109,10 @@ class Scheduler:
         groups = [self.rules.groups[g] for g in prefix]
         return self.manager.hits(groups, req.digests[:limit])
 
-    def admit(self, req):
-        """Give req the blocks its prefill writes, sharing its prefix hits, if the pool has the
-        pages and a block to spare for each running request; False (nothing taken) if not."""
-        hits, size, groups = self.hit_blocks(req), self.size, self.rules.groups
+    def admit(self, req, hits):
+        """Give req the blocks its prefill writes, sharing its `hits` first prefix blocks, if the
+        pool has the pages and a block to spare per running request; False (none taken) if not."""
+        size, groups = self.size, self.rules.groups
         prefix, columns = self.rules.prefix(req), self.rules.columns(len(req.prompt),
                                                                      len(req.tokens))
         shared = [self.manager.cached[(g, d)] for g in prefix for d in req.digests[:hits]]
@@ -172,7 +173,8 @@ class Scheduler:
                 req.lengths.update(self.rules.columns(len(req.prompt), len(req.tokens)))
             else:
                 req.lengths[self.rules.decode_group] += 1
-            self.register(req)
+            if prefill or req.lengths[self.rules.decode_group] % self.size == 0:
+                self.register(req)  # a block can only have filled now
             if prefill:
                 self.release(req, self.rules.transient)
             req.output.append(token)
