@@ -20,7 +20,6 @@ table is printed at the end.
 """
 
 import os
-import statistics
 import time
 from dataclasses import asdict
 
@@ -32,7 +31,6 @@ from lab import experiment as ex
 import files
 from lab import measure
 import pack
-import train
 from lab.experiment import ARCH_COLORS
 
 TURN_GROUPS = ("1", "2", "3+")  # the chat loss by speech of the scene; 3rd and later pooled
@@ -71,24 +69,11 @@ def plan(args, flags):
     return runs
 
 
-def dialogue(runs, n):
-    """The held-out dialogue scenes every run is scored on. Prepared (or found) once, with the
-    runs' data flags and a `turns` run's checks, so that a corpus without turns is refused before
-    anything trains."""
-    first = runs[0].config
-    probe = cfg.TrainConfig(**{**asdict(first), "arch": "bdd", "boundaries": "turns"})
-    batches = train.load_batches(probe, log=print)
-    return measure.dialogue_scenes(batches.meta, first.block_size, n)
-
-
 def score(done, scenes):
     """One run's row: its continuation loss and its chat loss on the scenes. seed: the seed of
     the runs it belongs with (a fine-tune's: its source's), train_seed: its own."""
     run, c = done.run, done.run.config
-    print(f"== chat loss of {run.name} on {len(scenes)} scenes ==", flush=True)
-    model = cfg.load_model(c.out_dir, c.device)[0]
-    with cfg.autocast(c):
-        chat = measure.chat_eval(model, scenes)
+    chat = measure.run_chat_eval(run.name, c, scenes)
     return {"name": run.name, "variant": run.labels["variant"], "arch": c.arch,
             "boundaries": c.boundaries if c.arch == "bdd" else None, "seed": run.labels["seed"],
             "train_seed": c.seed, "init_from": done.history.get("init_from"),
@@ -113,10 +98,6 @@ def by_group(by_turn):
     return out
 
 
-def mean_sd(values):
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarize(rows):
     """One point per variant, in the rows' order: mean and sd (sample) over its seeds."""
     points = {}
@@ -124,8 +105,8 @@ def summarize(rows):
         points.setdefault(r["variant"], []).append(r)
     out = []
     for variant, rs in points.items():
-        cont, chat = mean_sd([r["cont_loss"] for r in rs]), mean_sd([r["chat_loss"] for r in rs])
-        groups = {g: mean_sd([r["chat_by_group"][g] for r in rs])
+        cont, chat = ex.mean_sd([r["cont_loss"] for r in rs]), ex.mean_sd([r["chat_loss"] for r in rs])
+        groups = {g: ex.mean_sd([r["chat_by_group"][g] for r in rs])
                   for g in TURN_GROUPS if all(r["chat_by_group"][g] is not None for r in rs)}
         out.append({"variant": variant, "arch": rs[0]["arch"], "boundaries": rs[0]["boundaries"],
                     "seeds": [r["seed"] for r in rs], "cont_loss": cont[0], "cont_sd": cont[1],
@@ -142,7 +123,7 @@ def fine_tune_section(rows, args, runs):
     seeds = sorted({r["seed"] for r in arms})
     start = [r for r in rows if r["variant"] == "bdd_random" and r["seed"] in seeds]
     by = {(r["variant"], r["seed"]): r for r in arms}
-    diff = {k: mean_sd([by["ft_turns", s][k] - by["ft_random", s][k] for s in seeds])
+    diff = {k: ex.mean_sd([by["ft_turns", s][k] - by["ft_random", s][k] for s in seeds])
             for k in ("cont_loss", "chat_loss")}
     c = next(r.config for r in runs if r.labels["variant"] == "ft_turns")
     return {"iters": args.ft_iters, "seeds": seeds,
@@ -309,7 +290,7 @@ def main(argv=None):
         runs = plan(args, flags)
         ex.use_threads(runs)
         with files.holding(args.out_dir, "experiment"):
-            scenes = dialogue(runs, args.chat_scenes)
+            scenes = measure.run_dialogue(runs[0].config, args.chat_scenes)
             rows = [score(done, scenes) for done in ex.execute(runs)]
             scratch = [r for r in rows if not r["variant"].startswith("ft_")]
             first = runs[0].config

@@ -17,6 +17,7 @@ sweep does): its folder then keeps a diverged.json, and the run counts as finish
 import json
 import math
 import os
+import statistics
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -463,10 +464,16 @@ def save_figure(fig, path, dpi=110):
         pyplot().close(fig)
 
 
-def mean_cell(mean, sd, seeds):
+def mean_sd(values):
+    """(mean, sd) of a quantity over seeds: sd 0 for one seed."""
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_cell(mean, sd, seeds, precision=4):
     """A table's cell of a mean over seeds: "2.3100 ±0.0040", the spread only where there is one
     (one seed has none)."""
-    return f"{mean:.4f}" + (f" ±{sd:.4f}" if seeds > 1 else "")
+    return f"{mean:.{precision}f}" + (f" ±{sd:.{precision}f}" if seeds > 1 else "")
 
 
 def format_table(lines):

@@ -299,8 +299,8 @@ def summarize(rows, names, serving):
         points.append({**{k: rs[0][k] for k in ("variant", "arch", "n_kv_head", "kv_share",
                                                 "learning_rate", "non_embedding_params",
                                                 "decode_context_len")},
-                       "seeds": len(rs), "losses": losses, "loss": statistics.fmean(losses),
-                       "loss_sd": statistics.stdev(losses) if len(rs) > 1 else 0.0,
+                       "seeds": len(rs), "losses": losses,
+                       **dict(zip(("loss", "loss_sd"), ex.mean_sd(losses))),
                        "held_bytes_per_position": statistics.fmean(
                            r["held_bytes_per_position"] for r in rs),
                        "kv_bytes_per_position": rs[0]["kv_bytes_per_position"],

@@ -21,7 +21,7 @@ drift does not become a difference between archs.
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -474,3 +474,21 @@ def chat_eval(model, scenes, prefix_cache="keep"):
             "tokens": sum(t[1] for t in by_turn), "scenes": len(scenes),
             "by_turn": [{"turn": k + 1, "loss": total / n, "speeches": count, "tokens": n}
                         for k, (total, n, count) in enumerate(by_turn)]}
+
+
+def run_dialogue(config, n, log=print):
+    """The n held-out dialogue scenes an experiment's runs are scored on ([] for n = 0), their
+    data prepared (or found) with a `turns` run's checks, so that a corpus without turns is
+    refused before anything trains."""
+    if not n:
+        return []
+    probe = cfg.TrainConfig(**{**asdict(config), "arch": "bdd", "boundaries": "turns"})
+    return dialogue_scenes(train.load_batches(probe, log=log).meta, config.block_size, n)
+
+
+def run_chat_eval(name, config, scenes):
+    """chat_eval of the model a finished run saved, under the run's autocast."""
+    print(f"== chat loss of {name} on {len(scenes)} scenes ==", flush=True)
+    model = cfg.load_model(config.out_dir, config.device)[0]
+    with cfg.autocast(config):
+        return chat_eval(model, scenes)

@@ -248,11 +248,13 @@ def copy_probe(out_dir, lengths, samples, device):
     gen = torch.Generator().manual_seed(SEED)
     splits = {}
     for n in lengths:
-        parts = {split: [] for split in copy_starts(ckpt["arch"], n)}
-        for count in [COPY_BATCH] * (samples // COPY_BATCH) + [samples % COPY_BATCH]:
-            seq = copy_strings(n, count, ckpt["tokenizer"], gen).to(device) if count else None
-            for split, start in copy_starts(ckpt["arch"], n).items():
-                parts[split] += [streamed_scores(model, seq, start)] if count else []
+        starts = copy_starts(ckpt["arch"], n)
+        parts = {split: [] for split in starts}
+        for done in range(0, samples, COPY_BATCH):
+            count = min(COPY_BATCH, samples - done)
+            seq = copy_strings(n, count, ckpt["tokenizer"], gen).to(device)
+            for split, start in starts.items():
+                parts[split].append(streamed_scores(model, seq, start))
         for split, batches in parts.items():
             splits.setdefault(split, []).append(scores(*(torch.cat(b) for b in zip(*batches))))
     return {"dir": str(out_dir), "arch": ckpt["arch"], "tokenizer": ckpt["tokenizer"],

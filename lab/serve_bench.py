@@ -50,6 +50,7 @@ from lab import experiment as ex
 from lab.measure import dialogue_scenes
 from serve.engine import Engine, EngineConfig
 from serve.scheduler import SamplingParams
+import train
 
 ARCHS = "dec,dec:kv1,dec:cla3,encdec,bdd,bdd:kv1"
 QUICK = dict(budget_mb=2.0, rates="4,inf", requests=12, saturate=24, light=3, busy=12,
@@ -84,7 +85,8 @@ class BenchConfig:
     preambles: int = cli.setting(4, "shared prefix: distinct preambles", "[1, inf)")
     shared_rate: float = cli.setting(2.0, "shared prefix: arrival rate, requests/s", "(0, inf)")
     seed: int = cli.setting(0, "the traces' randomness", "[0, inf)")
-    threads: int = cli.setting(None, "torch CPU threads (unset: torch's default)", "[1, inf)")
+    threads: int = cli.setting(None, "torch CPU threads (unset: one per core idle as it starts, "
+                               "as train.py)", cfg.allowed("threads"))
     quick: bool = cli.setting(False, "a smoke run: " + ", ".join(
         f"--{k} {v}" for k, v in QUICK.items()) + " (unless given)")
     out_dir: str = cli.setting(os.path.join("out", "serve_bench"), "where the JSON and the "
@@ -500,8 +502,9 @@ def main(argv=None):
                    "whole or not at all"):
         started = time.time()
         args = parse(argv)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        threads, why = train.run_threads(cfg.make_config(threads=args.threads))
+        torch.set_num_threads(threads)  # as train.py chooses: one per idle core
+        print(f"{threads} thread(s) ({why}); --threads N chooses")
         with files.holding(args.out_dir, "experiment"):
             doc = run(args)
             print(tables(doc))

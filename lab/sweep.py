@@ -166,8 +166,7 @@ def summarize(rows):
             "kv_share", "learning_rate", "non_embedding_params",
             "train_tokens", "kv_bytes_per_position", "decode_layer_flops_per_token")},
             "train_flops": statistics.fmean(r["train_flops"] for r in rs),
-            "loss": statistics.fmean(losses),
-            "loss_std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            **dict(zip(("loss", "loss_std"), ex.mean_sd(losses))),
             "seeds": len(rs)})
     return points
 

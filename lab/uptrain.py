@@ -23,11 +23,9 @@ loss (measure.chat_eval). Written to --out_dir: uptrain.json (every run, means a
 the goals' verdicts) and uptrain.png (loss against uptraining steps per target); the tables are
 printed at the end, with the frontier's from-scratch losses beside (its frontier.json, if found).
 """
-import json
 import math
 import os
 import shutil
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -143,25 +141,13 @@ def head_start(runs):
 # scoring
 
 
-def dialogue(runs, n):
-    """The held-out dialogue scenes of the chat loss (as lab/ablation.py finds them), or []."""
-    if not n:
-        return []
-    probe = cfg.TrainConfig(**{**asdict(runs[0].config), "arch": "bdd", "boundaries": "turns"})
-    return measure.dialogue_scenes(train.load_batches(probe, log=lambda line: None).meta,
-                                   probe.block_size, n)
-
-
 def score(done, scenes):
     """One run's row: what it is, its continuation loss, and for bdd and the parent its chat
     loss on the scenes (None for the others, or without scenes)."""
     run, c, h = done.run, done.run.config, done.history
     chat = None
     if scenes and (c.arch == "bdd" or run.labels["kind"] == "parent"):
-        print(f"== chat loss of {run.name} on {len(scenes)} scenes ==", flush=True)
-        model = cfg.load_model(c.out_dir, c.device)[0]
-        with cfg.autocast(c):
-            chat = measure.chat_eval(model, scenes)["loss"]
+        chat = measure.run_chat_eval(run.name, c, scenes)["loss"]
     return {"name": run.name, **run.labels, "arch": c.arch, "n_kv_head": c.n_kv_head,
             "kv_share": c.kv_share, "decoder_init": c.decoder_init, "iters": c.max_iters,
             "learning_rate": c.learning_rate, "min_lr": c.min_lr,
@@ -185,11 +171,9 @@ def kv_bytes(runs):
 
 
 def mean_sd(values):
+    """{mean, sd, n} over the seeds that have the value; None if none has."""
     values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return dict(zip(("mean", "sd"), ex.mean_sd(values)), n=len(values)) if values else None
 
 
 def summarize(rows):
@@ -250,19 +234,17 @@ def verdicts(points, arm_list, scratch, kv):
 def frontier_column(path, targets):
     """{variant: (mean, sd, seeds, lr)} of the memory frontier's from-scratch runs (its JSON at
     path, if there is one), for the table beside ours; {} if there is none."""
-    try:
-        doc = json.loads(Path(path).read_text())
-        return {v["variant"]: (v["loss"], v["loss_sd"], v["seeds"], v["learning_rate"])
-                for v in doc["variants"] if v["variant"] in ("dec", *targets)}
-    except (OSError, ValueError, KeyError, TypeError):
+    if not Path(path).is_file():
         return {}
+    doc = files.read_json(path, {"variants": [{"variant": str, "loss": float, "loss_sd": float,
+                                               "seeds": int, "learning_rate": float}]},
+                          "give another --frontier, or delete it (lab/frontier.py writes it)")
+    return {v["variant"]: (v["loss"], v["loss_sd"], v["seeds"], v["learning_rate"])
+            for v in doc["variants"] if v["variant"] in ("dec", *targets)}
 
 
-def cell(stat, precision=3):
-    if stat is None:
-        return "-"
-    return f"{stat['mean']:.{precision}f}" + (f" ±{stat['sd']:.{precision}f}" if stat["n"] > 1
-                                              else "")
+def cell(stat):
+    return "-" if stat is None else ex.mean_cell(stat["mean"], stat["sd"], stat["n"], precision=3)
 
 
 def table(doc):
@@ -297,7 +279,7 @@ def table(doc):
 
 def frontier_cell(doc, variant):
     v = doc["frontier"]["variants"].get(variant)
-    return f"{v[0]:.3f} ±{v[1]:.3f} (lr {v[3]:g})" if v else "-"
+    return f"{ex.mean_cell(*v[:3], precision=3)} (lr {v[3]:g})" if v else "-"
 
 
 def goals_text(doc):
@@ -408,6 +390,7 @@ def parse(argv):
     args = ex.parse_args(p, argv)
     flags = cfg.given_flags(args)
     check_args(args, flags)
+    args.frontier_variants = frontier_column(args.frontier, args.targets)  # read before training
     return args, flags
 
 
@@ -479,8 +462,7 @@ def document(args, runs, rows, kv, started):
                         "source": "--uptrain_lr" if args.uptrain_lr else "the parent's final"},
             "kv_bytes_per_position": kv, "runs": rows, "points": points,
             "verdicts": verdicts(points, arm_list, args.scratch, kv),
-            "frontier": {"path": args.frontier,
-                         "variants": frontier_column(args.frontier, args.targets)},
+            "frontier": {"path": args.frontier, "variants": args.frontier_variants},
             "wall_time": time.time() - started}
 
 
@@ -492,7 +474,8 @@ def main(argv=None):
         ex.use_threads(runs)
         measure.check_measurable(runs[0].config.block_size)
         with files.holding(args.out_dir, "experiment"):
-            scenes = dialogue(runs, args.chat_scenes)
+            scenes = measure.run_dialogue(runs[0].config, args.chat_scenes,
+                                          log=lambda line: None)
             done = ex.execute(runs, head_start=head_start(runs))
             rows = [score(d, scenes) for d in done]
             doc = document(args, runs, rows, kv_bytes(runs), started)

@@ -73,3 +73,23 @@ def test_checkpoints_of_an_experiment_are_its_runs_of_the_lowest_seed(tmp_path):
     assert serve_bench.run_folder(str(tmp_path), "dec:kv1") == str(tmp_path / "dec-kv1_s1337")
     assert serve_bench.run_folder(str(tmp_path), "bdd") == str(tmp_path / "bdd")
     assert serve_bench.run_folder(str(tmp_path), "encdec") == str(tmp_path / "encdec")
+
+
+def test_unset_threads_are_one_per_idle_core_as_train_py_chooses(tmp_path, shakespeare,
+                                                                 tiny_models, capsys,
+                                                                 monkeypatch):
+    """With another program busy on one of 2 cores, torch's 2 threads would wait for each other
+    at every step (RESULTS.md section 8): the benchmark takes one, and says so."""
+    import train
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(train, "TORCH_THREADS", 2)
+    monkeypatch.setattr(train, "idle_cores", lambda: 1.0)
+    argv = [a for a in TINY_BENCH[:-2]] + ["--out_dir", str(tmp_path)]
+    assert "--threads" not in argv
+    before = torch.get_num_threads()
+    try:
+        serve_bench.main(argv)
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((tmp_path / "serve_bench.json").read_text())["threads"] == 1
+    assert "1 thread(s) (1.0 of 2 cores idle as it started)" in capsys.readouterr().out

@@ -137,3 +137,17 @@ def test_an_out_dir_that_is_a_file_is_refused_nothing_trained(data, tmp_path, ca
         uptrain.main([*TINY, *data[1], "--out_dir", str(tmp_path / "taken")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "is a file, not a folder" in err, err
+
+
+def test_a_damaged_frontier_file_is_refused_before_anything_trains(data, tmp_path, capsys,
+                                                                   monkeypatch):
+    """--frontier's numbers sit beside the table: a file that is not the frontier's JSON stops
+    the experiment at once, not after its runs (and not silently)."""
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "frontier.json").write_text('{"variants": [{"variant": "dec"}]}')
+    with pytest.raises(SystemExit) as e:
+        uptrain.main([*TINY, *data[1], "--frontier", str(tmp_path / "frontier.json"),
+                      "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "frontier.json" in err, err
+    assert "loss" in err and not (tmp_path / "out").exists(), err
