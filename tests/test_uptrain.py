@@ -146,8 +146,8 @@ def test_a_damaged_frontier_file_is_refused_before_anything_trains(data, tmp_pat
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained"))
     (tmp_path / "frontier.json").write_text('{"variants": [{"variant": "dec"}]}')
     with pytest.raises(SystemExit) as e:
-        uptrain.main([*TINY, *data[1], "--frontier", str(tmp_path / "frontier.json"),
-                      "--out_dir", str(tmp_path / "out")])
+        uptrain.main([*TINY, *data[1], "--fractions", "0,0.5,1", "--scratch", "1", "--frontier",
+                      str(tmp_path / "frontier.json"), "--out_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "frontier.json" in err, err
     assert "loss" in err and not (tmp_path / "out").exists(), err
