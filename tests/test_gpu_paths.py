@@ -79,6 +79,7 @@ def compare_gpu_preset(corpus, *flags):
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow  # 25 s: bf16 matrix products over gpt2's 50,257-token vocabulary on the CPU
 def test_compare_gpu_preset_runs_on_the_cpu(corpus, capsys):
     """The GPU preset's path (gpt2 tokens, bf16, flex requested, dropout, accumulation) end to
     end; torch.compile is left to the slow test below."""
